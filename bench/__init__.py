@@ -1,0 +1,1 @@
+"""Benchmarks: each bench_*.py exposes run() -> dict and writes bench/results/<name>.json."""

@@ -1,0 +1,1 @@
+"""gateway party (see ../shared/DESIGN.md)."""

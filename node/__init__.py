@@ -1,0 +1,1 @@
+"""node party (see ../shared/DESIGN.md)."""

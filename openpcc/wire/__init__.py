@@ -1,0 +1,1 @@
+"""Wire formats: QUIC varints, Binary HTTP, HPKE suites, OHTTP and chunked OHTTP."""

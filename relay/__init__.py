@@ -1,0 +1,1 @@
+"""relay party (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""tokens party (see ../shared/DESIGN.md)."""
