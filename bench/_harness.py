@@ -48,5 +48,7 @@ def environment() -> dict[str, Any]:
 def write_result(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "env": environment(), **result}, indent=2) + "\n")
+    path.write_text(
+        json.dumps({"benchmark": name, "env": environment(), **result}, indent=2) + "\n"
+    )
     return path

@@ -1,0 +1,451 @@
+"""The OHTTP relay: forward ciphertext to configured gateways, and nothing else.
+
+Privacy rules this file enforces (see docs/relay.md):
+- Requests reach only the configured gateway URLs; paths are static routes, never
+  derived from the request, so this is not an open proxy.
+- Headers are allow-listed in both directions; the upstream client adds none of
+  its own (no User-Agent, Accept, Accept-Encoding, cookies, redirects, proxies).
+- Bodies stream in both directions with back-pressure; a client that goes away
+  cancels the upstream request (the server runs with handler cancellation on).
+- No client address is logged, counted per client, or exported; the rate limiter
+  keeps keyed hashes in memory only (relay/ratelimit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from relay.config import Gateway, RelayConfig
+from relay.ratelimit import RateLimiter
+
+log = logging.getLogger("openpcc.relay")
+
+OHTTP_REQUEST_TYPES = frozenset({"message/ohttp-req", "message/ohttp-chunked-req"})
+# Response headers passed back to the client; everything else the gateway sends is dropped.
+RESPONSE_HEADERS = ("Content-Type", "Incremental")
+KEYS_RESPONSE_HEADERS = ("Content-Type", "Cache-Control")
+OUTCOMES = (
+    "ok",
+    "too_large",
+    "unsupported_type",
+    "rate_limited",
+    "overloaded",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_aborted",
+    "client_aborted",
+    "client_timeout",
+)
+ROUTES = ("ohttp", "keys")
+TITLES = {
+    400: "Bad request",
+    404: "Not found",
+    405: "Method not allowed",
+    408: "Request timeout",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    429: "Too many requests",
+    500: "Internal error",
+    502: "Bad gateway",
+    503: "Relay overloaded",
+    504: "Gateway timeout",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(status: int, headers: dict[str, str] | None = None) -> web.Response:
+    """An RFC 9457 problem with a generic title: upstream details never reach the client."""
+    body = {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status}
+    return web.Response(
+        status=status,
+        text=json.dumps(body) + "\n",
+        content_type="application/problem+json",
+        headers=headers,
+    )
+
+
+class Metrics:
+    """Aggregate counters only: nothing per client, per address or per request."""
+
+    def __init__(self) -> None:
+        self.requests = {(r, o): 0 for r in ROUTES for o in OUTCOMES}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.in_flight = 0
+        self.keys_cache = {"hit": 0, "miss": 0}
+
+    def count(self, route: str, outcome: str) -> None:
+        self.requests[(route, outcome)] += 1
+
+    def render(self) -> str:
+        lines = [
+            "# HELP openpcc_relay_requests_total Proxied requests by route and outcome.",
+            "# TYPE openpcc_relay_requests_total counter",
+        ]
+        for (route, outcome), n in self.requests.items():
+            lines.append(f'openpcc_relay_requests_total{{route="{route}",outcome="{outcome}"}} {n}')
+        lines += [
+            "# HELP openpcc_relay_request_bytes_total Request body bytes sent to gateways.",
+            "# TYPE openpcc_relay_request_bytes_total counter",
+            f"openpcc_relay_request_bytes_total {self.bytes_in}",
+            "# HELP openpcc_relay_response_bytes_total Response body bytes sent to clients.",
+            "# TYPE openpcc_relay_response_bytes_total counter",
+            f"openpcc_relay_response_bytes_total {self.bytes_out}",
+            "# HELP openpcc_relay_in_flight Requests currently being relayed.",
+            "# TYPE openpcc_relay_in_flight gauge",
+            f"openpcc_relay_in_flight {self.in_flight}",
+            "# HELP openpcc_relay_keys_cache_total Key configuration lookups by cache result.",
+            "# TYPE openpcc_relay_keys_cache_total counter",
+        ]
+        for result, n in self.keys_cache.items():
+            lines.append(f'openpcc_relay_keys_cache_total{{result="{result}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class _Upload:
+    """What went wrong on the client side of an upload, if anything (set by the body pump)."""
+
+    too_large: bool = False
+    timed_out: bool = False
+
+
+class _UploadError(Exception):
+    pass
+
+
+@dataclass
+class _CachedKeys:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    fetched: float
+    expires: float
+
+
+def _max_age(cache_control: str | None) -> float:
+    """Seconds a shared cache may keep the response; 0 when it must not cache it."""
+    if not cache_control:
+        return 0.0
+    age = 0.0
+    for directive in cache_control.lower().split(","):
+        name, _, value = directive.strip().partition("=")
+        if name in ("no-store", "no-cache", "private"):
+            return 0.0
+        if name in ("max-age", "s-maxage"):
+            try:
+                age = float(int(value.strip().strip('"')))
+            except ValueError:
+                return 0.0
+            if name == "s-maxage":
+                return age
+    return age
+
+
+class Relay:
+    """Request handlers plus the state they share (one upstream session, limits, cache)."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.limiter = RateLimiter(config.rate_limit, config.rate_burst, config.rate_limit_clients)
+        self.session: aiohttp.ClientSession | None = None
+        self._keys: dict[str, _CachedKeys] = {}
+        self._keys_locks = {g.keys_url: asyncio.Lock() for g in config.gateways}
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self, _app: web.Application) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.config.connect_timeout,
+                sock_read=self.config.read_timeout,
+            ),
+            # The gateway must not be able to tag us (cookies) or steer us (redirects),
+            # and the relay must add no header of its own.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            auto_decompress=False,
+            trust_env=False,
+        )
+
+    async def stop(self, _app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # -- admission -------------------------------------------------------------------
+    def _admit(self, request: web.Request, route: str) -> web.Response | None:
+        wait = self.limiter.check(request.remote)
+        if wait > 0:
+            self.metrics.count(route, "rate_limited")
+            return problem(429, {"Retry-After": RateLimiter.retry_after(wait)})
+        if self.metrics.in_flight >= self.config.max_concurrency:
+            self.metrics.count(route, "overloaded")
+            return problem(503, {"Retry-After": "1"})
+        return None
+
+    # -- POST: the OHTTP request ------------------------------------------------------
+    def ohttp_handler(self, gateway: Gateway) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.relay_ohttp(request, gateway)
+
+        return handle
+
+    async def relay_ohttp(self, request: web.Request, gateway: Gateway) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > self.config.max_body:
+            self.metrics.count("ohttp", "too_large")
+            return problem(413)
+        ctype = request.content_type  # lower-cased, parameters dropped
+        if ctype not in OHTTP_REQUEST_TYPES:
+            self.metrics.count("ohttp", "unsupported_type")
+            return problem(415)
+        rejected = self._admit(request, "ohttp")
+        if rejected is not None:
+            return rejected
+
+        # The whole allow-list: canonical values only, so no client byte rides in a header.
+        headers = {"Content-Type": ctype}
+        if request.headers.get("Incremental", "").strip() == "?1":
+            headers["Incremental"] = "?1"
+        upload = _Upload()
+        if length is None and not request.body_exists:
+            length = 0
+        data: bytes | AsyncIterator[bytes] = b""
+        if length and request.content.is_eof():
+            # The whole fixed-length body arrived with the head: hand it over in one write
+            # (nothing is waited for, so this is not buffering).
+            data = request.content.read_nowait()
+            self.metrics.bytes_in += len(data)
+        elif length != 0:
+            data = self._pump(request, upload)
+        if length is not None:
+            headers["Content-Length"] = str(length)
+
+        self.metrics.in_flight += 1
+        try:
+            return await self._forward(request, gateway, headers, data, upload)
+        finally:
+            self.metrics.in_flight -= 1
+
+    async def _pump(self, request: web.Request, upload: _Upload) -> AsyncIterator[bytes]:
+        """Client body -> gateway, one chunk at a time: the upstream write paces our reads."""
+        total = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.config.client_timeout):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                upload.timed_out = True
+                raise _UploadError("client body timeout") from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > self.config.max_body:
+                upload.too_large = True
+                raise _UploadError("body too large")
+            self.metrics.bytes_in += len(chunk)
+            yield chunk
+
+    async def _forward(
+        self,
+        request: web.Request,
+        gateway: Gateway,
+        headers: dict[str, str],
+        data: bytes | AsyncIterator[bytes],
+        upload: _Upload,
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        response: web.StreamResponse | None = None
+        outcome = "ok"
+        try:
+            async with self.session.post(
+                gateway.url, data=data, headers=headers, allow_redirects=False
+            ) as upstream:
+                back = {n: upstream.headers[n] for n in RESPONSE_HEADERS if n in upstream.headers}
+                if upstream.content.is_eof():
+                    # Complete already (a short fixed-length answer): one write, same bytes.
+                    body = upstream.content.read_nowait()
+                    self.metrics.bytes_out += len(body)
+                    return web.Response(status=upstream.status, body=body, headers=back)
+                response = web.StreamResponse(status=upstream.status, headers=back)
+                if upstream.content_length is not None and "chunked" not in upstream.headers.get(
+                    "Transfer-Encoding", ""
+                ):
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    self.metrics.bytes_out += len(chunk)
+                await response.write_eof()
+                return response
+        except asyncio.CancelledError:
+            outcome = "client_aborted"  # the client went away: leaving the block closed upstream
+            raise
+        except Exception as exc:
+            if _client_gone(request):
+                outcome = "client_aborted"  # nobody left to tell; drop both sides
+                _abort(request)
+                return response or web.Response()
+            # Whatever failed upstream, the client learns a status, never the cause.
+            outcome = self._classify(exc, upload)
+            return self._upstream_failed(response, upload, exc, request)
+        finally:
+            self.metrics.count("ohttp", outcome)
+
+    @staticmethod
+    def _classify(exc: BaseException, upload: _Upload) -> str:
+        if upload.too_large:
+            return "too_large"
+        if upload.timed_out:
+            return "client_timeout"
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return "upstream_timeout"
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return "upstream_unreachable"
+        if isinstance(exc, aiohttp.ClientError):
+            return "upstream_aborted"
+        log.error("unexpected relay failure: %s", type(exc).__name__)
+        return "upstream_aborted"
+
+    def _upstream_failed(
+        self,
+        response: web.StreamResponse | None,
+        upload: _Upload,
+        exc: BaseException,
+        request: web.Request,
+    ) -> web.StreamResponse:
+        if response is not None and response.prepared:
+            # Headers are out: the only honest signal left is a broken connection.
+            _abort(request)
+            return response
+        if upload.too_large:
+            return problem(413)
+        if upload.timed_out:
+            return problem(408)
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            log.warning("gateway timed out")
+            return problem(504)
+        log.warning("gateway unreachable or failed: %s", type(exc).__name__)
+        return problem(502)
+
+    # -- GET: the gateway's key configuration (RFC 9540), cached --------------------
+    def keys_handler(self, gateway: Gateway) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.relay_keys(request, gateway)
+
+        return handle
+
+    def _serve_cached(self, entry: _CachedKeys) -> web.Response:
+        headers = dict(entry.headers)
+        if entry.expires > entry.fetched:
+            headers["Age"] = str(int(time.monotonic() - entry.fetched))
+        return web.Response(status=entry.status, body=entry.body, headers=headers)
+
+    async def relay_keys(self, request: web.Request, gateway: Gateway) -> web.StreamResponse:
+        rejected = self._admit(request, "keys")
+        if rejected is not None:
+            return rejected
+        url = gateway.keys_url
+        async with self._keys_locks[url]:  # concurrent misses share one upstream fetch
+            entry = self._keys.get(url)
+            if entry is not None and entry.expires > time.monotonic():
+                self.metrics.keys_cache["hit"] += 1
+                self.metrics.count("keys", "ok")
+                return self._serve_cached(entry)
+            self.metrics.keys_cache["miss"] += 1
+            self.metrics.in_flight += 1
+            try:
+                entry = await self._fetch_keys(url)
+            except Exception as exc:
+                outcome = self._classify(exc, _Upload())
+                self.metrics.count("keys", outcome)
+                log.warning("key configuration fetch failed: %s", type(exc).__name__)
+                return problem(504 if outcome == "upstream_timeout" else 502)
+            finally:
+                self.metrics.in_flight -= 1
+            if entry.expires > entry.fetched:
+                self._keys[url] = entry
+            else:
+                self._keys.pop(url, None)
+            self.metrics.count("keys", "ok")
+            self.metrics.bytes_out += len(entry.body)
+            return self._serve_cached(entry)
+
+    async def _fetch_keys(self, url: str) -> _CachedKeys:
+        assert self.session is not None
+        async with self.session.get(url, allow_redirects=False) as upstream:
+            body = await upstream.content.read(self.config.keys_max_bytes + 1)
+            if len(body) > self.config.keys_max_bytes:
+                raise aiohttp.ClientPayloadError("key configuration too large")
+            headers = {
+                n: upstream.headers[n] for n in KEYS_RESPONSE_HEADERS if n in upstream.headers
+            }
+            now = time.monotonic()
+            ttl = 0.0
+            if upstream.status == 200:
+                ttl = min(_max_age(upstream.headers.get("Cache-Control")), self.config.keys_max_age)
+            return _CachedKeys(upstream.status, body, headers, now, now + ttl)
+
+    # -- operations ------------------------------------------------------------------
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def metrics_handler(self, _request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Router 404/405 and anything unexpected become generic problem documents."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem(exc.status, headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.error("handler failed: %s", type(exc).__name__)
+        return problem(500)
+
+
+async def _identify_as_relay(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "openpcc-relay"  # not aiohttp's version string
+
+
+def build_app(config: RelayConfig) -> web.Application:
+    """The relay as an aiohttp application: static routes only, one per gateway."""
+    relay = Relay(config)
+    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body)
+    app.on_startup.append(relay.start)
+    app.on_cleanup.append(relay.stop)
+    app.on_response_prepare.append(_identify_as_relay)
+    for gateway in config.gateways:
+        app.router.add_post(gateway.post_path, relay.ohttp_handler(gateway))
+        app.router.add_get(gateway.keys_path, relay.keys_handler(gateway), allow_head=False)
+    app.router.add_get("/healthz", relay.healthz, allow_head=False)
+    app.router.add_get("/metrics", relay.metrics_handler, allow_head=False)
+    app["relay"] = relay
+    return app

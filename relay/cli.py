@@ -1,0 +1,207 @@
+"""``openpcc relay serve``: run the OHTTP relay.
+
+Every flag has an ``OPENPCC_RELAY_<FLAG>`` environment variable (flags win).
+aiohttp is imported only when the server actually starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from relay.config import RelayConfig, parse_gateways, parse_size, split_list
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+ENV = "OPENPCC_RELAY_"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(ENV + name, default)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``relay serve`` to the ``openpcc`` command."""
+    group = sub.add_parser(
+        "relay",
+        help="run the OHTTP relay (third party: sees client IPs, never content)",
+        description="OHTTP relay: forwards encrypted requests to a gateway, strips the "
+        "client's identity. See docs/relay.md.",
+    )
+    relay_sub = group.add_subparsers(dest="relay_command", metavar="COMMAND", required=True)
+    serve = relay_sub.add_parser(
+        "serve",
+        help="serve the relay",
+        description="Relay POST / (message/ohttp-req, message/ohttp-chunked-req) and "
+        "GET /.well-known/ohttp-gateway to the configured gateway(s). Every flag can be set "
+        f"as {ENV}<FLAG> (e.g. {ENV}MAX_BODY=8m); lists in the environment are "
+        "comma- or space-separated.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = serve.add_argument
+    add("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
+    add("--port", type=int, default=int(_env("PORT", 8081)), help="port to listen on")
+    add(
+        "--gateway",
+        action="append",
+        metavar="[NAME=]URL",
+        help="gateway resource; bare URL is POST /, NAME=URL is POST /NAME (repeatable)",
+    )
+    add(
+        "--keys-url",
+        action="append",
+        metavar="[NAME=]URL",
+        help="where that gateway's key configuration is fetched "
+        "(default: the gateway origin's /.well-known/ohttp-gateway)",
+    )
+    add("--max-body", default=_env("MAX_BODY", "8m"), help="largest request body (413 above)")
+    add(
+        "--rate-limit",
+        type=float,
+        default=float(_env("RATE_LIMIT", 10.0)),
+        help="requests per second per client address (0 disables); 429 above",
+    )
+    add(
+        "--rate-burst",
+        type=int,
+        default=int(_env("RATE_BURST", 40)),
+        help="requests a client may send back to back",
+    )
+    add(
+        "--rate-limit-clients",
+        type=int,
+        default=int(_env("RATE_LIMIT_CLIENTS", 65536)),
+        help="client buckets kept in memory (least recently seen evicted)",
+    )
+    add(
+        "--max-concurrency",
+        type=int,
+        default=int(_env("MAX_CONCURRENCY", 1024)),
+        help="requests relayed at once (503 above)",
+    )
+    add(
+        "--connect-timeout",
+        type=float,
+        default=float(_env("CONNECT_TIMEOUT", 5.0)),
+        help="seconds to connect to the gateway (502/504 after)",
+    )
+    add(
+        "--read-timeout",
+        type=float,
+        default=float(_env("READ_TIMEOUT", 120.0)),
+        help="seconds the gateway may stay silent (504, or a cut stream, after)",
+    )
+    add(
+        "--client-timeout",
+        type=float,
+        default=float(_env("CLIENT_TIMEOUT", 60.0)),
+        help="seconds a client may stay silent while sending its body (408 after)",
+    )
+    add(
+        "--keys-max-age",
+        type=float,
+        default=float(_env("KEYS_MAX_AGE", 3600.0)),
+        help="cap, in seconds, on caching a key configuration (the gateway's max-age rules)",
+    )
+    add(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=str(_env("ACCESS_LOG", "")).lower() in _TRUE,
+        help="log one line per request (method, route, status, bytes, seconds; never addresses)",
+    )
+    serve.set_defaults(func=serve_command)
+
+
+def config_from_args(args: argparse.Namespace) -> RelayConfig:
+    gateways = args.gateway or split_list(_env("GATEWAY", ""))
+    keys = args.keys_url or split_list(_env("KEYS_URL", ""))
+    return RelayConfig(
+        gateways=parse_gateways(gateways, keys),
+        host=args.host,
+        port=args.port,
+        max_body=parse_size(args.max_body),
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        rate_limit_clients=args.rate_limit_clients,
+        max_concurrency=args.max_concurrency,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        client_timeout=args.client_timeout,
+        keys_max_age=args.keys_max_age,
+        access_log=args.access_log,
+    )
+
+
+class RedactFilter(logging.Filter):
+    """aiohttp's own messages interpolate the peer address ("... from %s"): drop the
+    arguments and tracebacks of every aiohttp record before it is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiohttp"):
+            if record.args:
+                record.msg = f"{record.msg} (details redacted)".replace("%s", "-")
+                record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _access_logger_class() -> type:
+    from aiohttp.abc import AbstractAccessLogger
+
+    methods = {"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"}
+
+    class PrivateAccessLogger(AbstractAccessLogger):
+        """Method, matched route, status, bytes and duration: no address, no header."""
+
+        def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+            info = getattr(request, "match_info", None)
+            route = getattr(getattr(info, "route", None), "resource", None)
+            path = route.canonical if route is not None else "-"
+            method = request.method if request.method in methods else "OTHER"
+            self.logger.info(
+                "%s %s %d %d %.3f", method, path, response.status, response.body_length, time
+            )
+
+    return PrivateAccessLogger
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"openpcc relay: {exc}", file=sys.stderr)
+        return 2
+    setup_logging()
+
+    from aiohttp import web
+
+    from relay.app import build_app
+
+    routes = ", ".join(f"{g.post_path} -> {g.url}" for g in config.gateways)
+    logging.getLogger("openpcc.relay").info("relay on %s:%d; %s", config.host, config.port, routes)
+    web.run_app(
+        build_app(config),
+        host=config.host,
+        port=config.port,
+        access_log=logging.getLogger("openpcc.relay.access") if config.access_log else None,
+        access_log_class=_access_logger_class(),
+        handler_cancellation=True,  # a client that leaves cancels the upstream request
+        print=None,
+        shutdown_timeout=5.0,
+    )
+    return 0

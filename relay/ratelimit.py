@@ -1,0 +1,76 @@
+"""Per-client token buckets, in memory only, bounded, and keyed without clear addresses.
+
+The relay is the one party that sees client IPs, so the limiter is built not to
+keep them: a bucket is keyed by a keyed hash (secret drawn at start, never
+stored) of the address, IPv6 clients are grouped by /64 (one subscriber), and
+the table is an LRU of at most ``max_clients`` entries. Nothing here is logged
+or exported; only the aggregate number of rejections is counted elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+class RateLimiter:
+    """Token bucket per client: ``burst`` requests at once, refilled at ``rate`` per second."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        max_clients: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_clients = max_clients
+        self._clock = clock
+        self._secret = os.urandom(16)
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _key(self, address: str | None) -> bytes:
+        text = address or ""
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            pass
+        else:
+            if ip.version == 6 and ip.ipv4_mapped is None:
+                text = str(ipaddress.ip_network(f"{ip}/64", strict=False))
+            elif ip.version == 6 and ip.ipv4_mapped is not None:
+                text = str(ip.ipv4_mapped)
+        return hashlib.blake2b(text.encode(), key=self._secret, digest_size=16).digest()
+
+    def check(self, address: str | None) -> float:
+        """Take a token; return 0.0 if allowed, else seconds until one is available."""
+        if self.rate <= 0:
+            return 0.0
+        key = self._key(address)
+        now = self._clock()
+        entry = self._buckets.pop(key, None)
+        tokens = float(self.burst)
+        if entry is not None:
+            tokens = min(tokens, entry[0] + (now - entry[1]) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)  # least recently seen: likely refilled anyway
+        return wait
+
+    @staticmethod
+    def retry_after(wait: float) -> str:
+        return str(max(1, math.ceil(wait)))

@@ -1,0 +1,187 @@
+"""Start the fake gateway, the Python relay and the nginx relay as separate processes."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NGINX_TEMPLATE = ROOT / "infra" / "relay" / "nginx.conf"
+FAKE_GATEWAY = Path(__file__).resolve().parent / "fake_gateway.py"
+
+
+class NginxMissing(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on port {port} within {timeout}s")
+
+
+@dataclass
+class Proc:
+    """A child process with its combined output in a log file."""
+
+    kind: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    workdir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def start_gateway(workdir: Path, port: int | None = None) -> Proc:
+    port = port or free_port()
+    log = workdir / "gateway.log"
+    proc = _spawn([sys.executable, str(FAKE_GATEWAY), str(port)], log)
+    wait_http(port, "/_control/state", proc)
+    return Proc("gateway", port, proc, log)
+
+
+@dataclass
+class RelaySettings:
+    """One set of limits, translated to each implementation's own knobs."""
+
+    gateway_port: int
+    gateway_path: str = "/gateway"
+    max_body: str = "64k"
+    max_concurrency: int = 2
+    rate: float = 1000.0  # requests per second per client
+    burst: int = 1000  # requests back to back
+    connect_timeout: int = 1
+    read_timeout: int = 2
+    client_timeout: int = 10
+    workers: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+
+def start_python_relay(s: RelaySettings, workdir: Path, access_log: bool = True) -> Proc:
+    port = free_port()
+    log = workdir / f"relay-python-{port}.log"
+    cmd = [
+        sys.executable, "-m", "openpcc.cli", "relay", "serve",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--gateway", f"http://127.0.0.1:{s.gateway_port}{s.gateway_path}",
+        "--max-body", s.max_body,
+        "--max-concurrency", str(s.max_concurrency),
+        "--rate-limit", repr(s.rate), "--rate-burst", str(s.burst),
+        "--connect-timeout", str(s.connect_timeout),
+        "--read-timeout", str(s.read_timeout),
+        "--client-timeout", str(s.client_timeout),
+        *(["--access-log"] if access_log else []),
+        *s.extra_args,
+    ]  # fmt: skip
+    proc = _spawn(cmd, log)
+    wait_http(port, "/healthz", proc)
+    return Proc("python", port, proc, log)
+
+
+def render_nginx_conf(s: RelaySettings, listen: str) -> str:
+    """Fill infra/relay/nginx.conf's {{NAME}} placeholders (as an operator's sed would)."""
+    rate = f"{round(s.rate)}r/s" if s.rate >= 1 else f"{round(s.rate * 60)}r/m"
+    values = {
+        "WORKERS": str(s.workers),
+        "LISTEN": listen,
+        "GATEWAY_SCHEME": "http",
+        "GATEWAY_ADDR": f"127.0.0.1:{s.gateway_port}",
+        "GATEWAY_HOST": f"127.0.0.1:{s.gateway_port}",
+        "GATEWAY_HOSTNAME": "127.0.0.1",
+        "GATEWAY_PATH": s.gateway_path,
+        "KEYS_PATH": "/.well-known/ohttp-gateway",
+        "MAX_BODY": s.max_body,
+        "RATE": rate,
+        "BURST": str(s.burst - 1),  # nginx counts the excess over the first request
+        "MAX_CONCURRENCY": str(s.max_concurrency),
+        "CONNECT_TIMEOUT": f"{s.connect_timeout}s",
+        "READ_TIMEOUT": f"{s.read_timeout}s",
+        "CLIENT_TIMEOUT": f"{s.client_timeout}s",
+    }
+    text = NGINX_TEMPLATE.read_text()
+    for name, value in values.items():
+        text = text.replace("{{" + name + "}}", value)
+    left = re.findall(r"^[^#]*?(\{\{[A-Z_]+\}\})", text, flags=re.MULTILINE)
+    if left:
+        raise ValueError(f"unfilled placeholders in nginx.conf: {left}")
+    return text
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        raise NginxMissing(
+            "nginx is not installed: the relay contract suite also runs against "
+            "infra/relay/nginx.conf. Install Debian's package: apt-get install -y nginx "
+            "(scripts/dev does this)."
+        )
+    return found
+
+
+def start_nginx_relay(s: RelaySettings, workdir: Path) -> Proc:
+    binary = nginx_binary()
+    port = free_port()
+    prefix = Path(tempfile.mkdtemp(prefix="relay-nginx-", dir=workdir))
+    for sub in ("run", "tmp", "cache", "logs"):
+        (prefix / sub).mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(render_nginx_conf(s, f"127.0.0.1:{port}"))
+    directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
+    log = workdir / f"relay-nginx-{port}.log"
+    proc = _spawn([binary, "-p", str(prefix), "-c", str(conf), "-g", directives], log)
+    try:
+        wait_http(port, "/healthz", proc)
+    except RuntimeError as exc:
+        raise RuntimeError(f"nginx failed to start: {exc}\n{log.read_text()}") from None
+    return Proc("nginx", port, proc, log, workdir=prefix)
+
+
+def start_relay(kind: str, s: RelaySettings, workdir: Path) -> Proc:
+    if kind == "python":
+        return start_python_relay(s, workdir)
+    return start_nginx_relay(s, workdir)
