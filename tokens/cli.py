@@ -1,0 +1,213 @@
+"""`openpcc issuer ...`: run the issuer, manage accounts and token keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"OPENPCC_ISSUER_{name}", default)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state",
+        type=Path,
+        default=Path(_env("STATE", ".state/issuer") or ".state/issuer"),
+        help="state folder: SQLite database and token keys (env OPENPCC_ISSUER_STATE)",
+    )
+    p.add_argument(
+        "--redis",
+        default=_env("REDIS"),
+        metavar="URL",
+        help="share accounts and quotas through Redis (several replicas; env OPENPCC_ISSUER_REDIS)",
+    )
+
+
+def register(sub: Any) -> None:
+    issuer = sub.add_parser("issuer", help="Privacy Pass token issuer (tokens/)")
+    isub = issuer.add_subparsers(dest="issuer_command", metavar="COMMAND", required=True)
+
+    serve = isub.add_parser("serve", help="run the issuer HTTP service")
+    _common(serve)
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8401") or 8401))
+    serve.add_argument(
+        "--public-url",
+        default=_env("PUBLIC_URL"),
+        help="absolute base URL clients reach the issuer at (for issuer-request-uri)",
+    )
+    serve.add_argument("--directory-max-age", type=int, default=300, metavar="SECONDS")
+    serve.add_argument("--max-batch", type=int, default=1000, help="tokens per batch request")
+    serve.set_defaults(func=_serve)
+
+    account = isub.add_parser("account", help="manage accounts and quotas")
+    asub = account.add_subparsers(dest="account_command", metavar="COMMAND", required=True)
+    add = asub.add_parser("add", help="create an account; prints its API key last")
+    add.add_argument("name")
+    add.add_argument("--quota", type=int, required=True, help="tokens per window")
+    add.add_argument("--per", type=int, default=86400, metavar="SECONDS", help="window length")
+    _common(add)
+    add.set_defaults(func=_account_add)
+    lst = asub.add_parser("list", help="list accounts (JSON lines)")
+    _common(lst)
+    lst.set_defaults(func=_account_list)
+    rev = asub.add_parser("revoke", help="revoke an account's API key")
+    rev.add_argument("name")
+    _common(rev)
+    rev.set_defaults(func=_account_revoke)
+    setq = asub.add_parser("set-quota", help="change an account's quota")
+    setq.add_argument("name")
+    setq.add_argument("--quota", type=int, required=True)
+    setq.add_argument("--per", type=int, default=86400, metavar="SECONDS")
+    _common(setq)
+    setq.set_defaults(func=_account_set_quota)
+
+    keys = isub.add_parser("keys", help="manage token keys")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    rot = ksub.add_parser(
+        "rotate", help="publish a new key with a future not-before; old keys stay until expiry"
+    )
+    rot.add_argument("--not-before-in", type=int, default=3600, metavar="SECONDS")
+    rot.add_argument("--lifetime", type=int, default=30 * 86400, metavar="SECONDS")
+    _common(rot)
+    rot.set_defaults(func=_keys_rotate)
+    kl = ksub.add_parser("list", help="list token keys (JSON lines)")
+    _common(kl)
+    kl.set_defaults(func=_keys_list)
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from tokens.store import open_store
+
+    return open_store(args.state, args.redis)
+
+
+def _run_store(args: argparse.Namespace, fn: Any) -> int:
+    from tokens.store import StoreError
+
+    async def go() -> int:
+        store = _store(args)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except StoreError as exc:
+        print(f"error: {exc}")
+        return 1
+
+
+def _account_add(args: argparse.Namespace) -> int:
+    from tokens.store import hash_api_key, new_api_key
+
+    async def go(store: Any) -> int:
+        key = new_api_key()
+        await store.add_account(args.name, hash_api_key(key), args.quota, args.per, time.time())
+        print(f"account {args.name!r}: {args.quota} tokens per {args.per} s")
+        print("API key (shown once, store it now):")
+        print(key)
+        return 0
+
+    return _run_store(args, go)
+
+
+def _account_list(args: argparse.Namespace) -> int:
+    async def go(store: Any) -> int:
+        for a in await store.list_accounts():
+            print(
+                json.dumps(
+                    {
+                        "name": a.name,
+                        "quota": a.quota,
+                        "per_seconds": a.per_seconds,
+                        "revoked": a.revoked,
+                        "created_at": int(a.created_at),
+                    }
+                )
+            )
+        return 0
+
+    return _run_store(args, go)
+
+
+def _account_revoke(args: argparse.Namespace) -> int:
+    async def go(store: Any) -> int:
+        await store.revoke(args.name)
+        print(f"account {args.name!r} revoked")
+        return 0
+
+    return _run_store(args, go)
+
+
+def _account_set_quota(args: argparse.Namespace) -> int:
+    async def go(store: Any) -> int:
+        await store.set_quota(args.name, args.quota, args.per)
+        print(f"account {args.name!r}: {args.quota} tokens per {args.per} s")
+        return 0
+
+    return _run_store(args, go)
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from tokens.keys import KeyRing
+
+    now = time.time()
+    ring = KeyRing.load(args.state)
+    pruned = ring.prune(now)
+    new = ring.generate(now=now, not_before=now + args.not_before_in, lifetime=args.lifetime)
+    for kid in pruned:
+        print(f"removed expired key {kid}")
+    print(f"new key {new.key_id_hex}: not-before {new.not_before}, expires {new.expires_at}")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from tokens.keys import KeyRing
+
+    now = time.time()
+    for k in KeyRing.load(args.state).keys:
+        state = "issuing" if k.issuable(now) else ("upcoming" if k.published(now) else "expired")
+        print(
+            json.dumps(
+                {
+                    "token_key_id": k.key_id_hex,
+                    "truncated_id": k.key.truncated_key_id,
+                    "not_before": k.not_before,
+                    "expires_at": k.expires_at,
+                    "state": state,
+                }
+            )
+        )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from tokens.app import IssuerConfig, create_app
+    from tokens.keys import ensure_key
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ring = ensure_key(args.state)
+    config = IssuerConfig(
+        state_dir=args.state,
+        max_batch=args.max_batch,
+        directory_max_age=args.directory_max_age,
+        public_url=args.public_url,
+    )
+    app = create_app(_store(args), ring, config)
+    logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", args.host, args.port)
+    # access_log=None: an access log would record client addresses next to accounts.
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    return 0
