@@ -1,0 +1,379 @@
+"""The OpenPCC client: private, attested chat completions through a relay.
+
+Flow per request (DESIGN.md §3): take an unlinkable token from the wallet; pick k
+random candidates among the nodes whose attestation bundles verified under the trust
+policy; seal the OpenAI request to them (openpcc/wire/sealed.py); wrap it with the
+token in chunked OHTTP to the gateway; POST it to the relay; stream the answer back,
+opening each layer incrementally, and fail loudly if the node's authenticated end of
+stream never arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aiohttp
+
+from openpcc.client.errors import (
+    GatewayError,
+    NoCapacityError,
+    NodeError,
+    NoVerifiedNodeError,
+    RelayError,
+    TokenRejectedError,
+    TruncatedResponseError,
+)
+from openpcc.client.sse import DONE, SSEParser
+from openpcc.errors import OpenPCCError, TruncatedError, VerificationError
+from openpcc.privacypass import auth
+from openpcc.wire import bhttp, ohttp, sealed
+from openpcc.wire.bhttp_stream import ResponseStreamDecoder, StreamHead
+from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
+
+GATEWAY_AUTHORITY = b"gateway"  # the inner requests' authority; the gateway ignores it
+
+
+@dataclass(frozen=True)
+class VerifiedNode:
+    """A node whose bundle verified; its key comes from the verified claims only."""
+
+    node_id: bytes
+    public_key: bytes
+    models: tuple[str, ...]
+    expires_at: float
+
+
+class NodeVerifier(Protocol):
+    """Checks one directory entry; raises VerificationError (with reasons) if it fails."""
+
+    def __call__(self, entry: dict[str, Any], now: datetime) -> VerifiedNode: ...
+
+
+class TokenSource(Protocol):
+    async def take(self) -> auth.Token: ...
+
+
+@dataclass
+class _Verdicts:
+    """Cached verification results, keyed by the exact bundle, until the claims expire."""
+
+    ok: dict[str, VerifiedNode] = field(default_factory=dict)
+    failed: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+
+
+class Client:
+    """Async client. Use as ``async with Client(...) as c:``."""
+
+    def __init__(
+        self,
+        relay_url: str,
+        *,
+        tokens: TokenSource,
+        verifier: NodeVerifier,
+        k: int = 3,
+        session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 1 <= k <= sealed.MAX_CANDIDATES:
+            raise ValueError(f"k must be 1..{sealed.MAX_CANDIDATES}")
+        self._relay = relay_url.rstrip("/")
+        self._tokens = tokens
+        self._verifier = verifier
+        self._k = k
+        self._session = session
+        self._own_session = session is None
+        self._clock = clock
+        self._rng = rng or random.SystemRandom()
+        self._key_config: ohttp.KeyConfig | None = None
+        self._verdicts = _Verdicts()
+        self._nodes: list[VerifiedNode] = []
+        self._nodes_at = 0.0
+        self.directory_ttl = 30.0
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None and self._own_session:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+            )
+        return self._session
+
+    # ----------------------------------------------------------------- discovery
+
+    async def key_config(self) -> ohttp.KeyConfig:
+        """The gateway's OHTTP key, fetched through the relay (RFC 9540)."""
+        if self._key_config is None:
+            try:
+                async with self._http().get(self._relay + "/.well-known/ohttp-gateway") as r:
+                    if r.status != 200:
+                        raise RelayError(f"relay answered {r.status} for the gateway keys")
+                    configs = ohttp.parse_key_configs(await r.read())
+            except aiohttp.ClientError as exc:
+                raise RelayError(f"cannot reach the relay: {exc}") from exc
+            usable = [c for c in configs if c.supports(1, 1)]
+            if not usable:
+                raise RelayError("the gateway offers no key config this client supports")
+            self._key_config = usable[0]
+        return self._key_config
+
+    async def _inner_get(self, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+        """A small GET to the gateway inside plain OHTTP (no token: discovery only)."""
+        cfg = await self.key_config()
+        req = bhttp.encode_request(
+            bhttp.Request(b"GET", b"https", GATEWAY_AUTHORITY, path.encode())
+        )
+        enc, ctx = ohttp.encapsulate_request(cfg, req)
+        try:
+            async with self._http().post(
+                self._relay + "/",
+                data=enc,
+                headers={"Content-Type": ohttp.MEDIA_TYPE_REQUEST},
+            ) as r:
+                body = await r.read()
+                if r.status != 200:
+                    raise RelayError(f"relay/gateway answered {r.status} to an OHTTP request")
+        except aiohttp.ClientError as exc:
+            raise RelayError(f"cannot reach the relay: {exc}") from exc
+        resp = bhttp.decode_response(ctx.decapsulate_response(body))
+        return resp.status, dict(resp.headers), resp.content
+
+    async def issuer_directory(self) -> bytes:
+        """The issuer directory as the gateway sees it, fetched anonymously.
+
+        The wallet compares its token key against this copy (key consistency).
+        """
+        status, _, body = await self._inner_get("/v1/issuer-directory")
+        if status != 200:
+            raise GatewayError(status, _problem(body))
+        return body
+
+    async def verified_nodes(self, *, refresh: bool = False) -> list[VerifiedNode]:
+        """Every node in the gateway's directory whose bundle verifies, cached."""
+        now = self._clock()
+        if refresh or not self._nodes or now - self._nodes_at > self.directory_ttl:
+            status, _, body = await self._inner_get("/v1/nodes")
+            if status != 200:
+                raise GatewayError(status, _problem(body))
+            try:
+                entries = json.loads(body)["nodes"]
+                assert isinstance(entries, list)
+            except (ValueError, KeyError, AssertionError) as exc:
+                raise GatewayError(502, {"title": "malformed node directory"}) from exc
+            self._nodes = [n for n in (self._verify(e, now) for e in entries) if n]
+            self._nodes_at = now
+        return [n for n in self._nodes if n.expires_at > now]
+
+    def _verify(self, entry: Any, now: float) -> VerifiedNode | None:
+        key = json.dumps(entry, sort_keys=True)
+        hit = self._verdicts.ok.get(key)
+        if hit is not None and hit.expires_at > now:
+            return hit
+        failed = self._verdicts.failed.get(key)
+        if failed is not None and failed[0] > now:
+            return None
+        try:
+            if not isinstance(entry, dict):
+                raise VerificationError("directory entry is not an object")
+            node = self._verifier(entry, datetime.fromtimestamp(now, UTC))
+        except OpenPCCError as exc:
+            node_id = str(entry.get("node_id", "?")) if isinstance(entry, dict) else "?"
+            # Failed verdicts are cached briefly so a bad node is not re-verified per call.
+            self._verdicts.failed[key] = (now + 60, [node_id, str(exc)])
+            return None
+        self._verdicts.ok[key] = node
+        return node
+
+    def rejected_nodes(self) -> dict[str, list[str]]:
+        return {v[1][0]: v[1][1:] for v in self._verdicts.failed.values()}
+
+    # -------------------------------------------------------------------- chat
+
+    async def chat_completions_stream(
+        self, model: str, messages: Sequence[dict[str, Any]], **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream OpenAI ``chat.completion.chunk`` objects as the node produces them."""
+        body = {"model": model, "messages": list(messages), **params, "stream": True}
+        async for item in self._request(model, "/v1/chat/completions", body):
+            yield item
+
+    async def chat_completions(
+        self, model: str, messages: Sequence[dict[str, Any]], **params: Any
+    ) -> dict[str, Any]:
+        """One non-streamed OpenAI ``chat.completion`` object."""
+        body = {"model": model, "messages": list(messages), **params, "stream": False}
+        async for item in self._request(model, "/v1/chat/completions", body):
+            return item
+        raise TruncatedResponseError("the node sent no completion")
+
+    async def _request(
+        self, model: str, path: str, body: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        nodes = [n for n in await self.verified_nodes() if model in n.models]
+        if not nodes:
+            nodes = [n for n in await self.verified_nodes(refresh=True) if model in n.models]
+        if not nodes:
+            raise NoVerifiedNodeError(model, self.rejected_nodes())
+        chosen = self._rng.sample(nodes, min(self._k, len(nodes)))
+        inner = bhttp.encode_request(
+            bhttp.Request(
+                b"POST",
+                b"https",
+                b"node",
+                path.encode(),
+                [(b"content-type", b"application/json")],
+                json.dumps(body).encode(),
+            )
+        )
+        sreq = sealed.seal_request(
+            [sealed.NodeKey(n.node_id, n.public_key) for n in chosen], model, inner
+        )
+        token = await self._tokens.take()
+        outer = bhttp.encode_request(
+            bhttp.Request(
+                b"POST",
+                b"https",
+                GATEWAY_AUTHORITY,
+                b"/v1/infer",
+                [
+                    (b"authorization", auth.format_authorization(token).encode()),
+                    (b"content-type", sealed.REQUEST_MEDIA_TYPE.encode()),
+                ],
+                sreq.envelope,
+            )
+        )
+        sender = ChunkedRequestSender(await self.key_config())
+        wire = sender.seal_chunk(outer, final=True)
+        receiver = sender.response_receiver()
+        stream = ResponseStreamDecoder()
+        opener = sreq.response_opener()
+        sse = SSEParser()
+        streaming = bool(body.get("stream"))
+        gateway_status: int | None = None
+        error_body = bytearray()
+        node_status: int | None = None
+        node_body = bytearray()
+        try:
+            async with self._http().post(
+                self._relay + "/",
+                data=wire,
+                headers={"Content-Type": MEDIA_TYPE_CHUNKED_REQUEST, "Incremental": "?1"},
+            ) as resp:
+                if resp.status != 200:
+                    raise RelayError(f"relay answered {resp.status}")
+                async for piece in resp.content.iter_any():
+                    for plain in receiver.receive_data(piece):
+                        for ev in stream.receive_data(plain):
+                            if isinstance(ev, StreamHead):
+                                gateway_status = ev.status
+                            elif isinstance(ev, bytes):
+                                if gateway_status != 200:
+                                    error_body += ev
+                                    continue
+                                for item in opener.receive_data(ev):
+                                    if isinstance(item, sealed.ResponseHead):
+                                        node_status = item.status
+                                    elif node_status != 200 or not streaming:
+                                        node_body += item
+                                    else:
+                                        for obj in sse.feed(item):
+                                            if obj is not DONE:
+                                                yield obj
+                stream.receive_data(receiver.end_of_input())
+                stream.end_of_input()
+        except aiohttp.ClientError as exc:
+            if gateway_status == 200 and node_status is not None:
+                raise TruncatedResponseError(f"connection lost mid-answer: {exc}") from exc
+            raise RelayError(f"transport failed: {exc}") from exc
+        except TruncatedError as exc:
+            raise TruncatedResponseError(f"the answer was cut off: {exc}") from exc
+        if gateway_status != 200:
+            problem = _problem(bytes(error_body))
+            status = gateway_status or 502
+            if status == 401:
+                raise TokenRejectedError(status, problem)
+            if status == 503:
+                raise NoCapacityError(status, problem)
+            raise GatewayError(status, problem)
+        try:
+            opener.end_of_input()
+        except TruncatedError as exc:
+            raise TruncatedResponseError(
+                "the node's authenticated end of stream never arrived"
+            ) from exc
+        if node_status != 200:
+            raise NodeError(node_status or 0, bytes(node_body))
+        if not streaming:
+            yield json.loads(node_body)
+
+
+def _problem(body: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class SyncClient:
+    """Blocking wrapper: runs an async :class:`Client` on a private event-loop thread."""
+
+    def __init__(self, factory: Callable[[], Client]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def make() -> Client:
+            return factory()
+
+        self._client = self._call(make())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def chat_completions(
+        self, model: str, messages: Sequence[dict[str, Any]], **params: Any
+    ) -> dict[str, Any]:
+        return self._call(self._client.chat_completions(model, messages, **params))
+
+    def chat_completions_stream(
+        self, model: str, messages: Sequence[dict[str, Any]], **params: Any
+    ) -> Iterator[dict[str, Any]]:
+        agen = self._client.chat_completions_stream(model, messages, **params)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    def close(self) -> None:
+        self._call(self._client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
