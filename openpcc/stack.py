@@ -1,0 +1,114 @@
+"""`openpcc up` / `openpcc demo`: the whole local stack as separate processes.
+
+Each party runs as its own `openpcc ... serve` process on loopback, exactly as an
+operator would run it; this module only picks ports, creates the demo account, the
+development trust root and the signed release manifest, waits for readiness, and
+stops everything (process groups) on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def openpcc_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "openpcc.cli", *args]
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+
+@dataclass
+class Processes:
+    """Started services, stopped in reverse order (SIGTERM to the group, then SIGKILL)."""
+
+    services: list[Service] = field(default_factory=list)
+
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        url: str,
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        health: str = "/healthz",
+        timeout: float = 60,
+    ) -> Service:
+        fh = log.open("ab")
+        proc = subprocess.Popen(
+            openpcc_cmd(*args),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        fh.close()
+        svc = Service(name, proc, url, log)
+        self.services.append(svc)
+        wait_healthy(svc, health, timeout)
+        return svc
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            if svc.proc.poll() is None:
+                try:
+                    os.killpg(svc.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.monotonic() + 15
+        for svc in reversed(self.services):
+            try:
+                svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(svc.proc.pid, signal.SIGKILL)
+                svc.proc.wait()
+        self.services.clear()
+
+
+def wait_healthy(svc: Service, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if svc.proc.poll() is not None:
+            raise RuntimeError(
+                f"{svc.name} exited with {svc.proc.returncode}; log {svc.log}:\n"
+                + svc.log.read_text()[-3000:]
+            )
+        try:
+            with urllib.request.urlopen(svc.url + path, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{svc.name} not healthy after {timeout:.0f} s; log {svc.log}")
+        time.sleep(0.2)
+
+
+def run_cli(*args: str) -> str:
+    """Run an `openpcc` admin command; return its stdout (raises with its output on failure)."""
+    out = subprocess.run(openpcc_cmd(*args), capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"openpcc {' '.join(args[:3])} failed:\n{out.stdout}{out.stderr}")
+    return out.stdout
