@@ -5,7 +5,7 @@ release by hashing the canonical claims into the 64-byte REPORT_DATA (SNP) /
 REPORTDATA (TDX) of its hardware report. The GPU evidence is itself inside the
 claims, so the GPU's SPDM nonce cannot depend on it: :func:`gpu_nonce_for` hashes
 every claim *except* ``gpu_evidence_digest``. Encoding (exact, see
-docs/attestation-parts/snp.md):
+docs/ATTESTATION.md):
 
 * canonical JSON: one object with exactly the 8 keys below, sorted by key, no
   whitespace (separators ``,`` and ``:``), ASCII only, UTF-8 bytes;
