@@ -1,0 +1,677 @@
+"""The OHTTP gateway: decapsulate, redeem the token, route the sealed request, stream back.
+
+What the gateway may learn (DESIGN.md §1): the one-time token, the model name, the
+candidate node ids and ciphertext sizes. It never sees the client's address (the relay
+connects, not the client), an account, the prompt or the answer (sealed to the node).
+So: no access log, log lines carry outcomes only, metrics are aggregate counters, and
+the audit log (``--audit-log``, tests and demo only) records exactly what arrived.
+
+Two listeners: the public one (``/.well-known/ohttp-gateway``, ``/gateway``, health,
+metrics) that the relay reaches, and an internal one (``/internal/nodes``) that only
+nodes reach, guarded by a shared registration secret.
+
+Mid-stream node failure: once the first byte of a node's sealed answer is forwarded, the
+gateway cannot fail over (the node may have acted on the prompt). If the node then dies,
+the gateway ends the inner Binary HTTP message and the chunked OHTTP response cleanly
+but never adds the node's sealed final chunk (it cannot forge one), so the client's
+sealed-response layer reports truncation. The OHTTP layer stays well-formed, so the
+error surfaces in exactly one place and the relay connection is not torn down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from gateway.issuerdir import IssuerDirectoryCache
+from gateway.keys import OhttpKeyRing
+from gateway.registry import (
+    MAX_REGISTRATION_BYTES,
+    NodeRegistry,
+    Registration,
+    RegistrationError,
+    parse_registration,
+)
+from gateway.spent import DEFAULT_TTL, SpentStore
+from openpcc import audit
+from openpcc.audit import AuditLog
+from openpcc.errors import OpenPCCError, UnsupportedError
+from openpcc.privacypass import issuance
+from openpcc.privacypass.auth import parse_authorization_token
+from openpcc.privacypass.directory import MEDIA_TYPE as DIRECTORY_MEDIA_TYPE
+from openpcc.service import PROBLEM_JSON, Metrics, healthz, problem
+from openpcc.wire import bhttp, sealed
+from openpcc.wire.bhttp_stream import ResponseStreamEncoder
+from openpcc.wire.chunked import (
+    DEFAULT_MAX_CHUNK_SIZE,
+    MEDIA_TYPE_CHUNKED_REQUEST,
+    MEDIA_TYPE_CHUNKED_RESPONSE,
+    ChunkedRequestReceiver,
+    ChunkedResponseSender,
+)
+from openpcc.wire.ohttp import (
+    MEDIA_TYPE_KEYS,
+    MEDIA_TYPE_REQUEST,
+    MEDIA_TYPE_RESPONSE,
+    decapsulate_request,
+    encode_key_configs,
+)
+
+log = logging.getLogger("openpcc.gateway")
+
+WELL_KNOWN_KEYS = "/.well-known/ohttp-gateway"
+GATEWAY_PATH = "/gateway"
+REGISTER_PATH = "/internal/nodes"
+_INNER_NOTE = "openpcc.gateway.inner"
+_RESPONSE = "openpcc.gateway.response"
+# RFC 9458 §5.3 / §9.5: "key configuration not acceptable" problem type.
+OHTTP_KEY_PROBLEM = "https://iana.org/assignments/http-problem-types#ohttp-key"
+# Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
+MAX_ENVELOPE = (
+    sealed.MAX_REQUEST_BYTES
+    + (sealed.MAX_REQUEST_BYTES // sealed.CHUNK_SIZE + 1) * (1 + 4 + 16)
+    + 7
+    + sealed.NONCE_LEN
+    + 1
+    + sealed.MAX_MODEL_LEN
+    + 1
+    + sealed.MAX_CANDIDATES * (sealed.NODE_ID_LEN + sealed.KEY_ID_LEN + 32 + sealed.WRAPPED_LEN)
+)
+# Inner BHTTP request: envelope plus headers (the token is ~480 bytes) and framing.
+MAX_INNER_REQUEST = MAX_ENVELOPE + 64 * 1024
+# Outer OHTTP body: inner request plus per-chunk framing and tags.
+DEFAULT_MAX_BODY = MAX_INNER_REQUEST + 64 * 1024
+# Content of one response chunk; leaves room for BHTTP framing inside the OHTTP limit.
+OUT_PIECE = DEFAULT_MAX_CHUNK_SIZE - 64
+
+
+@dataclass
+class GatewayConfig:
+    state_dir: Path
+    registration_secret: str
+    keys_max_age: int = 3600
+    max_body: int = DEFAULT_MAX_BODY
+    spent_ttl: int = DEFAULT_TTL
+    node_connect_timeout: float = 2.0
+    node_first_byte_timeout: float = 60.0
+    node_read_timeout: float = 300.0
+    client_timeout: float = 30.0
+    max_plain_response: int = 32 * 1024 * 1024
+
+
+class _Refusal(Exception):
+    """An outer-layer refusal (before any encapsulation context exists)."""
+
+    def __init__(self, response: web.Response, outcome: str) -> None:
+        super().__init__(outcome)
+        self.response = response
+        self.outcome = outcome
+
+
+def inner_problem(
+    status: int, title: str, detail: str | None = None, extra_headers: list[bhttp.Field] = ()
+) -> tuple[int, list[bhttp.Field], bytes]:
+    body: dict[str, object] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    return (
+        status,
+        [(b"content-type", PROBLEM_JSON.encode()), *extra_headers],
+        json.dumps(body).encode(),
+    )
+
+
+# ----------------------------------------------------------------------------- sinks
+
+
+class _Sink(ABC):
+    """Where the inner response goes: a buffered plain OHTTP answer or a chunked stream."""
+
+    @abstractmethod
+    async def respond(self, status: int, headers: list[bhttp.Field], body: bytes) -> None: ...
+
+    @abstractmethod
+    async def start(self, status: int, headers: list[bhttp.Field]) -> None: ...
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def end(self) -> None:
+        """Close the inner message (normal end, or after a node died mid-stream)."""
+
+
+class _PlainSink(_Sink):
+    def __init__(self, limit: int) -> None:
+        self.status = 500
+        self.headers: list[bhttp.Field] = []
+        self.body = bytearray()
+        self.limit = limit
+
+    async def respond(self, status: int, headers: list[bhttp.Field], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, bytearray(body)
+
+    async def start(self, status: int, headers: list[bhttp.Field]) -> None:
+        self.status, self.headers = status, headers
+
+    async def write(self, data: bytes) -> None:
+        if len(self.body) + len(data) > self.limit:
+            raise _NodeStreamError("node response over the plain-OHTTP buffer limit")
+        self.body += data
+
+    async def end(self) -> None:
+        pass
+
+    def encode(self) -> bytes:
+        return bhttp.encode_response(bhttp.Response(self.status, self.headers, bytes(self.body)))
+
+
+class _ChunkedSink(_Sink):
+    """Writes an indeterminate-length BHTTP response, one sealed OHTTP chunk per piece."""
+
+    def __init__(self, request: web.Request, sender: ChunkedResponseSender) -> None:
+        self.request = request
+        self.sender = sender
+        self.encoder = ResponseStreamEncoder()
+        self.response: web.StreamResponse | None = None
+
+    async def _send(self, data: bytes, *, final: bool = False) -> None:
+        assert self.response is not None
+        await self.response.write(self.sender.seal_chunk(data, final=final))
+
+    async def start(self, status: int, headers: list[bhttp.Field]) -> None:
+        self.response = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": MEDIA_TYPE_CHUNKED_RESPONSE, "Incremental": "?1"},
+        )
+        self.request[_RESPONSE] = self.response
+        await self.response.prepare(self.request)
+        await self._send(self.encoder.head(status, headers))
+
+    async def write(self, data: bytes) -> None:
+        for off in range(0, len(data), OUT_PIECE):
+            await self._send(self.encoder.data(data[off : off + OUT_PIECE]))
+
+    async def end(self) -> None:
+        await self._send(self.encoder.end(), final=True)
+        assert self.response is not None
+        await self.response.write_eof()
+
+    async def respond(self, status: int, headers: list[bhttp.Field], body: bytes) -> None:
+        await self.start(status, headers)
+        await self.write(body)
+        await self.end()
+
+
+class _NodeStreamError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- gateway
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    ring: OhttpKeyRing
+    spent: SpentStore
+    issuer: IssuerDirectoryCache
+    registry: NodeRegistry
+    audit_log: AuditLog | None = None
+    metrics: Metrics = field(default_factory=lambda: Metrics("openpcc_gateway"))
+    session: aiohttp.ClientSession | None = None
+
+    def __post_init__(self) -> None:
+        m = self.metrics
+        m.describe("requests_total", "public requests by route and outcome")
+        m.describe("redemptions_total", "token redemptions by outcome")
+        m.describe("node_attempts_total", "forwarding attempts to nodes by outcome")
+        m.describe("registrations_total", "node registrations by outcome")
+        m.describe("nodes", "registered nodes by health")
+        m.describe("ohttp_keys", "published OHTTP key configs")
+        m.describe("request_bytes_total", "encapsulated request bytes received")
+        m.describe("response_bytes_total", "sealed node response bytes forwarded")
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.config.node_connect_timeout,
+                sock_read=self.config.node_read_timeout,
+            ),
+            # Forward the envelope and nothing else: no agent string, no cookies.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            auto_decompress=False,
+            trust_env=False,
+        )
+        await self.registry.start()
+        await self.issuer.start()
+
+    async def stop(self) -> None:
+        await self.issuer.stop()
+        await self.registry.stop()
+        if self.session is not None:
+            await self.session.close()
+        await self.spent.close()
+
+    def keys(self) -> OhttpKeyRing:
+        """The key ring, reloaded when ``gateway keys rotate`` changed the folder."""
+        if self.ring.changed_on_disk():
+            try:
+                self.ring = OhttpKeyRing.load(self.config.state_dir)
+            except OpenPCCError as exc:
+                log.error("keeping the old OHTTP keys: %s", exc)
+        return self.ring
+
+    # -- public routes ----------------------------------------------------------------
+    async def key_configs(self, _request: web.Request) -> web.Response:
+        configs = self.keys().configs(time.time())
+        self.metrics.set("ohttp_keys", len(configs))
+        if not configs:
+            return problem(503, "Service Unavailable", "no OHTTP key configured")
+        self.metrics.inc("requests_total", route="keys", outcome="ok")
+        return web.Response(
+            body=encode_key_configs(configs),
+            content_type=MEDIA_TYPE_KEYS,
+            headers={"Cache-Control": f"public, max-age={self.config.keys_max_age}"},
+        )
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        total, healthy = self.registry.counts()
+        self.metrics.set("nodes", healthy, health="healthy")
+        self.metrics.set("nodes", total - healthy, health="unhealthy")
+        return await self.metrics.handler(request)
+
+    async def ohttp(self, request: web.Request) -> web.StreamResponse:
+        ctype = request.content_type
+        outcome = "ok"
+        try:
+            if ctype not in (MEDIA_TYPE_REQUEST, MEDIA_TYPE_CHUNKED_REQUEST):
+                raise _Refusal(
+                    problem(
+                        415,
+                        "Unsupported Media Type",
+                        f"use {MEDIA_TYPE_REQUEST} or {MEDIA_TYPE_CHUNKED_REQUEST}",
+                    ),
+                    "unsupported_type",
+                )
+            length = request.content_length
+            if length is not None and length > self.config.max_body:
+                raise _Refusal(self._too_large(), "too_large")
+            if ctype == MEDIA_TYPE_REQUEST:
+                return await self._plain(request)
+            return await self._chunked(request)
+        except _Refusal as exc:
+            outcome = exc.outcome
+            return exc.response
+        except asyncio.CancelledError:
+            outcome = "client_aborted"
+            raise
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome = "client_aborted"  # nobody left to answer; hand back what was started
+            started = request.get(_RESPONSE)
+            return started if started is not None else web.Response()
+        finally:
+            self.metrics.inc("requests_total", route="ohttp", outcome=outcome)
+
+    def _too_large(self) -> web.Response:
+        return problem(413, "Content Too Large", f"at most {self.config.max_body} bytes")
+
+    @staticmethod
+    def _ohttp_error(exc: OpenPCCError) -> _Refusal:
+        if isinstance(exc, UnsupportedError):
+            resp = problem(
+                400,
+                "Key configuration not acceptable",
+                "unknown OHTTP key id or suite; refetch the key configuration",
+                type=OHTTP_KEY_PROBLEM,
+            )
+            return _Refusal(resp, "bad_key_config")
+        return _Refusal(
+            problem(400, "Bad Request", "the encapsulated request could not be opened"),
+            "bad_encapsulation",
+        )
+
+    async def _body_chunks(self, request: web.Request) -> AsyncIterator[bytes]:
+        """The request body as it arrives, bounded in size and per-read time."""
+        total = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.config.client_timeout):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise _Refusal(problem(408, "Request Timeout"), "client_timeout") from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > self.config.max_body:
+                raise _Refusal(self._too_large(), "too_large")
+            audit.saw_body(request, chunk)
+            self.metrics.inc("request_bytes_total", len(chunk))
+            yield chunk
+
+    async def _plain(self, request: web.Request) -> web.StreamResponse:
+        body = bytearray()
+        async for chunk in self._body_chunks(request):
+            body += chunk
+        try:
+            inner, ctx = decapsulate_request(self.keys().private_keys(time.time()), bytes(body))
+        except OpenPCCError as exc:
+            raise self._ohttp_error(exc) from None
+        sink = _PlainSink(self.config.max_plain_response)
+        await self._inner(request, inner, sink)
+        return web.Response(
+            body=ctx.encapsulate_response(sink.encode()), content_type=MEDIA_TYPE_RESPONSE
+        )
+
+    async def _chunked(self, request: web.Request) -> web.StreamResponse:
+        receiver = ChunkedRequestReceiver(self.keys().private_keys(time.time()))
+        inner = bytearray()
+        try:
+            async for chunk in self._body_chunks(request):
+                for piece in receiver.receive_data(chunk):
+                    inner += piece
+                if len(inner) > MAX_INNER_REQUEST:
+                    raise _Refusal(self._too_large(), "too_large")
+            inner += receiver.end_of_input()
+        except OpenPCCError as exc:
+            raise self._ohttp_error(exc) from None
+        if len(inner) > MAX_INNER_REQUEST:
+            raise _Refusal(self._too_large(), "too_large")
+        sink = _ChunkedSink(request, receiver.response_sender())
+        await self._inner(request, bytes(inner), sink)
+        assert sink.response is not None
+        return sink.response
+
+    # -- inner routes -------------------------------------------------------------------
+    async def _inner(self, request: web.Request, data: bytes, sink: _Sink) -> None:
+        try:
+            inner = bhttp.decode_request(data)
+        except OpenPCCError:
+            await sink.respond(*inner_problem(400, "Bad Request", "malformed Binary HTTP request"))
+            return
+        method, path = inner.method.decode(), inner.path.decode()
+        routes = {
+            "/v1/nodes": ("GET", self._nodes),
+            "/v1/issuer-directory": ("GET", self._issuer_directory),
+            "/v1/infer": ("POST", self._infer),
+        }
+        # Everything the gateway learned by decapsulating; _infer adds model and candidates.
+        request[_INNER_NOTE] = {
+            "method": method,
+            "path": path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in inner.headers],
+            "content_length": len(inner.content),
+        }
+        audit.note(request, "inner", request[_INNER_NOTE])
+        route = routes.get(path)
+        if route is None:
+            await sink.respond(*inner_problem(404, "Not Found", "unknown inner path"))
+            return
+        if method != route[0]:
+            await sink.respond(
+                *inner_problem(
+                    405, "Method Not Allowed", f"use {route[0]}", [(b"allow", route[0].encode())]
+                )
+            )
+            return
+        await route[1](request, inner, sink)
+
+    async def _nodes(self, _request: web.Request, _inner: bhttp.Request, sink: _Sink) -> None:
+        doc = {
+            "nodes": [
+                {
+                    "node_id": e.reg.node_id.hex(),
+                    "public_key": e.reg.public_key.hex(),
+                    "key_id": e.reg.key_id.hex(),
+                    "models": list(e.reg.models),
+                    "bundle": e.reg.bundle,
+                }
+                for e in self.registry.live()
+            ],
+            "issued_at": int(time.time()),
+        }
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        await sink.respond(200, [(b"content-type", b"application/json")], body)
+
+    async def _issuer_directory(
+        self, _request: web.Request, _inner: bhttp.Request, sink: _Sink
+    ) -> None:
+        snap = self.issuer.snapshot
+        if snap is None:
+            await sink.respond(
+                *inner_problem(503, "Service Unavailable", "issuer directory not fetched yet")
+            )
+            return
+        await sink.respond(200, [(b"content-type", DIRECTORY_MEDIA_TYPE.encode())], snap.raw)
+
+    def _unauthorized(self, detail: str) -> tuple[int, list[bhttp.Field], bytes]:
+        challenge = self.issuer.www_authenticate()
+        extra = [(b"www-authenticate", challenge.encode())] if challenge else []
+        return inner_problem(401, "Unauthorized", detail, extra)
+
+    async def _redeem(self, inner: bhttp.Request) -> tuple[int, list[bhttp.Field], bytes] | None:
+        """Check and spend the token; None when accepted, else the inner error response."""
+        auth = [v for k, v in inner.headers if k == b"authorization"]
+        if len(auth) != 1:
+            self.metrics.inc("redemptions_total", outcome="missing")
+            return self._unauthorized("send exactly one Authorization: PrivateToken header")
+        if self.issuer.snapshot is None:
+            self.metrics.inc("redemptions_total", outcome="no_directory")
+            return inner_problem(503, "Service Unavailable", "issuer directory unavailable")
+        try:
+            token = parse_authorization_token(auth[0].decode("latin-1"))
+        except OpenPCCError:
+            self.metrics.inc("redemptions_total", outcome="malformed")
+            return self._unauthorized("malformed or unsupported PrivateToken")
+        key = await self.issuer.key_for(token.token_key_id)
+        if key is None:
+            self.metrics.inc("redemptions_total", outcome="unknown_key")
+            return self._unauthorized("token issued under a key the issuer does not list")
+        try:
+            issuance.verify_token(key, token, expected_challenge=self.issuer.challenge_bytes)
+        except OpenPCCError:
+            self.metrics.inc("redemptions_total", outcome="invalid")
+            return self._unauthorized("token is for another challenge or its signature is bad")
+        try:
+            fresh = await self.spent.mark_spent(
+                token.token_key_id, token.nonce, self.config.spent_ttl
+            )
+        except Exception as exc:  # the store is down: refuse rather than risk double spend
+            log.error("spent-token store failed: %s", type(exc).__name__)
+            self.metrics.inc("redemptions_total", outcome="store_error")
+            return inner_problem(503, "Service Unavailable", "token store unavailable")
+        if not fresh:
+            self.metrics.inc("redemptions_total", outcome="spent")
+            return self._unauthorized("token already spent")
+        self.metrics.inc("redemptions_total", outcome="ok")
+        return None
+
+    async def _infer(self, request: web.Request, inner: bhttp.Request, sink: _Sink) -> None:
+        ctypes = [v for k, v in inner.headers if k == b"content-type"]
+        if ctypes != [sealed.REQUEST_MEDIA_TYPE.encode()]:
+            await sink.respond(
+                *inner_problem(
+                    400, "Bad Request", "content-type must be " + sealed.REQUEST_MEDIA_TYPE
+                )
+            )
+            return
+        envelope = inner.content
+        if len(envelope) > MAX_ENVELOPE:
+            await sink.respond(
+                *inner_problem(413, "Content Too Large", f"envelope over {MAX_ENVELOPE} bytes")
+            )
+            return
+        refused = await self._redeem(inner)
+        if refused is not None:
+            await sink.respond(*refused)
+            return
+        try:
+            header = sealed.parse_envelope_header(envelope)
+        except OpenPCCError:
+            await sink.respond(*inner_problem(400, "Bad Request", "malformed sealed envelope"))
+            return
+        wanted = [(c.node_id, c.key_id) for c in header.candidates]
+        note = request.get(_INNER_NOTE)
+        if note is not None:
+            note["model"] = header.model
+            note["candidates"] = [c.node_id.hex() for c in header.candidates]
+        usable = self.registry.candidates(header.model, wanted)
+        random.SystemRandom().shuffle(usable)
+        for reg in usable:
+            if await self._forward(request, reg, envelope, sink):
+                if note is not None:
+                    note["served_by"] = reg.node_id.hex()
+                return
+        self.metrics.inc("node_attempts_total", outcome="none_left")
+        await sink.respond(
+            *inner_problem(503, "Service Unavailable", "no usable candidate node for this request")
+        )
+
+    async def _forward(
+        self, request: web.Request, reg: Registration, envelope: bytes, sink: _Sink
+    ) -> bool:
+        """Try one node. False if it failed before its first byte (the caller tries the next)."""
+        assert self.session is not None
+        try:
+            async with asyncio.timeout(self.config.node_first_byte_timeout):
+                resp = await self.session.post(
+                    reg.url + "/v1/sealed",
+                    data=envelope,
+                    headers={"Content-Type": sealed.REQUEST_MEDIA_TYPE},
+                    allow_redirects=False,
+                )
+                try:
+                    ok = resp.status == 200 and resp.content_type == sealed.RESPONSE_MEDIA_TYPE
+                    first = await resp.content.readany() if ok else b""
+                except BaseException:
+                    resp.close()
+                    raise
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+            self.registry.mark_unreachable(reg.node_id)
+            self.metrics.inc("node_attempts_total", outcome="unreachable")
+            return False
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self.metrics.inc("node_attempts_total", outcome="failed_before_first_byte")
+            return False
+        if not first:
+            resp.close()
+            self.metrics.inc("node_attempts_total", outcome=f"refused_{resp.status // 100}xx")
+            return False
+        # Committed: from here on every byte goes straight to the client.
+        self.metrics.inc("node_attempts_total", outcome="streaming")
+        clean = False
+        try:
+            await sink.start(200, [(b"content-type", sealed.RESPONSE_MEDIA_TYPE.encode())])
+            chunk = first
+            while chunk:
+                self.metrics.inc("response_bytes_total", len(chunk))
+                await sink.write(chunk)
+                try:
+                    chunk = await resp.content.readany()
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    break
+            else:
+                clean = True
+        except _NodeStreamError:
+            pass
+        finally:
+            resp.close()
+        if not clean:
+            self.metrics.inc("node_attempts_total", outcome="died_mid_stream")
+            log.info(
+                "node %s stopped mid-stream; client will see a truncated answer",
+                reg.node_id.hex()[:8],
+            )
+        await sink.end()
+        return True
+
+    # -- internal routes ----------------------------------------------------------------
+    async def register(self, request: web.Request) -> web.Response:
+        outcome = "ok"
+        try:
+            value = request.headers.get("Authorization", "")
+            scheme, _, secret = value.partition(" ")
+            expected = self.config.registration_secret.encode()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                secret.strip().encode(), expected
+            ):
+                outcome = "unauthorized"
+                resp = problem(401, "Unauthorized", "bad registration secret")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="openpcc-gateway"'
+                return resp
+            if request.content_type != "application/json":
+                outcome = "bad_request"
+                return problem(415, "Unsupported Media Type", "use application/json")
+            body = await request.content.read(MAX_REGISTRATION_BYTES + 1)
+            if len(body) > MAX_REGISTRATION_BYTES:
+                outcome = "too_large"
+                return problem(413, "Content Too Large")
+            try:
+                reg = parse_registration(body)
+            except RegistrationError as exc:
+                outcome = "bad_request"
+                return problem(400, "Bad Request", str(exc))
+            if not self.registry.register(reg):
+                outcome = "full"
+                return problem(503, "Service Unavailable", "node registry is full")
+            return web.json_response(
+                {"status": "registered", "key_id": reg.key_id.hex(), "ttl": self.registry.ttl}
+            )
+        finally:
+            self.metrics.inc("registrations_total", outcome=outcome)
+
+
+def create_public_app(gw: Gateway) -> web.Application:
+    middlewares = [gw.audit_log.middleware()] if gw.audit_log is not None else []
+    # client_max_size is not used (bodies are streamed); the limit is enforced while reading.
+    app = web.Application(middlewares=middlewares)
+    app.router.add_get(WELL_KNOWN_KEYS, gw.key_configs)
+    app.router.add_post(GATEWAY_PATH, gw.ohttp)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", gw.metrics_handler)
+    return app
+
+
+def create_internal_app(gw: Gateway) -> web.Application:
+    app = web.Application(client_max_size=MAX_REGISTRATION_BYTES + 1024)
+    app.router.add_post(REGISTER_PATH, gw.register)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def build_gateway(
+    config: GatewayConfig,
+    *,
+    issuer_url: str,
+    issuer_name: str,
+    redis_url: str | None = None,
+    node_ttl: float = 30.0,
+    health_interval: float = 5.0,
+    audit_path: Path | None = None,
+) -> Gateway:
+    from gateway.keys import ensure_key
+    from gateway.spent import open_spent_store
+
+    return Gateway(
+        config=config,
+        ring=ensure_key(config.state_dir),
+        spent=open_spent_store(config.state_dir, redis_url),
+        issuer=IssuerDirectoryCache(issuer_url, issuer_name),
+        registry=NodeRegistry(ttl=node_ttl, health_interval=health_interval),
+        audit_log=AuditLog(audit_path, "gateway") if audit_path else None,
+    )

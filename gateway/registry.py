@@ -1,0 +1,222 @@
+"""Registered nodes: strict validation, heartbeat expiry, active health checks.
+
+A node (re-)registers through the internal listener every heartbeat; an entry that
+misses ``ttl`` seconds of heartbeats (3 x the node's interval) disappears. A new entry
+is listed only after its first ``GET {url}/healthz`` passed, and a failing check or a
+connection error while forwarding takes it out of rotation until a check passes again.
+The gateway does not judge the attestation bundle (clients do); it stores the JSON
+object as received and hands it out unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from openpcc.wire import sealed
+
+log = logging.getLogger("openpcc.gateway")
+
+MAX_MODELS = 64
+MAX_URL_LEN = 2048
+MAX_BUNDLE_BYTES = 256 * 1024
+MAX_REGISTRATION_BYTES = MAX_BUNDLE_BYTES + 64 * 1024
+MAX_NODES = 1024
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+FIELDS = frozenset({"node_id", "url", "public_key", "models", "bundle"})
+
+
+class RegistrationError(ValueError):
+    """A registration body that does not meet the contract (answered 400)."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    node_id: bytes
+    url: str
+    public_key: bytes
+    models: tuple[str, ...]
+    bundle: dict[str, Any]
+
+    @property
+    def key_id(self) -> bytes:
+        return sealed.key_id_for(self.public_key)
+
+
+def parse_registration(body: bytes) -> Registration:
+    """Validate a ``POST /internal/nodes`` body strictly; RegistrationError on anything off."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RegistrationError("body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise RegistrationError("body must be a JSON object")
+    if set(doc) != FIELDS:
+        missing, extra = FIELDS - set(doc), set(doc) - FIELDS
+        raise RegistrationError(
+            f"fields must be exactly {sorted(FIELDS)} (missing {sorted(missing)}, "
+            f"unknown {sorted(extra)})"
+        )
+    bundle, models, node_id, pk, url = (doc[k] for k in sorted(FIELDS))
+    if not isinstance(node_id, str) or not _HEX32.fullmatch(node_id):
+        raise RegistrationError("node_id must be 32 lowercase hex characters (16 bytes)")
+    if not isinstance(pk, str) or not _HEX64.fullmatch(pk):
+        raise RegistrationError("public_key must be 64 lowercase hex characters (X25519)")
+    if not isinstance(url, str) or len(url) > MAX_URL_LEN:
+        raise RegistrationError("url must be a string")
+    parts = urlsplit(url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username
+        or parts.password
+        or parts.query
+        or parts.fragment
+        or any(c <= " " or c == "\x7f" for c in url)
+    ):
+        raise RegistrationError("url must be http(s)://host[:port][/path], no credentials/query")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise RegistrationError("url has a bad port") from None
+    if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
+        raise RegistrationError(f"models must be a list of 1..{MAX_MODELS} names")
+    for m in models:
+        if not isinstance(m, str) or not 1 <= len(m.encode()) <= sealed.MAX_MODEL_LEN:
+            raise RegistrationError(f"model names must be 1..{sealed.MAX_MODEL_LEN} UTF-8 bytes")
+    if len(set(models)) != len(models):
+        raise RegistrationError("duplicate model name")
+    if not isinstance(bundle, dict):
+        raise RegistrationError("bundle must be a JSON object")
+    if len(json.dumps(bundle, separators=(",", ":"))) > MAX_BUNDLE_BYTES:
+        raise RegistrationError(f"bundle over {MAX_BUNDLE_BYTES} bytes")
+    return Registration(
+        bytes.fromhex(node_id), url.rstrip("/"), bytes.fromhex(pk), tuple(models), bundle
+    )
+
+
+@dataclass
+class NodeEntry:
+    reg: Registration
+    last_seen: float
+    healthy: bool = False  # listed and routed to only once a health check passed
+    checked_at: float = 0.0
+    check: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class NodeRegistry:
+    def __init__(
+        self, *, ttl: float = 30.0, health_interval: float = 5.0, health_timeout: float = 2.0
+    ) -> None:
+        self.ttl = ttl
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self._nodes: dict[bytes, NodeEntry] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.health_timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._task, *(e.check for e in self._nodes.values())] if t]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._session is not None:
+            await self._session.close()
+
+    def register(self, reg: Registration, now: float | None = None) -> bool:
+        """Record a registration or heartbeat; False if the registry is full."""
+        t = time.monotonic() if now is None else now
+        self._expire(t)
+        entry = self._nodes.get(reg.node_id)
+        if entry is None:
+            if len(self._nodes) >= MAX_NODES:
+                return False
+            entry = NodeEntry(reg, t)
+            self._nodes[reg.node_id] = entry
+            self._check_soon(entry)
+            return True
+        changed = entry.reg.url != reg.url or entry.reg.public_key != reg.public_key
+        entry.reg, entry.last_seen = reg, t
+        if changed:
+            entry.healthy = False  # new endpoint or key: prove it before routing to it
+            self._check_soon(entry)
+        return True
+
+    def _check_soon(self, entry: NodeEntry) -> None:
+        if self._session is not None and (entry.check is None or entry.check.done()):
+            entry.check = asyncio.create_task(self._check(entry))
+
+    def _expire(self, now: float) -> None:
+        for nid in [n for n, e in self._nodes.items() if now - e.last_seen > self.ttl]:
+            entry = self._nodes.pop(nid)
+            if entry.check is not None:
+                entry.check.cancel()
+
+    def live(self, now: float | None = None) -> list[NodeEntry]:
+        """Registered, unexpired and healthy nodes, ordered by node id."""
+        t = time.monotonic() if now is None else now
+        self._expire(t)
+        return sorted((e for e in self._nodes.values() if e.healthy), key=lambda e: e.reg.node_id)
+
+    def counts(self) -> tuple[int, int]:
+        self._expire(time.monotonic())
+        return len(self._nodes), sum(e.healthy for e in self._nodes.values())
+
+    def candidates(self, model: str, wanted: Iterable[tuple[bytes, bytes]]) -> list[Registration]:
+        """Of the client's (node_id, key_id) pairs, those we can route ``model`` to."""
+        live = {e.reg.node_id: e.reg for e in self.live()}
+        out = []
+        for node_id, key_id in wanted:
+            reg = live.get(node_id)
+            if reg is not None and model in reg.models and reg.key_id == key_id:
+                out.append(reg)
+        return out
+
+    def mark_unreachable(self, node_id: bytes) -> None:
+        """Passive health check: a connection failure takes the node out until it recovers."""
+        entry = self._nodes.get(node_id)
+        if entry is not None:
+            entry.healthy = False
+
+    async def _check(self, entry: NodeEntry) -> None:
+        assert self._session is not None
+        ok = False
+        try:
+            async with self._session.get(entry.reg.url + "/healthz", allow_redirects=False) as r:
+                if r.status == 200:
+                    doc = json.loads(await r.content.read(4096))
+                    ok = isinstance(doc, dict) and doc.get("status") == "ok"
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            ok = False
+        entry.checked_at = time.monotonic()
+        if entry.healthy and not ok:
+            log.info("node %s failed its health check", entry.reg.node_id.hex()[:8])
+        entry.healthy = ok
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            self._expire(time.monotonic())
+            for entry in list(self._nodes.values()):
+                self._check_soon(entry)

@@ -1,0 +1,160 @@
+"""A fake OpenPCC node for the gateway tests, run as its own process.
+
+It opens sealed requests for real (``sealed.open_request``) and answers with a real
+sealed stream, so the tests check the gateway end to end without vLLM. It heartbeats
+to the gateway like a node does. Behaviour is switched over ``/_control/*`` (which the
+gateway never calls):
+
+- ``ok``: head, first data chunk, the rest and the authenticated end.
+- ``gated``: as ``ok``, but after the first chunk wait for ``/_control/release`` (at most
+  ``--hold`` seconds). This lets tests prove the gateway forwards incrementally: the
+  client must get the first chunk while the node still holds the last one back.
+- ``status500``: answer 500 before any byte.  ``drop``: close the socket at once.
+- ``die_mid``: head and one chunk, then cut the connection.
+- ``healthy``: ``/healthz`` answers 200 (true) or 503 (false).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+
+import aiohttp
+from aiohttp import web
+
+from openpcc.wire import bhttp, hpke, sealed
+
+
+class State:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.node_id = bytes.fromhex(args.node_id)
+        self.sk = bytes.fromhex(args.private_key)
+        self.pk = hpke.public_key_from_private(self.sk)
+        self.mode = "ok"
+        self.healthy = True
+        self.heartbeat = True
+        self.release = asyncio.Event()
+        self.requests: list[dict] = []
+        self.sent_last = 0  # how many times the final chunk was written
+
+
+async def sealed_handler(request: web.Request) -> web.StreamResponse:
+    st: State = request.app["state"]
+    body = await request.read()
+    st.requests.append(
+        {"headers": [[k, v] for k, v in request.headers.items()], "body_len": len(body)}
+    )
+    if st.mode == "drop":
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+    if st.mode == "status500":
+        return web.Response(status=500, text="boom")
+    try:
+        opened = sealed.open_request(body, st.node_id, st.sk, st.pk)
+    except Exception as exc:
+        return web.Response(status=421 if "candidate" in str(exc) or "key" in str(exc) else 400)
+    inner = bhttp.decode_request(opened.bhttp_request)
+    resp = web.StreamResponse(status=200, headers={"Content-Type": sealed.RESPONSE_MEDIA_TYPE})
+    await resp.prepare(request)
+    s = opened.sealer
+    await resp.write(s.head(200, [(b"content-type", b"text/event-stream")]))
+    await resp.write(s.data(b"first:" + inner.path + b":" + inner.content.rstrip(b"\x00") + b"\n"))
+    if st.mode == "die_mid":
+        await asyncio.sleep(0.2)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+    if st.mode == "gated":
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(st.release.wait(), st.args.hold)
+    st.release.clear()
+    await resp.write(s.data(b"second\n"))
+    await resp.write(s.end(b"last\n"))
+    st.sent_last += 1
+    await resp.write_eof()
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    st: State = request.app["state"]
+    if not st.healthy:
+        return web.json_response({"status": "down"}, status=503)
+    return web.json_response({"status": "ok", "engine": "ready"})
+
+
+async def control(request: web.Request) -> web.Response:
+    st: State = request.app["state"]
+    what = request.match_info["what"]
+    if what == "set":
+        doc = await request.json()
+        st.mode = doc.get("mode", st.mode)
+        st.healthy = doc.get("healthy", st.healthy)
+        st.heartbeat = doc.get("heartbeat", st.heartbeat)
+    elif what == "release":
+        st.release.set()
+    elif what == "reset":
+        st.requests.clear()
+        st.sent_last = 0
+        st.release.clear()
+    return web.json_response(
+        {
+            "mode": st.mode,
+            "requests": st.requests,
+            "sent_last": st.sent_last,
+            "public_key": st.pk.hex(),
+        }
+    )
+
+
+async def heartbeat(app: web.Application) -> None:
+    st: State = app["state"]
+    a = st.args
+    doc = {
+        "node_id": a.node_id,
+        "url": f"http://127.0.0.1:{a.port}",
+        "public_key": st.pk.hex(),
+        "models": [a.model],
+        "bundle": {"fake": True, "node": a.node_id, "nested": {"list": [1, 2, 3]}},
+    }
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if st.heartbeat:
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with session.post(
+                        a.gateway + "/internal/nodes",
+                        json=doc,
+                        headers={"Authorization": f"Bearer {a.secret}"},
+                    ) as r:
+                        if r.status != 200:
+                            print("registration refused", r.status, file=sys.stderr)
+            await asyncio.sleep(a.interval)
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--private-key", required=True)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--gateway", required=True, help="gateway internal base URL")
+    p.add_argument("--secret", required=True)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--hold", type=float, default=10.0)
+    args = p.parse_args()
+    app = web.Application()
+    app["state"] = State(args)
+    app.router.add_post("/v1/sealed", sealed_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/_control/{what}", control)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    await heartbeat(app)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

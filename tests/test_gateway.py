@@ -1,0 +1,713 @@
+"""The gateway as operators run it: separate processes, real sockets on 127.0.0.1.
+
+A real issuer mints the tokens; fake nodes (tests/gateway_support/fake_node.py) open
+the sealed requests for real and answer with real sealed streams, so every layer the
+client sees (chunked OHTTP, streamed BHTTP, sealed response) is checked end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.registry import RegistrationError, parse_registration
+from gateway.spent import RedisSpentStore, SpentStore, SQLiteSpentStore
+from openpcc.errors import TruncatedError
+from openpcc.privacypass import issuance
+from openpcc.privacypass.auth import (
+    TOKEN_TYPE_BLIND_RSA,
+    Token,
+    TokenChallenge,
+    parse_www_authenticate,
+)
+from openpcc.wire import hpke, sealed
+from openpcc.wire.bhttp import Response
+from openpcc.wire.bhttp_stream import StreamHead
+from openpcc.wire.ohttp import KeyConfig, parse_key_configs
+from tests.gateway_support.client import (
+    CHALLENGE,
+    ChunkedCall,
+    chunked,
+    infer_request,
+    inner_request,
+    key_config,
+    mint,
+    plain,
+    problem_of,
+    seal_chat,
+    sealed_events,
+)
+from tests.gateway_support.procs import (
+    SECRET,
+    Proc,
+    cli,
+    control,
+    start_gateway,
+    start_issuer,
+    start_node,
+)
+
+NODE_IDS = [bytes([i]) * 16 for i in (0xA1, 0xB2, 0xC3)]
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway")
+
+
+@pytest.fixture(scope="module")
+def issuer(workdir: Path) -> Iterator[Proc]:
+    proc = start_issuer(workdir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(workdir: Path, issuer: Proc) -> Iterator[Proc]:
+    proc = start_gateway(
+        workdir,
+        issuer.url,
+        extra=["--node-ttl", "2", "--health-interval", "0.3", "--node-timeout", "3"],
+    )
+    yield proc
+    proc.stop()
+    assert "Traceback" not in proc.output(), proc.output()
+
+
+@pytest.fixture(scope="module")
+def nodes(workdir: Path, gw: Proc) -> Iterator[list[Proc]]:
+    procs = [start_node(workdir, gw.extra["internal"], nid) for nid in NODE_IDS]
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture
+def ready(nodes: list[Proc], gw: Proc) -> list[Proc]:
+    """All fake nodes behaving, heartbeating, healthy, and listed by the gateway."""
+    for n in nodes:
+        control(n, "set", {"mode": "ok", "healthy": True, "heartbeat": True})
+        control(n, "reset")
+    wait_listed(gw, {n.extra["node_id"].hex() for n in nodes})
+    return nodes
+
+
+def nodes_listed(gw: Proc) -> set[str]:
+    async def go() -> set[str]:
+        async with aiohttp.ClientSession() as s:
+            kc = await key_config(s, gw.url)
+            status, resp = await plain(s, gw.url, kc, inner_request("GET", "/v1/nodes"))
+            assert status == 200 and isinstance(resp, Response) and resp.status == 200
+            return {n["node_id"] for n in json.loads(resp.content)["nodes"]}
+
+    return asyncio.run(go())
+
+
+def wait_listed(gw: Proc, expected: set[str], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = nodes_listed(gw)
+        if got == expected:
+            return
+        assert time.monotonic() < deadline, f"listed {got}, expected {expected}"
+        time.sleep(0.1)
+
+
+def node_key(node: Proc) -> sealed.NodeKey:
+    return sealed.NodeKey(node.extra["node_id"], node.extra["public_key"])
+
+
+@pytest.fixture
+async def session() -> Iterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+async def test_key_config_served_parsed_and_rotated(gw: Proc, session: aiohttp.ClientSession):
+    async with session.get(gw.url + "/.well-known/ohttp-gateway") as r:
+        assert r.status == 200
+        assert r.content_type == "application/ohttp-keys"
+        assert "max-age=" in r.headers["Cache-Control"]
+        before = parse_key_configs(await r.read())
+    assert len(before) >= 1
+    kc = before[0]
+    assert kc.supports(hpke.KDF_HKDF_SHA256, hpke.AEAD_AES_128_GCM)
+    assert kc.supports(hpke.KDF_HKDF_SHA256, hpke.AEAD_CHACHA20_POLY1305)
+    keys_dir = gw.extra["state"] / "ohttp-keys"
+    for f in keys_dir.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+
+    out = cli("gateway", "keys", "rotate", "--state", str(gw.extra["state"]))
+    assert out.returncode == 0, out.stderr
+    async with session.get(gw.url + "/.well-known/ohttp-gateway") as r:
+        after = parse_key_configs(await r.read())
+    assert len(after) == len(before) + 1
+    assert after[0].key_id not in {c.key_id for c in before}  # newest first, fresh id
+    # Both the new key and the old one (grace period) still open requests.
+    for cfg in (after[0], kc):
+        status, resp = await plain(session, gw.url, cfg, inner_request("GET", "/v1/nodes"))
+        assert status == 200 and resp.status == 200
+        call = await chunked(session, gw.url, cfg, inner_request("GET", "/v1/nodes"))
+        assert call.status == 200 and (await call.collect())[0] == 200
+
+
+# -- registry ---------------------------------------------------------------------------------
+
+
+async def test_nodes_directory_lists_bundles_as_received(
+    ready: list[Proc], gw: Proc, session: aiohttp.ClientSession
+):
+    kc = await key_config(session, gw.url)
+    call = await chunked(session, gw.url, kc, inner_request("GET", "/v1/nodes"))
+    assert call.status == 200
+    assert call.response.headers["Content-Type"] == "message/ohttp-chunked-res"
+    status, headers, body = await call.collect()
+    assert status == 200 and headers["content-type"] == "application/json"
+    doc = json.loads(body)
+    assert abs(doc["issued_at"] - time.time()) < 5
+    by_id = {n["node_id"]: n for n in doc["nodes"]}
+    for node in ready:
+        entry = by_id[node.extra["node_id"].hex()]
+        assert entry["public_key"] == node.extra["public_key"].hex()
+        assert entry["key_id"] == sealed.key_id_for(node.extra["public_key"]).hex()
+        assert entry["models"] == ["tiny"]
+        assert entry["bundle"] == {
+            "fake": True,
+            "node": node.extra["node_id"].hex(),
+            "nested": {"list": [1, 2, 3]},
+        }
+
+
+async def test_unhealthy_and_expired_nodes_are_dropped(ready: list[Proc], gw: Proc):
+    a, b, _ = ready
+    all_ids = {n.extra["node_id"].hex() for n in ready}
+    control(a, "set", {"healthy": False})
+    control(b, "set", {"heartbeat": False})
+    await asyncio.to_thread(
+        wait_listed, gw, all_ids - {a.extra["node_id"].hex(), b.extra["node_id"].hex()}
+    )
+    control(a, "set", {"healthy": True})
+    control(b, "set", {"heartbeat": True})
+    await asyncio.to_thread(wait_listed, gw, all_ids)
+
+
+async def test_registration_requires_the_secret_and_a_strict_body(
+    gw: Proc, session: aiohttp.ClientSession
+):
+    good = {
+        "node_id": "ab" * 16,
+        "url": "http://127.0.0.1:9",
+        "public_key": "cd" * 32,
+        "models": ["tiny"],
+        "bundle": {"x": 1},
+    }
+    url = gw.extra["internal"] + "/internal/nodes"
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SECRET}):
+        async with session.post(url, json=good, headers=headers) as r:
+            assert r.status == 401
+            assert r.content_type == "application/problem+json"
+    bad_bodies = [
+        {**good, "node_id": "ab" * 15},
+        {**good, "node_id": "AB" * 16},
+        {**good, "public_key": "cd" * 31},
+        {**good, "url": "ftp://x"},
+        {**good, "url": "http://u:p@host"},
+        {**good, "url": "http://host/?q=1"},
+        {**good, "models": []},
+        {**good, "models": ["a", "a"]},
+        {**good, "models": [""]},
+        {**good, "bundle": [1]},
+        {**good, "extra": 1},
+        {k: v for k, v in good.items() if k != "bundle"},
+    ]
+    for body in bad_bodies:
+        async with session.post(url, json=body, headers=auth) as r:
+            assert r.status == 400, body
+    async with session.post(url, data=b"{not json", headers=auth) as r:
+        assert r.status in (400, 415)
+    async with session.post(url, json=good, headers=auth) as r:
+        assert r.status == 200
+        assert (await r.json())["key_id"] == sealed.key_id_for(bytes.fromhex("cd" * 32)).hex()
+    # Registration is not on the public listener at all.
+    async with session.post(gw.url + "/internal/nodes", json=good, headers=auth) as r:
+        assert r.status in (404, 405)
+    # That node never passes a health check (nothing listens on port 9): never listed.
+    assert "ab" * 16 not in await asyncio.to_thread(nodes_listed, gw)
+
+
+def test_parse_registration_rejects_oversized_bundles():
+    body = {
+        "node_id": "00" * 16,
+        "url": "https://node.example",
+        "public_key": "11" * 32,
+        "models": ["m"],
+        "bundle": {"blob": "x" * (300 * 1024)},
+    }
+    with pytest.raises(RegistrationError):
+        parse_registration(json.dumps(body).encode())
+
+
+# -- issuer directory and tokens ----------------------------------------------------------------
+
+
+async def test_issuer_directory_is_what_the_gateway_redeems_against(
+    gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    kc = await key_config(session, gw.url)
+    status, resp = await plain(session, gw.url, kc, inner_request("GET", "/v1/issuer-directory"))
+    assert status == 200 and resp.status == 200
+    assert dict(resp.headers)[b"content-type"] == b"application/private-token-issuer-directory"
+    async with session.get(issuer.url + "/.well-known/private-token-issuer-directory") as r:
+        assert resp.content == await r.read()
+
+
+async def infer(
+    session: aiohttp.ClientSession, gw_url: str, token: Token | bytes | None, envelope: bytes
+) -> ChunkedCall:
+    kc = await key_config(session, gw_url)
+    return await chunked(session, gw_url, kc, infer_request(token, envelope))
+
+
+async def expect_401(call: ChunkedCall) -> dict:
+    assert call.status == 200  # the refusal is inside the encapsulation
+    status, headers, body = await call.collect()
+    assert status == 401, body
+    assert headers["content-type"] == "application/problem+json"
+    (challenge,) = parse_www_authenticate(headers["www-authenticate"])
+    assert challenge.challenge() == CHALLENGE
+    issuance.decode_token_key(challenge.token_key)
+    return problem_of(body)
+
+
+async def test_bad_tokens_are_refused_with_a_challenge(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    env = seal_chat([node_key(ready[0])]).envelope
+    (good,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    other = TokenChallenge(TOKEN_TYPE_BLIND_RSA, "other.example", b"", ())
+    (wrong_challenge,) = await mint(session, issuer.url, issuer.extra["api_key"], 1, other)
+    rogue = issuance.IssuerKey.generate()
+    req, st = issuance.begin_token_request(rogue.token_key, CHALLENGE)
+    unknown_key = issuance.finalize_token(st, issuance.issue(rogue, req))
+    sig = bytearray(good.authenticator)
+    sig[-1] ^= 1
+    bad_sig = Token(good.token_type, good.nonce, good.challenge_digest, good.token_key_id,
+                    bytes(sig))  # fmt: skip
+    for token in (None, b"\x00\x02" + b"\x00" * 10, wrong_challenge, unknown_key, bad_sig):
+        await expect_401(await infer(session, gw.url, token, env))
+    # None of those spent the real token: it still works (once).
+    call = await infer(session, gw.url, good, env)
+    assert (await call.collect())[0] == 200
+    await expect_401(await infer(session, gw.url, good, env))
+
+
+async def test_double_spend_refused_on_one_gateway(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    env = seal_chat([node_key(ready[1])]).envelope
+    (token,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    status, _, _ = await (await infer(session, gw.url, token, env)).collect()
+    assert status == 200
+    doc = await expect_401(await infer(session, gw.url, token, env))
+    assert "spent" in doc["detail"]
+    # Plain OHTTP path refuses it too.
+    kc = await key_config(session, gw.url)
+    outer, resp = await plain(session, gw.url, kc, infer_request(token, env))
+    assert outer == 200 and resp.status == 401
+
+
+@pytest.fixture(scope="module")
+def replicas(workdir: Path, issuer: Proc, request: pytest.FixtureRequest) -> Iterator[list[Proc]]:
+    redis = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/7"
+    procs = [
+        start_gateway(workdir, issuer.url, name=f"replica{i}", extra=["--redis", redis])
+        for i in range(2)
+    ]
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+async def test_double_spend_refused_across_replicas_sharing_redis(
+    replicas: list[Proc], issuer: Proc, session: aiohttp.ClientSession
+):
+    env = seal_chat([sealed.NodeKey(b"\x01" * 16, b"\x02" * 32)]).envelope
+    tokens = await mint(session, issuer.url, issuer.extra["api_key"], 6)
+    first, racers = tokens[0], tokens[1:]
+    # Accepted on replica 0 (then 503: these replicas have no nodes), refused on replica 1.
+    status, _, _ = await (await infer(session, replicas[0].url, first, env)).collect()
+    assert status == 503
+    await expect_401(await infer(session, replicas[1].url, first, env))
+
+    # Each token raced 4 times over both replicas: exactly one redemption wins.
+    async def attempt(url: str, token: Token) -> int:
+        return (await (await infer(session, url, token, env)).collect())[0]
+
+    for token in racers:
+        results = await asyncio.gather(*(attempt(replicas[i % 2].url, token) for i in range(4)))
+        assert sorted(results) == [401, 401, 401, 503], results
+
+
+# -- routing and streaming ----------------------------------------------------------------------
+
+
+async def read_sealed(call: ChunkedCall, opener: sealed.ResponseOpener) -> tuple[int, bytes]:
+    status, body = 0, bytearray()
+    async for ev in sealed_events(call, opener):
+        if isinstance(ev, StreamHead):
+            assert ev.status == 200
+        elif isinstance(ev, sealed.ResponseHead):
+            status = ev.status
+        else:
+            body += ev
+    return status, bytes(body)
+
+
+async def test_sealed_request_round_trip_chunked_and_plain(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    tokens = await mint(session, issuer.url, issuer.extra["api_key"], 2)
+    sr = seal_chat([node_key(n) for n in ready])
+    call = await infer(session, gw.url, tokens[0], sr.envelope)
+    status, body = await read_sealed(call, sr.response_opener())
+    assert status == 200
+    assert body == (b'first:/v1/chat/completions:{"model":"tiny","stream":true}\nsecond\nlast\n')
+    # The node got the envelope byte for byte, with no header from the client side.
+    reqs = [r for n in ready for r in control(n, "state")["requests"]]
+    assert len(reqs) == 1 and reqs[0]["body_len"] == len(sr.envelope)
+    names = {k.lower() for k, _ in reqs[0]["headers"]}
+    assert names <= {"host", "content-type", "content-length"}, names
+
+    sr = seal_chat([node_key(ready[2])])
+    kc = await key_config(session, gw.url)
+    outer, resp = await plain(session, gw.url, kc, infer_request(tokens[1], sr.envelope))
+    assert outer == 200 and resp.status == 200
+    opener = sr.response_opener()
+    events = opener.receive_data(resp.content)
+    opener.end_of_input()
+    assert b"".join(e for e in events if isinstance(e, bytes)).endswith(b"second\nlast\n")
+
+
+async def test_streaming_is_incremental(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    node = ready[0]
+    control(node, "set", {"mode": "gated"})
+    (token,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    sr = seal_chat([node_key(node)])
+    call = await infer(session, gw.url, token, sr.envelope)
+    events = sealed_events(call, sr.response_opener())
+    got: list[bytes] = []
+    async with asyncio.timeout(5):  # buffering in the gateway would hang here
+        async for ev in events:
+            if isinstance(ev, bytes):
+                got.append(ev)
+                break
+    assert got[0].startswith(b"first:")
+    assert control(node, "state")["sent_last"] == 0  # the node still holds the rest
+    control(node, "release")
+    rest = [ev async for ev in events if isinstance(ev, bytes)]
+    assert b"".join(rest) == b"second\nlast\n"
+    assert control(node, "state")["sent_last"] == 1
+
+
+async def test_client_leaving_mid_stream_leaves_the_gateway_healthy(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    node = ready[2]
+    control(node, "set", {"mode": "gated"})
+    (token,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    sr = seal_chat([node_key(node)])
+    call = await infer(session, gw.url, token, sr.envelope)
+    async with asyncio.timeout(5):
+        async for ev in sealed_events(call, sr.response_opener()):
+            if isinstance(ev, bytes):
+                break
+    call.response.close()  # the client goes away with the node still streaming
+    await asyncio.sleep(0.3)
+    control(node, "release")
+    async with session.get(gw.url + "/healthz") as r:
+        assert r.status == 200
+    assert "Error handling request" not in gw.output()
+
+
+async def test_failover_when_nodes_fail_before_the_first_byte(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    a, b, c = ready
+    control(a, "set", {"mode": "status500"})
+    control(b, "set", {"mode": "drop"})
+    tokens = await mint(session, issuer.url, issuer.extra["api_key"], 8)
+    for token in tokens:
+        sr = seal_chat([node_key(a), node_key(b), node_key(c)])
+        status, body = await read_sealed(
+            await infer(session, gw.url, token, sr.envelope), sr.response_opener()
+        )
+        assert status == 200 and body.endswith(b"last\n")
+    tried = {n.extra["node_id"]: len(control(n, "state")["requests"]) for n in ready}
+    assert tried[c.extra["node_id"]] == 8
+    assert tried[a.extra["node_id"]] + tried[b.extra["node_id"]] > 0
+
+    # Every candidate failing before its first byte: 503.
+    (token,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    sr = seal_chat([node_key(a)])
+    status, _, body = await (await infer(session, gw.url, token, sr.envelope)).collect()
+    assert status == 503 and problem_of(body)["status"] == 503
+
+
+async def test_node_dying_mid_stream_is_a_truncation_at_the_client(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    node = ready[1]
+    control(node, "set", {"mode": "die_mid"})
+    (token,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    sr = seal_chat([node_key(node)])
+    call = await infer(session, gw.url, token, sr.envelope)
+    got: list[bytes] = []
+    with pytest.raises(TruncatedError):
+        async for ev in sealed_events(call, sr.response_opener()):
+            if isinstance(ev, bytes):
+                got.append(ev)
+    assert got and got[0].startswith(b"first:")
+    assert b"last" not in b"".join(got)
+
+
+async def test_unusable_candidates_give_503(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    a = ready[0]
+    stale = sealed.NodeKey(a.extra["node_id"], hpke.generate_key_pair().public_key)
+    unknown = sealed.NodeKey(b"\x77" * 16, hpke.generate_key_pair().public_key)
+    cases = [
+        seal_chat([stale]),  # registered node, but not under that key
+        seal_chat([unknown]),  # never registered
+        seal_chat([node_key(a)], model="another-model"),  # node does not serve the model
+    ]
+    tokens = await mint(session, issuer.url, issuer.extra["api_key"], len(cases))
+    for sr, token in zip(cases, tokens, strict=True):
+        status, _, body = await (await infer(session, gw.url, token, sr.envelope)).collect()
+        assert status == 503, body
+    assert control(a, "state")["requests"] == []  # nothing was forwarded
+
+
+async def test_malformed_envelope_is_400_and_costs_the_token(
+    gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    (token,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    status, _, body = await (await infer(session, gw.url, token, b"\x07garbage")).collect()
+    assert status == 400 and problem_of(body)["status"] == 400
+    await expect_401(await infer(session, gw.url, token, b"\x07garbage"))
+
+
+# -- hostile input at the OHTTP layer ---------------------------------------------------------
+
+
+async def test_tampered_and_hostile_ohttp_bodies_are_4xx_and_the_gateway_survives(
+    gw: Proc, session: aiohttp.ClientSession
+):
+    from openpcc.wire.chunked import ChunkedRequestSender
+    from openpcc.wire.ohttp import encapsulate_request
+
+    kc = await key_config(session, gw.url)
+    inner = inner_request("GET", "/v1/nodes")
+    body, _ = encapsulate_request(kc, inner)
+    tampered = bytearray(body)
+    tampered[-3] ^= 0x40
+    sender = ChunkedRequestSender(kc)
+    chunked_body = bytearray(
+        sender.seal_chunk(inner[:10]) + sender.seal_chunk(inner[10:], final=True)
+    )
+    chunked_tampered = bytearray(chunked_body)
+    chunked_tampered[60] ^= 1
+    unknown_key = KeyConfig((kc.key_id + 128) % 256, kc.kem_id, kc.public_key, kc.symmetric_suites)
+    unknown_body, _ = encapsulate_request(unknown_key, inner)
+    cases = [
+        ("message/ohttp-req", bytes(tampered), 400),
+        ("message/ohttp-req", b"", 400),
+        ("message/ohttp-req", os.urandom(3), 400),
+        ("message/ohttp-req", os.urandom(500), 400),
+        ("message/ohttp-req", unknown_body, 400),
+        ("message/ohttp-chunked-req", bytes(chunked_tampered), 400),
+        ("message/ohttp-chunked-req", bytes(chunked_body[:-5]), 400),  # cut final chunk
+        ("message/ohttp-chunked-req", bytes(chunked_body[:40]), 400),  # no final chunk
+        ("message/ohttp-chunked-req", body[:39] + b"\x3f\xff\xff\xff", 400),  # huge length
+        ("message/ohttp-chunked-req", b"", 400),
+        ("application/octet-stream", body, 415),
+        ("text/plain", b"hello", 415),
+    ]
+    for ctype, data, expected in cases:
+        async with session.post(
+            gw.url + "/gateway", data=data, headers={"Content-Type": ctype}
+        ) as r:
+            assert r.status == expected, (ctype, data[:16])
+            assert r.content_type == "application/problem+json"
+    async with session.post(
+        gw.url + "/gateway", data=unknown_body, headers={"Content-Type": "message/ohttp-req"}
+    ) as r:
+        assert (await r.json())["type"].endswith("#ohttp-key")
+    # Over the size limit: refused from Content-Length alone, and while streaming too.
+    big = b"\x00" * (9 * 1024 * 1024)
+    async with session.post(
+        gw.url + "/gateway", data=big, headers={"Content-Type": "message/ohttp-req"}
+    ) as r:
+        assert r.status == 413
+
+    async def stream_big():  # no Content-Length: the limit applies as bytes arrive
+        for _ in range(10):
+            yield b"\x00" * (1024 * 1024)
+
+    try:
+        async with session.post(
+            gw.url + "/gateway",
+            data=stream_big(),
+            headers={"Content-Type": "message/ohttp-chunked-req"},
+        ) as r:
+            assert r.status in (400, 413)
+    except aiohttp.ClientError:
+        pass  # the gateway may close the connection on us mid-upload: also a refusal
+    # Valid OHTTP around bad inner requests: errors come back encapsulated.
+    for data, expected in (
+        (b"\x09junk", 400),
+        (inner_request("GET", "/nope"), 404),
+        (inner_request("POST", "/v1/nodes"), 405),
+        (inner_request("POST", "/v1/infer", [("content-type", "text/plain")]), 400),
+    ):
+        outer, resp = await plain(session, gw.url, kc, data)
+        assert outer == 200 and resp.status == expected
+        assert problem_of(resp.content)["status"] == expected
+    async with session.get(gw.url + "/healthz") as r:
+        assert r.status == 200
+
+
+# -- what the gateway keeps -------------------------------------------------------------------
+
+
+async def test_logs_metrics_and_audit_hold_only_what_the_gateway_may_see(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    (token,) = await mint(session, issuer.url, issuer.extra["api_key"], 1)
+    sr = seal_chat([node_key(ready[2])])
+    status, _ = await read_sealed(
+        await infer(session, gw.url, token, sr.envelope), sr.response_opener()
+    )
+    assert status == 200
+    async with session.get(gw.url + "/metrics") as r:
+        metrics = await r.text()
+    assert "openpcc_gateway_redemptions_total" in metrics
+    for node in ready:
+        assert node.extra["node_id"].hex() not in metrics
+    token_b64 = __import__("base64").urlsafe_b64encode(token.encode()).decode()
+    assert token_b64[:40] not in gw.output() and "chat/completions" not in gw.output()
+    records = [json.loads(line) for line in gw.extra["audit"].read_text().splitlines()]
+    want = [ready[2].extra["node_id"].hex()]
+    mine = [
+        r
+        for r in records
+        if r["notes"].get("inner", {}).get("candidates") == want
+        and token_b64[:40] in json.dumps(r["notes"])
+    ]
+    assert len(mine) == 1
+    note = mine[0]["notes"]["inner"]
+    assert note["model"] == "tiny" and note["path"] == "/v1/infer"
+    assert note["served_by"] == ready[2].extra["node_id"].hex()
+    assert b"chat/completions" not in bytes.fromhex(mine[0]["body_hex"])
+
+
+# -- spent-token store contract (both backends) -------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SpentStore]:
+    if request.param == "sqlite":
+        s: SpentStore = SQLiteSpentStore(tmp_path / "spent.sqlite3")
+    else:
+        url = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/8"
+        s = RedisSpentStore(url, prefix=f"test:{os.urandom(4).hex()}:")
+    yield s
+    await s.close()
+
+
+async def test_spent_store_accepts_each_token_once(store: SpentStore):
+    k1, k2, n1, n2 = b"k" * 32, b"K" * 32, b"n" * 32, b"N" * 32
+    assert await store.mark_spent(k1, n1, 60)
+    assert not await store.mark_spent(k1, n1, 60)
+    assert await store.mark_spent(k1, n2, 60)
+    assert await store.mark_spent(k2, n1, 60)
+    assert not await store.mark_spent(k2, n1, 60)
+
+
+async def test_spent_store_racers_get_exactly_one_success(store: SpentStore):
+    results = await asyncio.gather(*(store.mark_spent(b"r" * 32, b"x" * 32, 60) for _ in range(40)))
+    assert sum(results) == 1
+
+
+async def test_spent_store_entries_expire_with_their_ttl(store: SpentStore):
+    assert await store.mark_spent(b"t" * 32, b"y" * 32, 1)
+    assert not await store.mark_spent(b"t" * 32, b"y" * 32, 1)
+    await asyncio.sleep(2.1)
+    assert await store.mark_spent(b"t" * 32, b"y" * 32, 1)
+
+
+async def test_sqlite_spent_store_is_atomic_across_connections(tmp_path: Path):
+    stores = [SQLiteSpentStore(tmp_path / "shared.sqlite3") for _ in range(4)]
+    try:
+        results = await asyncio.gather(
+            *(
+                asyncio.to_thread(asyncio.run, s.mark_spent(b"s" * 32, b"z" * 32, 60))
+                for s in stores
+            )
+        )
+        assert sum(results) == 1
+    finally:
+        for s in stores:
+            await s.close()
+
+
+# -- registration parser on arbitrary input ----------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        _json.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            {
+                "node_id": st.text(max_size=40),
+                "url": st.text(max_size=40),
+                "public_key": st.text(max_size=70),
+                "models": st.lists(st.text(max_size=5), max_size=3),
+                "bundle": _json,
+            }
+        ).map(lambda d: json.dumps(d).encode()),
+    )
+)
+def test_parse_registration_only_ever_raises_registration_error(body: bytes):
+    try:
+        reg = parse_registration(body)
+    except RegistrationError:
+        return
+    assert len(reg.node_id) == 16 and len(reg.public_key) == 32 and reg.models
