@@ -57,6 +57,14 @@ class NodeVerifier(Protocol):
     def __call__(self, entry: dict[str, Any], now: datetime) -> VerifiedNode: ...
 
 
+class KeyPins(Protocol):
+    """Key consistency: the keys everybody is meant to see (the signed release manifest)."""
+
+    def accepts_ohttp_key(self, config: bytes) -> bool: ...
+
+    def accepts_token_key(self, key_id: bytes) -> bool: ...
+
+
 class TokenSource(Protocol):
     async def take(self) -> auth.Token: ...
 
@@ -79,6 +87,7 @@ class Client:
         tokens: TokenSource,
         verifier: NodeVerifier,
         k: int = 3,
+        trust: KeyPins | None = None,
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -88,6 +97,7 @@ class Client:
         self._relay = relay_url.rstrip("/")
         self._tokens = tokens
         self._verifier = verifier
+        self._trust = trust
         self._k = k
         self._session = session
         self._own_session = session is None
@@ -129,6 +139,13 @@ class Client:
                     configs = ohttp.parse_key_configs(await r.read())
             except aiohttp.ClientError as exc:
                 raise RelayError(f"cannot reach the relay: {exc}") from exc
+            if self._trust is not None:
+                # A key the manifest does not list could be this user's alone (tagging).
+                configs = [c for c in configs if self._trust.accepts_ohttp_key(c.encode())]
+                if not configs:
+                    raise VerificationError(
+                        "the gateway's OHTTP keys are not the ones the release manifest pins"
+                    )
             usable = [c for c in configs if c.supports(1, 1)]
             if not usable:
                 raise RelayError("the gateway offers no key config this client supports")
@@ -247,6 +264,10 @@ class Client:
             [sealed.NodeKey(n.node_id, n.public_key) for n in chosen], model, inner
         )
         token = await self._tokens.take()
+        if self._trust is not None and not self._trust.accepts_token_key(token.token_key_id):
+            raise VerificationError(
+                "the token key is not the one the release manifest pins (possible per-user key)"
+            )
         outer = bhttp.encode_request(
             bhttp.Request(
                 b"POST",

