@@ -161,6 +161,7 @@ class Relay:
         self.session: aiohttp.ClientSession | None = None
         self._keys: dict[str, _CachedKeys] = {}
         self._keys_locks = {g.keys_url: asyncio.Lock() for g in config.gateways}
+        self.saw_body: Callable[[web.Request, bytes], None] | None = None  # audit (tests)
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:
@@ -227,6 +228,8 @@ class Relay:
             # (nothing is waited for, so this is not buffering).
             data = request.content.read_nowait()
             self.metrics.bytes_in += len(data)
+            if self.saw_body is not None:
+                self.saw_body(request, data)
         elif length != 0:
             data = self._pump(request, upload)
         if length is not None:
@@ -255,6 +258,8 @@ class Relay:
                 upload.too_large = True
                 raise _UploadError("body too large")
             self.metrics.bytes_in += len(chunk)
+            if self.saw_body is not None:
+                self.saw_body(request, chunk)
             yield chunk
 
     async def _forward(
@@ -438,7 +443,16 @@ async def _identify_as_relay(_request: web.Request, response: web.StreamResponse
 def build_app(config: RelayConfig) -> web.Application:
     """The relay as an aiohttp application: static routes only, one per gateway."""
     relay = Relay(config)
-    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body)
+    middlewares = [problem_middleware]
+    if config.audit_log:
+        # Imported only when asked for, so a production relay loads nothing from openpcc/.
+        from pathlib import Path
+
+        from openpcc import audit
+
+        middlewares.insert(0, audit.AuditLog(Path(config.audit_log), "relay").middleware())
+        relay.saw_body = audit.saw_body
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body)
     app.on_startup.append(relay.start)
     app.on_cleanup.append(relay.stop)
     app.on_response_prepare.append(_identify_as_relay)

@@ -114,6 +114,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=str(_env("ACCESS_LOG", "")).lower() in _TRUE,
         help="log one line per request (method, route, status, bytes, seconds; never addresses)",
     )
+    add(
+        "--audit-log",
+        default=None,
+        metavar="FILE",
+        help="TESTS AND DEMO ONLY: record every request received, client address included",
+    )
     serve.set_defaults(func=serve_command)
 
 
@@ -134,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         client_timeout=args.client_timeout,
         keys_max_age=args.keys_max_age,
         access_log=args.access_log,
+        audit_log=args.audit_log,
     )
 
 

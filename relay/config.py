@@ -50,6 +50,7 @@ class RelayConfig:
     keys_max_age: float = 3600.0  # cap on how long a key configuration is cached
     keys_max_bytes: int = 64 * 1024
     access_log: bool = False
+    audit_log: str | None = None  # tests/demo only: records what the relay received
 
     def __post_init__(self) -> None:
         if not self.gateways:
