@@ -1,0 +1,388 @@
+"""The node's sub-commands of ``openpcc``.
+
+``register`` adds one top-level group per concern; each ``_register_*`` function owns
+its group. torch, transformers and vLLM are imported only inside the command functions,
+so ``openpcc --help`` and the other parties never pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the node's command groups to the ``openpcc`` command."""
+    _register_model(sub)
+    _register_node(sub)
+
+
+# --------------------------------------------------------------------------------------
+# `openpcc model ...`: model preparation (the random-weights test model for now).
+# --------------------------------------------------------------------------------------
+
+
+def _register_model(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser(
+        "model",
+        help="prepare models for a node (e.g. the random-weights test model)",
+        description="Model preparation for nodes.",
+    )
+    model_sub = group.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
+    tiny = model_sub.add_parser(
+        "make-tiny",
+        help="generate the tiny random-weights test model (output is meaningless)",
+        description="Generate a tiny Llama model with random weights and a toy tokenizer "
+        "into DIR, deterministically from --seed, and print its directory and weights "
+        "digest. It exists so that vLLM can be tested without downloading a model: "
+        "its output is meaningless text. See docs/node-engine.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    tiny.add_argument("dir", type=Path, metavar="DIR", help="directory to write the model to")
+    tiny.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    tiny.add_argument("--json", action="store_true", help="print the full result as JSON")
+    tiny.set_defaults(func=_cmd_make_tiny)
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from node.tinymodel import make_tiny_model
+
+    hf_logging.disable_progress_bar()
+    info = make_tiny_model(args.dir, seed=args.seed)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"dir:    {info['dir']}")
+        print(f"digest: {info['digest']}")
+        print(f"served: {info['served_name']} (random-weights test model, output is meaningless)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# `openpcc node ...`: running a node (sealed-request server + engine). Added separately.
+# --------------------------------------------------------------------------------------
+
+
+NODE_ENV = "OPENPCC_NODE_"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(NODE_ENV + name, default)
+
+
+def _register_node(sub: argparse._SubParsersAction) -> None:
+    """Add ``node serve``: the sealed-request server in front of its engine."""
+    group = sub.add_parser(
+        "node",
+        help="run an inference node (sees prompts, inside a TEE; never sees who asked)",
+        description="Inference node: opens sealed requests, forwards allowed ones to vLLM, "
+        "streams sealed answers, registers with the gateway. See docs/node.md.",
+    )
+    node_sub = group.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    serve = node_sub.add_parser(
+        "serve",
+        help="serve POST /v1/sealed and register with the gateway",
+        description="Serve sealed requests for one model. The engine is either an "
+        "OpenAI-compatible server already running on loopback (--engine-url) or vLLM "
+        "started and supervised by the node (--vllm-model). Every flag can also be set "
+        f"as {NODE_ENV}<FLAG> (e.g. {NODE_ENV}REGISTRATION_SECRET); flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = serve.add_argument
+    add("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
+    add("--port", type=int, default=int(_env("PORT", "8090") or 8090), help="port to listen on")
+    add(
+        "--public-url",
+        default=_env("PUBLIC_URL"),
+        help="how the gateway reaches this node (default: http://HOST:PORT)",
+    )
+    add(
+        "--gateway-internal",
+        default=_env("GATEWAY_INTERNAL"),
+        metavar="URL",
+        help="the gateway's internal base URL (POST URL/internal/nodes); none: do not register",
+    )
+    add(
+        "--registration-secret",
+        default=_env("REGISTRATION_SECRET"),
+        help="bearer secret for registration (prefer the environment variable)",
+    )
+    add(
+        "--heartbeat",
+        type=float,
+        default=float(_env("HEARTBEAT", "10") or 10),
+        help="seconds between registrations (the gateway drops a node after 3 missed)",
+    )
+    add(
+        "--node-id",
+        default=_env("NODE_ID"),
+        metavar="HEX32",
+        help="16-byte node id in hex (default: random, kept in --state across restarts)",
+    )
+    add(
+        "--state",
+        type=Path,
+        default=_env("STATE"),
+        metavar="DIR",
+        help="directory for the node id and the simulated TEE (never the HPKE key)",
+    )
+    add("--model-name", default=_env("MODEL_NAME"), help="the served model name")
+    engine = serve.add_mutually_exclusive_group()
+    engine.add_argument(
+        "--engine-url",
+        default=_env("ENGINE_URL"),
+        metavar="URL",
+        help="an OpenAI-compatible engine already running on loopback",
+    )
+    engine.add_argument(
+        "--vllm-model",
+        type=Path,
+        default=_env("VLLM_MODEL"),
+        metavar="DIR",
+        help="start and supervise vLLM serving this model directory",
+    )
+    add(
+        "--model-digest",
+        default=_env("MODEL_DIGEST"),
+        metavar="HEX",
+        help="SHA-256 of the served weights for the claims, with --engine-url (default: "
+        "SHA-256 of the model name, which pins nothing; see docs/node.md)",
+    )
+    add(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for vLLM (repeatable, e.g. --vllm-arg=--enforce-eager)",
+    )
+    add(
+        "--vllm-max-model-len",
+        type=int,
+        default=int(_env("VLLM_MAX_MODEL_LEN", "512") or 512),
+        help="vLLM --max-model-len",
+    )
+    add("--vllm-log", type=Path, default=_env("VLLM_LOG"), help="file for vLLM's own output")
+    add(
+        "--tee",
+        choices=["simulated"],
+        default=_env("TEE", "simulated"),
+        help="where evidence comes from (simulated: development only)",
+    )
+    add(
+        "--tee-dir",
+        type=Path,
+        default=_env("TEE_DIR"),
+        metavar="DIR",
+        help="simulated TEE keys (created if missing; default: STATE/simulated-tee)",
+    )
+    add(
+        "--tee-measurement",
+        default=_env("TEE_MEASUREMENT"),
+        metavar="HEX96",
+        help="launch measurement the simulated TEE reports (default: SHA-384 over a label "
+        "and the release id; see docs/node.md)",
+    )
+    add("--release-id", default=_env("RELEASE_ID", "dev"), help="release id in the claims")
+    add(
+        "--claims-lifetime",
+        type=int,
+        default=int(_env("CLAIMS_LIFETIME", "3600") or 3600),
+        help="seconds each bundle's claims are valid (re-issued at half-life)",
+    )
+    add(
+        "--max-tokens",
+        type=int,
+        default=int(_env("MAX_TOKENS", "4096") or 4096),
+        help="largest max_tokens / max_completion_tokens a request may ask for",
+    )
+    add(
+        "--max-body",
+        type=int,
+        default=int(_env("MAX_BODY", str(256 * 1024)) or 0),
+        help="largest inner JSON body, bytes",
+    )
+    add(
+        "--max-messages",
+        type=int,
+        default=int(_env("MAX_MESSAGES", "256") or 256),
+        help="most chat messages per request",
+    )
+    add(
+        "--max-envelope",
+        type=int,
+        default=int(_env("MAX_ENVELOPE", str(2 * 1024 * 1024)) or 0),
+        help="largest sealed envelope, bytes (413 above)",
+    )
+    add(
+        "--max-concurrency",
+        type=int,
+        default=int(_env("MAX_CONCURRENCY", "64") or 64),
+        help="sealed requests served at once (503 above, so the gateway tries another node)",
+    )
+    add(
+        "--engine-timeout",
+        type=float,
+        default=float(_env("ENGINE_TIMEOUT", "300") or 300),
+        help="seconds the engine may stay silent during a response",
+    )
+    add(
+        "--audit-log",
+        type=Path,
+        default=_env("AUDIT_LOG"),
+        metavar="FILE",
+        help="record what the node received, incl. decrypted requests (tests/demo only)",
+    )
+    serve.set_defaults(func=_cmd_node_serve)
+
+
+def _node_id(args: argparse.Namespace) -> bytes:
+    """--node-id, else the one kept in --state, else a fresh random one (kept if --state)."""
+    if args.node_id:
+        nid = bytes.fromhex(args.node_id)
+        if len(nid) != 16:
+            raise ValueError("--node-id must be 32 hex characters")
+        return nid
+    path = args.state / "node_id" if args.state else None
+    if path is not None and path.exists():
+        nid = bytes.fromhex(path.read_text().strip())
+        if len(nid) != 16:
+            raise ValueError(f"{path} does not hold a 16-byte hex node id")
+        return nid
+    nid = os.urandom(16)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(nid.hex() + "\n")
+    return nid
+
+
+def _setup_node_logging() -> None:
+    """Level INFO; aiohttp's own records lose arguments and tracebacks (they may hold
+    addresses or request data), the node's own messages never contain content."""
+
+    class Redact(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.name.startswith("aiohttp"):
+                if record.args:
+                    record.msg = f"{record.msg} (details redacted)".replace("%s", "-")
+                    record.args = None
+                record.exc_info = None
+                record.exc_text = None
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(Redact())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _cmd_node_serve(args: argparse.Namespace) -> int:
+    try:
+        return _node_serve(args)
+    except ValueError as exc:
+        print(f"openpcc node serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _node_serve(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from node.engine import ExternalEngine, VLLMEngine, default_served_name
+    from node.evidence import open_source
+    from node.policy import RequestLimits
+    from node.register import RegistrationConfig
+    from node.server import NodeConfig, NodeService, run
+
+    if not args.engine_url and not args.vllm_model:
+        raise ValueError("give --engine-url URL or --vllm-model DIR")
+    if args.gateway_internal and not args.registration_secret:
+        raise ValueError(f"--gateway-internal needs --registration-secret ({NODE_ENV}...)")
+    if args.heartbeat <= 0:
+        raise ValueError("--heartbeat must be positive")
+    tee_dir = args.tee_dir or (args.state / "simulated-tee" if args.state else None)
+    if tee_dir is None:
+        raise ValueError("give --tee-dir or --state for the simulated TEE")
+    _setup_node_logging()
+    node_id = _node_id(args)
+
+    engine: VLLMEngine | ExternalEngine
+    if args.vllm_model:
+        from node.tinymodel import model_digest
+
+        if args.model_digest:
+            raise ValueError("--model-digest is computed from --vllm-model; do not give both")
+        model_name = args.model_name or default_served_name(args.vllm_model)
+        digest = bytes.fromhex(model_digest(args.vllm_model))
+        engine = VLLMEngine(
+            args.vllm_model,
+            served_model_name=model_name,
+            max_model_len=args.vllm_max_model_len,
+            extra_args=args.vllm_arg,
+            log_path=args.vllm_log,
+        )
+    else:
+        if not args.model_name:
+            raise ValueError("--engine-url needs --model-name")
+        model_name = args.model_name
+        if args.model_digest:
+            digest = bytes.fromhex(args.model_digest)
+        else:
+            # Weak: pins the name, not the weights. Real deployments use --vllm-model.
+            digest = hashlib.sha256(model_name.encode()).digest()
+        engine = ExternalEngine(args.engine_url, served_model_name=model_name)
+    if len(digest) != 32:
+        raise ValueError("the model digest must be 32 bytes (64 hex characters)")
+
+    public_url = args.public_url or f"http://{args.host}:{args.port}"
+    config = NodeConfig(
+        node_id=node_id,
+        model_name=model_name,
+        model_digest=digest,
+        release_id=args.release_id,
+        public_url=public_url,
+        limits=RequestLimits(
+            max_body=args.max_body, max_tokens=args.max_tokens, max_messages=args.max_messages
+        ),
+        max_envelope=args.max_envelope,
+        max_concurrency=args.max_concurrency,
+        engine_read_timeout=args.engine_timeout,
+        claims_lifetime=args.claims_lifetime,
+    )
+    registration = (
+        RegistrationConfig(
+            gateway_internal=args.gateway_internal,
+            secret=args.registration_secret,
+            url=public_url,
+            heartbeat=args.heartbeat,
+        )
+        if args.gateway_internal
+        else None
+    )
+    measurement = bytes.fromhex(args.tee_measurement) if args.tee_measurement else None
+    evidence = open_source(args.tee, tee_dir, release_id=args.release_id, measurement=measurement)
+    service = NodeService(
+        config,
+        engine,
+        evidence,
+        registration=registration,
+        external_engine=isinstance(engine, ExternalEngine),
+    )
+    logging.getLogger("openpcc.node").info(
+        "node %s on %s:%d serving %r (engine %s, tee %s, key id %s)",
+        node_id.hex(),
+        args.host,
+        args.port,
+        model_name,
+        engine.url,
+        evidence.tee,
+        service.key_id.hex(),
+    )
+    return run(service, host=args.host, port=args.port, audit_log=args.audit_log)

@@ -1,0 +1,396 @@
+"""The node's HTTP service: ``POST /v1/sealed``, ``GET /healthz``, ``GET /metrics``.
+
+The node is the only party that sees prompts, so this is where content must stay in
+memory and out of every log. Statuses the gateway can read (cleartext) say only
+whether the envelope opened and whether the engine is up; everything about the inner
+request, including why it was refused, travels sealed to the client (docs/node.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from node.engine import Engine
+from node.evidence import EvidenceSource, make_claims
+from node.policy import Forward, Rejected, RequestLimits, check_request
+from node.register import Registrar, RegistrationConfig
+from openpcc import audit
+from openpcc.attestation.claims import Claims
+from openpcc.errors import OpenPCCError
+from openpcc.service import Metrics, problem
+from openpcc.wire import bhttp, hpke, sealed
+
+log = logging.getLogger("openpcc.node")
+
+PROBLEM_JSON = b"application/problem+json"
+CACHE_SALT_BYTES = 32  # 64 hex characters; vLLM allows up to 128 without '/', '@', '\\'
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: bytes  # 16 bytes
+    model_name: str
+    model_digest: bytes  # 32 bytes, into the claims
+    release_id: str
+    public_url: str
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    max_envelope: int = 2 * 1024 * 1024
+    max_concurrency: int = 64
+    engine_connect_timeout: float = 5.0
+    engine_read_timeout: float = 300.0
+    claims_lifetime: int = 3600
+
+    def __post_init__(self) -> None:
+        if len(self.node_id) != sealed.NODE_ID_LEN:
+            raise ValueError(f"node id must be {sealed.NODE_ID_LEN} bytes")
+        if len(self.model_digest) != 32:
+            raise ValueError("model digest must be 32 bytes")
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class NodeService:
+    """The node's state: its key (memory only), its evidence, its engine link."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        engine: Engine,
+        evidence: EvidenceSource,
+        *,
+        registration: RegistrationConfig | None = None,
+        external_engine: bool = False,
+        health_interval: float = 5.0,
+    ) -> None:
+        self.config = config
+        self.external_engine = external_engine
+        self.health_interval = health_interval
+        self.exit_code = 0
+        self.engine = engine
+        self.evidence = evidence
+        pair = hpke.generate_key_pair()
+        # Keep only the key object: the raw private bytes are never stored or written.
+        self._private_key = hpke.load_private_key(pair.private_key)
+        self.public_key = pair.public_key
+        self.key_id = sealed.key_id_for(self.public_key)
+        self._claims: Claims | None = None
+        self._bundle: dict[str, Any] | None = None
+        self._bundle_lock = asyncio.Lock()
+        self._inflight = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._engine_task: asyncio.Task[Any] | None = None
+        self.metrics = Metrics("openpcc_node")
+        self.metrics.describe("sealed_requests_total", "sealed requests by outcome")
+        self.metrics.describe("registrations_total", "successful gateway registrations")
+        self.registrar = (
+            Registrar(registration, self.registration_document, self.engine_ready)
+            if registration is not None
+            else None
+        )
+
+    # ------------------------------------------------------------------ evidence
+
+    def engine_ready(self) -> bool:
+        return self.engine.ready.is_set()
+
+    async def bundle(self) -> dict[str, Any]:
+        """The current bundle, re-issued once half its lifetime has passed."""
+        async with self._bundle_lock:
+            now = time.time()
+            c = self._claims
+            if c is None or self._bundle is None or now >= (c.issued_at + c.expires_at) / 2:
+                claims = make_claims(
+                    node_id=self.config.node_id.hex(),
+                    public_key=self.public_key,
+                    tee=self.evidence.tee,
+                    model_digest=self.config.model_digest,
+                    release_id=self.config.release_id,
+                    lifetime=self.config.claims_lifetime,
+                    now=now,
+                )
+                self._bundle = await asyncio.to_thread(self.evidence.bundle, claims)
+                self._claims = claims
+            return self._bundle
+
+    async def registration_document(self) -> dict[str, Any]:
+        return {
+            "node_id": self.config.node_id.hex(),
+            "url": self.config.public_url,
+            "public_key": self.public_key.hex(),
+            "models": [self.config.model_name],
+            "bundle": await self.bundle(),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def on_startup(self, _app: web.Application) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.config.engine_connect_timeout,
+            sock_read=self.config.engine_read_timeout,
+        )
+        # The engine is on loopback: no proxies from the environment, no cookies kept.
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+        )
+        self._engine_task = asyncio.create_task(self._run_engine(), name="node-engine")
+        await self.bundle()  # fail at start, not at the first heartbeat
+        if self.registrar is not None:
+            self.registrar.start()
+
+    async def _run_engine(self) -> None:
+        """Start the engine, then watch it for as long as the node runs.
+
+        A supervised vLLM that cannot start, or gives up restarting, ends the node
+        with exit status 1 (its own supervisor should see that). An external engine is
+        someone else's to run: the node keeps waiting for it and tracks its health.
+        """
+        supervised = not self.external_engine
+        while True:
+            try:
+                await _maybe_await(self.engine.start())
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("engine did not start: %s", str(exc).splitlines()[0] if str(exc) else "")
+                if supervised:
+                    self._fatal()
+                    return
+                await asyncio.sleep(2.0)
+        log.info("engine ready at %s", self.engine.url)
+        misses = 0
+        while True:
+            await asyncio.sleep(self.health_interval)
+            if getattr(self.engine, "failed", None) is not None:
+                log.error("engine supervisor gave up; stopping the node")
+                self._fatal()
+                return
+            if not supervised:
+                ok = await self.engine.healthy()
+                misses = 0 if ok else misses + 1
+                if ok and not self.engine.ready.is_set():
+                    log.info("engine answers again")
+                    self.engine.ready.set()
+                elif misses >= 2 and self.engine.ready.is_set():
+                    log.warning("engine stopped answering")
+                    self.engine.ready.clear()
+
+    def _fatal(self) -> None:
+        self.exit_code = 1
+        signal.raise_signal(signal.SIGTERM)  # run_app's graceful shutdown, then exit 1
+
+    async def on_cleanup(self, _app: web.Application) -> None:
+        if self.registrar is not None:
+            await self.registrar.stop()
+        if self._engine_task is not None and not self._engine_task.done():
+            self._engine_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._engine_task
+        await _maybe_await(self.engine.stop())
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------ handlers
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        if self.engine_ready():
+            return web.json_response({"status": "ok", "engine": "ready"})
+        return web.json_response({"status": "unavailable", "engine": "not ready"}, status=503)
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        self.metrics.set("engine_ready", 1 if self.engine_ready() else 0)
+        self.metrics.set("inflight", self._inflight)
+        if self.registrar is not None:
+            self.metrics.set("registrations", self.registrar.registered)
+            self.metrics.set("registration_failures", self.registrar.failures)
+        return await self.metrics.handler(request)
+
+    def _count(self, outcome: str) -> None:
+        self.metrics.inc("sealed_requests_total", outcome=outcome)
+
+    async def sealed_handler(self, request: web.Request) -> web.StreamResponse:
+        if not self.engine_ready():
+            self._count("engine_not_ready")
+            return problem(503, "engine not ready")
+        if self._inflight >= self.config.max_concurrency:
+            self._count("busy")
+            return problem(503, "node busy")
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != sealed.REQUEST_MEDIA_TYPE:
+            self._count("bad_media_type")
+            return problem(415, "unsupported media type")
+        self._inflight += 1
+        try:
+            return await self._sealed(request)
+        finally:
+            self._inflight -= 1
+
+    async def _read_envelope(self, request: web.Request) -> bytes | None:
+        limit = self.config.max_envelope
+        if request.content_length is not None and request.content_length > limit:
+            return None
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            audit.saw_body(request, chunk)
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
+
+    async def _sealed(self, request: web.Request) -> web.StreamResponse:
+        envelope = await self._read_envelope(request)
+        if envelope is None:
+            self._count("too_large")
+            return problem(413, "envelope too large")
+        # Cleartext answers from here on say only "not for this key" or "did not open".
+        try:
+            header = sealed.parse_envelope_header(envelope)
+        except OpenPCCError:
+            self._count("malformed")
+            return problem(400, "malformed sealed request")
+        mine = [c for c in header.candidates if c.node_id == self.config.node_id]
+        if not mine or mine[0].key_id != self.key_id:
+            self._count("not_candidate")
+            return problem(421, "not a candidate for this request")
+        try:
+            opened = sealed.open_request(
+                envelope, self.config.node_id, self._private_key, self.public_key
+            )
+        except Exception:  # any failure to open is the same 400: no oracle on why
+            self._count("does_not_open")
+            return problem(400, "sealed request does not open")
+        del envelope
+
+        sealer = opened.sealer
+        try:
+            inner = bhttp.decode_request(opened.bhttp_request)
+        except OpenPCCError:
+            self._count("rejected")
+            return await self._sealed_problem(request, sealer, 400, "malformed inner request")
+        try:
+            fwd = check_request(
+                inner,
+                served_model=self.config.model_name,
+                envelope_model=opened.model,
+                limits=self.config.limits,
+            )
+        except Rejected as rej:
+            audit.note(request, "inner", _inner_view(inner, None))
+            self._count("rejected")
+            return await self._sealed_problem(request, sealer, rej.status, rej.title)
+        audit.note(request, "inner", _inner_view(inner, fwd))
+        return await self._forward(request, sealer, fwd)
+
+    async def _sealed_problem(
+        self, request: web.Request, sealer: sealed.ResponseSealer, status: int, title: str
+    ) -> web.StreamResponse:
+        """A refusal only the client can read: outer 200, inner ``status`` + problem JSON."""
+        doc = json.dumps({"type": "about:blank", "title": title, "status": status}).encode()
+        body = sealer.head(status, [(b"content-type", PROBLEM_JSON)]) + sealer.end(doc)
+        return web.Response(
+            status=200,
+            body=body,
+            headers={"Content-Type": sealed.RESPONSE_MEDIA_TYPE, "Cache-Control": "no-store"},
+        )
+
+    async def _forward(
+        self, request: web.Request, sealer: sealed.ResponseSealer, fwd: Forward
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        kwargs: dict[str, Any] = {}
+        if fwd.body is not None:
+            body = dict(fwd.body)
+            # Per-request prefix-cache namespace: no cross-user timing side channel.
+            body["cache_salt"] = secrets.token_hex(CACHE_SALT_BYTES)
+            kwargs["data"] = json.dumps(body).encode()
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        url = self.engine.url.rstrip("/") + fwd.path
+        try:
+            resp = await self._session.request(fwd.method, url, **kwargs)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            # Before the first byte: cleartext 503, so the gateway tries the next candidate.
+            self._count("engine_unavailable")
+            return problem(503, "engine unavailable")
+        try:
+            ctype = resp.headers.get("Content-Type", "application/octet-stream")
+            out = web.StreamResponse(
+                status=200,
+                headers={"Content-Type": sealed.RESPONSE_MEDIA_TYPE, "Cache-Control": "no-store"},
+            )
+            await out.prepare(request)
+            await out.write(sealer.head(resp.status, [(b"content-type", ctype.encode("latin-1"))]))
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(sealer.data(chunk))
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                # Engine died mid-stream: no end-of-stream chunk, and the connection is
+                # cut, so the client reports truncation rather than a short answer.
+                self._count("engine_failed_mid_stream")
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            await out.write(sealer.end())
+            await out.write_eof()
+            self._count("ok" if resp.status < 400 else "engine_error")
+            return out
+        finally:
+            resp.close()  # also what tells vLLM to abort if the client went away
+
+
+def _inner_view(inner: bhttp.Request, fwd: Forward | None) -> dict[str, Any]:
+    """For the audit log only: what the node learned from the unsealed request."""
+    view: dict[str, Any] = {
+        "method": inner.method.decode("latin-1"),
+        "path": inner.path.decode("latin-1"),
+        "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in inner.headers],
+    }
+    if fwd is not None and fwd.body is not None:
+        view["json"] = fwd.body
+    else:
+        view["content_hex"] = inner.content.hex()
+    return view
+
+
+SERVICE_KEY = web.AppKey("openpcc.node", NodeService)
+
+
+def build_app(service: NodeService, *, audit_log: Path | None = None) -> web.Application:
+    middlewares = [audit.AuditLog(audit_log, "node").middleware()] if audit_log else []
+    app = web.Application(middlewares=middlewares, client_max_size=service.config.max_envelope)
+    app[SERVICE_KEY] = service
+    app.router.add_post("/v1/sealed", service.sealed_handler)
+    app.router.add_get("/healthz", service.healthz)
+    app.router.add_get("/metrics", service.metrics_handler)
+    app.on_startup.append(service.on_startup)
+    app.on_cleanup.append(service.on_cleanup)
+    return app
+
+
+def run(service: NodeService, *, host: str, port: int, audit_log: Path | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; cleanup stops the engine (the whole vLLM group)."""
+    web.run_app(
+        build_app(service, audit_log=audit_log),
+        host=host,
+        port=port,
+        access_log=None,  # no per-request lines at all: nothing to redact
+        print=None,
+        shutdown_timeout=5.0,
+        handler_cancellation=True,  # a gateway that leaves aborts the engine request
+    )
+    return service.exit_code
