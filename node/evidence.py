@@ -10,17 +10,16 @@ hardware) is the attestation module's business; the node only calls
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from openpcc.attestation.claims import Claims
+from openpcc.attestation.simulated import simulated_measurement
 
 TEE_CHOICES = ("simulated",)
 DEFAULT_LIFETIME = 3600
-SIMULATED_MEASUREMENT_LABEL = b"OpenPCC simulated measurement v1\x00"
 
 
 class EvidenceSource(Protocol):
@@ -29,15 +28,6 @@ class EvidenceSource(Protocol):
     tee: str  # the claims' ``tee`` value
 
     def bundle(self, claims: Claims) -> dict[str, Any]: ...
-
-
-def simulated_measurement(release_id: str) -> bytes:
-    """The 48-byte launch measurement the simulated TEE reports for a release.
-
-    A real TEE measures the image; the simulator has none, so it reports a value derived
-    from the release id, which a development trust policy can pin like a real one.
-    """
-    return hashlib.sha384(SIMULATED_MEASUREMENT_LABEL + release_id.encode()).digest()
 
 
 @dataclass

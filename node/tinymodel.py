@@ -12,10 +12,11 @@ is needed by the node at start and must not pay for them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from openpcc.models import model_digest
 
 LABEL_FILE = "OPENPCC_TEST_MODEL.txt"
 LABEL_TEXT = (
@@ -56,34 +57,6 @@ _CORPUS = (
 
 # Files whose bytes decide what the model computes; hidden files (e.g. a
 # huggingface_hub ``.cache``) are bookkeeping and not covered.
-_DIGEST_CHUNK = 1 << 20
-
-
-def model_digest(model_dir: Path | str) -> str:
-    """SHA-256 (hex) over every non-hidden file of a model directory, recursively.
-
-    Covers weights *and* config, tokenizer and chat template: all of them change what
-    the node computes, so the attestation claim must pin all of them. Each file enters
-    as ``len(name) || name || len(data) || data`` (8-byte big-endian lengths, names as
-    sorted POSIX paths relative to the directory), so no two layouts collide.
-    """
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"model directory not found: {root}")
-    files = sorted(
-        (p.relative_to(root).as_posix(), p)
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    h = hashlib.sha256()
-    for name, path in files:
-        raw = name.encode()
-        h.update(len(raw).to_bytes(8, "big") + raw)
-        h.update(path.stat().st_size.to_bytes(8, "big"))
-        with path.open("rb") as f:
-            while chunk := f.read(_DIGEST_CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _build_tokenizer() -> Any:

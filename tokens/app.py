@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from openpcc import audit
 from openpcc.errors import OpenPCCError, UnsupportedError
 from openpcc.privacypass import batched, issuance
 from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA
@@ -125,6 +126,7 @@ async def token_request(request: web.Request) -> web.StreamResponse:
         metrics.inc("issuance_requests_total", outcome="too_large")
         return problem(413, "Content Too Large", f"at most {limit} bytes")
     body = await request.content.read(limit + 1)
+    audit.saw_body(request, body)
     if len(body) > limit:
         metrics.inc("issuance_requests_total", outcome="too_large")
         return problem(413, "Content Too Large", f"at most {limit} bytes")
@@ -194,8 +196,12 @@ def create_app(
     config: IssuerConfig,
     *,
     clock: Callable[[], float] = time.time,
+    audit_log: Path | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=8 + MAX_BATCH * (3 + issuance.NK) + 1024)
+    middlewares = [] if audit_log is None else [audit.AuditLog(audit_log, "issuer").middleware()]
+    app = web.Application(
+        client_max_size=8 + MAX_BATCH * (3 + issuance.NK) + 1024, middlewares=middlewares
+    )
     app[STORE] = store
     app[RING] = ring
     app[CONFIG] = config

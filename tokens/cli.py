@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
     )
     serve.add_argument("--directory-max-age", type=int, default=300, metavar="SECONDS")
     serve.add_argument("--max-batch", type=int, default=1000, help="tokens per batch request")
+    serve.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="FILE",
+        help="TESTS AND DEMO ONLY: record every request received (addresses, bodies)",
+    )
     serve.set_defaults(func=_serve)
 
     account = isub.add_parser("account", help="manage accounts and quotas")
@@ -206,7 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
         directory_max_age=args.directory_max_age,
         public_url=args.public_url,
     )
-    app = create_app(_store(args), ring, config)
+    app = create_app(_store(args), ring, config, audit_log=args.audit_log)
     logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", args.host, args.port)
     # access_log=None: an access log would record client addresses next to accounts.
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)

@@ -15,6 +15,7 @@ is a development tool, not a secret store).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -224,3 +225,15 @@ class SimulatedTEE:
         r, s = decode_dss_signature(der)
         sig = r.to_bytes(72, "little") + s.to_bytes(72, "little")
         return body + sig + bytes(REPORT_SIZE - SIGNED_SIZE - len(sig))
+
+
+SIMULATED_MEASUREMENT_LABEL = b"OpenPCC simulated measurement v1\x00"
+
+
+def simulated_measurement(release_id: str) -> bytes:
+    """The 48-byte launch measurement the simulated TEE reports for a release.
+
+    A real TEE measures the image; the simulator has none, so it reports a value derived
+    from the release id, which a development trust policy can pin like a real one.
+    """
+    return hashlib.sha384(SIMULATED_MEASUREMENT_LABEL + release_id.encode()).digest()
