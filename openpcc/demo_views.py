@@ -75,14 +75,18 @@ def party_views(
     return views
 
 
-def print_views(views: dict[str, dict[str, bool]], out: Any = print) -> None:
+def print_views(views: dict[str, dict[str, bool]], out: Any = print) -> bool:
+    """Print the table; True when every party stayed within DESIGN.md §1."""
     out("What each party received (from its own audit log; ✓ = present):")
+    all_ok = True
     out(f"  {'party':8} {'client IP':>10} {'account':>8} {'token':>6} {'prompt':>7}   verdict")
     for party in PARTIES:
         v = views[party]
         marks = [("✓" if v[k] else "·") for k in ("client_addr", "account", "token", "prompt")]
         ok = all(v[k] <= ALLOWED[party][k] for k in ("client_addr", "account", "token", "prompt"))
+        all_ok = all_ok and ok
         out(
             f"  {party:8} {marks[0]:>10} {marks[1]:>8} {marks[2]:>6} {marks[3]:>7}   "
             + ("as DESIGN.md §1 allows" if ok else "VIOLATES DESIGN.md §1")
         )
+    return all_ok

