@@ -453,6 +453,11 @@ class TokenWallet:
 
     # ----------------------------------------------------------------- directory
 
+    async def check_directory(self) -> None:
+        """Refetch the directory and run the key-consistency checks (for `openpcc status`)."""
+        self._check_open()
+        await self._current_keys(force=True)
+
     async def _current_keys(self, *, force: bool = False) -> _KeyView:
         view = self._keys
         if (

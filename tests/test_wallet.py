@@ -1,0 +1,507 @@
+"""Token wallet against the REAL issuer service, started as a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from openpcc.client import (
+    IssuerAuthError,
+    IssuerError,
+    KeyConsistencyError,
+    QuotaExceededError,
+    TokenWallet,
+    WalletStoreError,
+)
+from openpcc.client.wallet import STORE_FORMAT, _retry_after
+from openpcc.privacypass import batched, blindrsa, issuance
+from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA, Token, TokenChallenge, b64url_encode
+from openpcc.privacypass.directory import IssuerDirectory, TokenKeyEntry
+from tests.conftest import free_port
+
+ISSUER_NAME = "issuer.test"
+CHALLENGE = TokenChallenge(TOKEN_TYPE_BLIND_RSA, ISSUER_NAME, b"", ())
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "openpcc.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@dataclass
+class Issuer:
+    url: str
+    state: Path
+    proc: subprocess.Popen[bytes]
+
+    def add_account(self, name: str, quota: int = 1000, per: int = 3600) -> str:
+        out = cli(
+            "issuer", "account", "add", name, "--quota", str(quota), "--per", str(per),
+            "--state", str(self.state),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    def admin(self, *args: str) -> None:
+        out = cli("issuer", *args, "--state", str(self.state))
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def directory(self) -> bytes:
+        with urllib.request.urlopen(self.url + "/.well-known/private-token-issuer-directory") as r:
+            return bytes(r.read())
+
+
+def start_issuer(state: Path) -> Issuer:
+    port = free_port()
+    log = state.parent / f"{state.name}.log"
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "openpcc.cli", "issuer", "serve", "--port", str(port),
+             "--state", str(state)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return Issuer(url, state, proc)
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("issuer did not start:\n" + log.read_text())
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issuer]:
+    iss = start_issuer(tmp_path_factory.mktemp("issuer") / "state")
+    yield iss
+    stop(iss.proc)
+
+
+@pytest.fixture
+def fresh_issuer(tmp_path: Path) -> Iterator[Issuer]:
+    """An issuer of its own, for tests that rotate its keys."""
+    iss = start_issuer(tmp_path / "issuer-state")
+    yield iss
+    stop(iss.proc)
+
+
+class Counting:
+    """An aiohttp session that counts requests per (method, path): round trips are the claim."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        trace = aiohttp.TraceConfig()
+
+        async def on_start(_s: object, _ctx: object, params: aiohttp.TraceRequestStartParams):
+            self.calls.append((params.method, params.url.path))
+
+        trace.on_request_start.append(on_start)
+        self.session = aiohttp.ClientSession(trace_configs=[trace])
+
+    def posts(self) -> int:
+        return sum(1 for m, _ in self.calls if m == "POST")
+
+
+def wallet(iss_url: str, key: str, path: Path, **kw: object) -> TokenWallet:
+    kw.setdefault("issuer_name", ISSUER_NAME)
+    kw.setdefault("refill_jitter", 0.0)
+    return TokenWallet(iss_url, key, path, **kw)  # type: ignore[arg-type]
+
+
+def directory_key(raw: bytes) -> bytes:
+    return IssuerDirectory.parse(raw).select_key().token_key
+
+
+def stored_tokens(path: Path) -> list[str]:
+    return [t["token"] for t in json.loads(path.read_text())["tokens"]]
+
+
+# --------------------------------------------------------------------------- issuance
+
+
+async def test_take_batch_in_one_round_trip(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("batch")
+    http = Counting()
+    w = wallet(
+        issuer.url, key, tmp_path / "t.json", batch_size=25, low_water=0, session=http.session
+    )
+    try:
+        tokens = [await w.take() for _ in range(25)]
+    finally:
+        await w.aclose()
+        await http.session.close()
+    assert http.posts() == 1, http.calls  # one batched request for all 25
+    assert http.calls.count(("GET", "/.well-known/private-token-issuer-directory")) == 1
+    pk = directory_key(issuer.directory())
+    for tok in tokens:
+        issuance.verify_token(pk, tok, expected_challenge=CHALLENGE)
+    assert len({t.nonce for t in tokens}) == 25
+    assert w.count() == 0
+
+
+async def test_default_challenge_is_openpcc_gateways(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("default-challenge")
+    async with TokenWallet(issuer.url, key, tmp_path / "t.json", batch_size=2, low_water=0) as w:
+        tok = await w.take()
+    # Gateway default: type 2, issuer_name = host of the issuer URL, empty context/origins.
+    want = TokenChallenge(TOKEN_TYPE_BLIND_RSA, "127.0.0.1", b"", ())
+    issuance.verify_token(directory_key(issuer.directory()), tok, expected_challenge=want)
+
+
+async def test_store_is_private_and_taken_tokens_are_gone(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("store")
+    path = tmp_path / "wallet" / "tokens.json"
+    async with wallet(issuer.url, key, path, batch_size=6, low_water=0) as w:
+        first = await w.take()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        on_disk = stored_tokens(path)
+        assert len(on_disk) == 5 == w.count()
+        assert b64url_encode(first.encode()) not in on_disk
+        assert json.loads(path.read_text())["format"] == STORE_FORMAT
+        assert key not in path.read_text()
+    async with wallet(issuer.url, key, path, batch_size=6, low_water=0) as w2:
+        assert w2.count() == 5
+        rest = [await w2.take() for _ in range(5)]
+    assert first.nonce not in {t.nonce for t in rest}
+    assert stored_tokens(path) == []
+    assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+async def test_concurrent_takers_never_share_a_token(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("concurrent")
+    path = tmp_path / "t.json"
+    # Two wallet objects on one file stand in for two processes sharing it.
+    a = wallet(issuer.url, key, path, batch_size=10, low_water=3)
+    b = wallet(issuer.url, key, path, batch_size=10, low_water=3)
+    try:
+        got = await asyncio.gather(*[(a if i % 2 else b).take() for i in range(40)])
+    finally:
+        await a.aclose()
+        await b.aclose()
+    assert len({t.nonce for t in got}) == 40
+
+
+async def test_background_refill_keeps_count_above_low_water(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    key = issuer.add_account("background")
+    http = Counting()
+    w = wallet(
+        issuer.url,
+        key,
+        tmp_path / "t.json",
+        batch_size=10,
+        low_water=4,
+        refill_jitter=0.02,
+        session=http.session,
+    )
+    try:
+        for _ in range(30):
+            await w.take()
+            await w.settle()
+            assert w.count() >= 4
+        posts_sequential = http.posts()
+        # Many takes at once: still at most one refill in flight, never a storm.
+        await asyncio.gather(*[w.take() for _ in range(8)])
+        await w.settle()
+        assert w.count() >= 4
+    finally:
+        await w.aclose()
+        await http.session.close()
+    assert posts_sequential <= 4  # 10 + 3 refills of 10 cover 30 takes
+    assert http.posts() - posts_sequential <= 2
+    assert w.last_refill_error is None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+async def test_quota_exhaustion_raises_with_retry_after(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("quota", quota=5, per=3600)
+    async with wallet(issuer.url, key, tmp_path / "t.json", batch_size=4, low_water=0) as w:
+        # 4 in one batch; then the batch of 4 is refused and halved down to the 1 left.
+        tokens = [await w.take() for _ in range(5)]
+        with pytest.raises(QuotaExceededError) as exc_info:
+            await w.take()
+    assert len({t.nonce for t in tokens}) == 5
+    err = exc_info.value
+    assert 0 < err.retry_after <= 3600
+    assert "quota" in str(err) and key not in str(err)
+
+
+async def test_quota_backoff_does_not_hammer(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("quota-backoff", quota=0, per=3600)
+    http = Counting()
+    w = wallet(
+        issuer.url, key, tmp_path / "t.json", batch_size=1, low_water=0, session=http.session
+    )
+    try:
+        with pytest.raises(QuotaExceededError):
+            await w.take()
+        posts = http.posts()
+        with pytest.raises(QuotaExceededError) as again:
+            await w.take()  # answered locally until Retry-After has passed
+        assert http.posts() == posts
+        assert again.value.retry_after > 0
+    finally:
+        await w.aclose()
+        await http.session.close()
+
+
+async def test_revoked_and_wrong_keys_raise_auth_error(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("revoked")
+    issuer.admin("account", "revoke", "revoked")
+    for api_key in (key, "opk_not-a-real-key"):
+        async with wallet(issuer.url, api_key, tmp_path / "t.json", batch_size=3) as w:
+            with pytest.raises(IssuerAuthError) as exc_info:
+                await w.take()
+        assert api_key not in str(exc_info.value) and api_key not in repr(w)
+        assert "API key" in str(exc_info.value)
+    assert issubclass(IssuerAuthError, IssuerError)
+
+
+async def test_unreachable_issuer_is_an_issuer_error(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    async with wallet(url, "secret-key-123", tmp_path / "t.json", batch_size=2) as w:
+        with pytest.raises(IssuerError) as exc_info:
+            await w.take()
+    assert "secret-key-123" not in str(exc_info.value)
+
+
+async def test_malformed_store_is_reported_not_discarded(issuer: Issuer, tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    async with wallet(issuer.url, "k", path, batch_size=2) as w:
+        with pytest.raises(WalletStoreError):
+            w.count()
+    assert path.read_text() == "{not json"
+
+
+def test_retry_after_forms() -> None:
+    assert _retry_after("120", 0) == 120
+    assert _retry_after(None, 0) == 60
+    assert _retry_after("Thu, 01 Jan 1970 00:01:40 GMT", 40.0) == 60
+    assert _retry_after("soon", 0) == 60
+
+
+# --------------------------------------------------------------------------- key consistency
+
+
+def fetcher_of(raw: Callable[[], bytes]) -> Callable[[], Awaitable[bytes]]:
+    async def fetch() -> bytes:
+        return raw()
+
+    return fetch
+
+
+async def test_directory_with_too_many_keys_is_refused(
+    fresh_issuer: Issuer, tmp_path: Path
+) -> None:
+    key = fresh_issuer.add_account("partition")
+    for _ in range(3):
+        fresh_issuer.admin("keys", "rotate", "--not-before-in", "0")
+    raw = fresh_issuer.directory()
+    assert len(IssuerDirectory.parse(raw).token_keys) == 4
+    http = Counting()
+    w = wallet(fresh_issuer.url, key, tmp_path / "t.json", batch_size=2, session=http.session)
+    try:
+        with pytest.raises(KeyConsistencyError, match="4 token keys in force"):
+            await w.take()
+    finally:
+        await w.aclose()
+        await http.session.close()
+    assert http.posts() == 0  # nothing was requested under any of them
+    # The same directory passes when the caller allows four keys.
+    async with wallet(fresh_issuer.url, key, tmp_path / "u.json", batch_size=2, max_keys=4) as w4:
+        issuance.verify_token(directory_key(raw), await w4.take(), expected_challenge=CHALLENGE)
+
+
+async def test_upcoming_keys_do_not_count_as_in_force(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("upcoming")
+    real = IssuerDirectory.parse(issuer.directory())
+    later = int(time.time()) + 3600
+    extra = tuple(
+        TokenKeyEntry(TOKEN_TYPE_BLIND_RSA, issuance.IssuerKey.generate().token_key, later)
+        for _ in range(3)
+    )
+    raw = IssuerDirectory(real.issuer_request_uri, extra + real.token_keys).serialize()
+    async with wallet(
+        issuer.url, key, tmp_path / "t.json", directory_fetcher=fetcher_of(lambda: raw)
+    ) as w:
+        tok = await w.take()
+    issuance.verify_token(real.select_key().token_key, tok)
+
+
+async def test_directory_may_not_redirect_the_api_key(issuer: Issuer, tmp_path: Path) -> None:
+    real = IssuerDirectory.parse(issuer.directory())
+    raw = IssuerDirectory("https://elsewhere.example/token-request", real.token_keys).serialize()
+    async with wallet(
+        issuer.url, "k", tmp_path / "t.json", directory_fetcher=fetcher_of(lambda: raw)
+    ) as w:
+        with pytest.raises(IssuerError, match="refusing to send the API key"):
+            await w.take()
+
+
+async def test_tokens_under_an_unpublished_key_are_discarded(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    key = issuer.add_account("withdrawn")
+    path = tmp_path / "t.json"
+    real = IssuerDirectory.parse(issuer.directory())
+    async with wallet(issuer.url, key, path, batch_size=5, low_water=0) as w:
+        await w.refill()
+    assert len(stored_tokens(path)) == 5
+    # Same issuer, but its directory no longer lists the key those tokens were issued
+    # under (a stand-in listing only: the key the issuer actually signs with is gone).
+    other = issuance.IssuerKey.generate()
+    gone = IssuerDirectory(
+        real.issuer_request_uri, (TokenKeyEntry(TOKEN_TYPE_BLIND_RSA, other.token_key, 0),)
+    ).serialize()
+    async with wallet(
+        issuer.url, key, path, batch_size=5, low_water=0, directory_fetcher=fetcher_of(lambda: gone)
+    ) as w2:
+        with pytest.raises(IssuerError):  # the issuer cannot sign under the listed key
+            await w2.take()
+    assert stored_tokens(path) == []
+
+
+async def test_expired_key_tokens_are_dropped_after_real_rotation(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    # Key B: long-lived, in force since a minute ago. Key A: newer, so listed (and
+    # chosen) first, but it expires in 8 s; after that only B is published.
+    for args in (["--not-before-in=-60"], ["--not-before-in", "0", "--lifetime", "8"]):
+        out = cli("issuer", "keys", "rotate", *args, "--state", str(state))
+        assert out.returncode == 0, out.stdout + out.stderr
+    listed = cli("issuer", "keys", "list", "--state", str(state)).stdout.splitlines()
+    a_expires = min(json.loads(line)["expires_at"] for line in listed)
+    iss = start_issuer(state)
+    try:
+        key = iss.add_account("rotation")
+        key_a = directory_key(iss.directory())
+        path = tmp_path / "t.json"
+        async with wallet(iss.url, key, path, batch_size=4, low_water=0, directory_ttl=0) as w:
+            tok = await w.take()
+            issuance.verify_token(key_a, tok, expected_challenge=CHALLENGE)
+            assert w.count() == 3
+            await asyncio.sleep(max(0.0, a_expires - time.time()) + 1.0)
+            # A is gone from the directory: its 3 tokens are dropped, B issues new ones.
+            tok_b = await w.take()
+            assert tok_b.token_key_id != tok.token_key_id
+            key_b = directory_key(iss.directory())
+            assert key_b != key_a
+            issuance.verify_token(key_b, tok_b, expected_challenge=CHALLENGE)
+            assert w.count() == 3
+            assert all(
+                Token.decode(base64.urlsafe_b64decode(t)).token_key_id == tok_b.token_key_id
+                for t in stored_tokens(path)
+            )
+    finally:
+        stop(iss.proc)
+
+
+@pytest.fixture
+async def personal_key_issuer() -> Iterator[str]:
+    """An issuer that lists one key but signs with another (a 'personal' key)."""
+    listed = issuance.IssuerKey.generate()
+    secret = issuance.IssuerKey.generate()
+    directory = IssuerDirectory(
+        "/token-request", (TokenKeyEntry(TOKEN_TYPE_BLIND_RSA, listed.token_key, 0),)
+    ).serialize()
+
+    async def get_dir(_r: web.Request) -> web.Response:
+        return web.Response(
+            body=directory, content_type="application/private-token-issuer-directory"
+        )
+
+    async def post(r: web.Request) -> web.Response:
+        reqs = batched.decode_batch_request(await r.read())
+        n = secret.public_key.n  # blinded under the listed key: reduce into this one's range
+        sigs = [
+            blindrsa.blind_sign(
+                secret.private_key, (int.from_bytes(q.blinded_msg, "big") % n).to_bytes(256, "big")
+            )
+            for q in reqs
+            if isinstance(q, issuance.TokenRequest)
+        ]
+        body = batched.encode_batch_response(
+            [(TOKEN_TYPE_BLIND_RSA, issuance.TokenResponse(s)) for s in sigs]
+        )
+        return web.Response(body=body, content_type=batched.RESPONSE_MEDIA_TYPE)
+
+    app = web.Application()
+    app.router.add_get("/.well-known/private-token-issuer-directory", get_dir)
+    app.router.add_post("/token-request", post)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_signature_under_another_key_is_refused(
+    personal_key_issuer: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.json"
+    async with wallet(personal_key_issuer, "k", path, batch_size=3) as w:
+        with pytest.raises(KeyConsistencyError, match="do not verify"):
+            await w.take()
+        assert w.count() == 0
+    assert not path.exists() or stored_tokens(path) == []
+
+
+def test_store_file_created_0600_even_with_permissive_umask(tmp_path: Path) -> None:
+    from openpcc.client.wallet import _TokenStore
+
+    old = os.umask(0)
+    try:
+        store = _TokenStore(tmp_path / "d" / "t.json")
+        store.extend([])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d" / "t.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+
+
+async def test_aclose_does_not_wait_out_the_refill_jitter(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("jitter")
+    w = wallet(issuer.url, key, tmp_path / "t.json", batch_size=4, low_water=3, refill_jitter=30)
+    await w.take()
+    await w.take()  # 2 left: a background refill is scheduled, sleeping its jitter
+    assert w._bg is not None and not w._bg.done()
+    t0 = time.monotonic()
+    await w.aclose()
+    assert time.monotonic() - t0 < 2
+    assert w.count() == 2
