@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from openpcc.errors import OpenPCCError
 from openpcc.stack import Processes, free_port, run_cli
 
 DEFAULT_STATE = Path(".state/local")
@@ -57,17 +58,30 @@ def register(sub: Any) -> None:
     demo.set_defaults(func=_demo)
 
     chat = sub.add_parser("chat", help="private chat through a relay (streams the answer)")
-    chat.add_argument("prompt")
-    chat.add_argument(
+    chat.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
+    _config_arg(chat)
+    chat.add_argument("--model", help="model name (default: the config's)")
+    chat.add_argument("--system", help="a system message to send first")
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--json", action="store_true", help="print raw chunks as JSON lines")
+    chat.set_defaults(func=_chat)
+
+    status = sub.add_parser(
+        "status", help="wallet balance, verified nodes, key consistency, reachability"
+    )
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=_status)
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--config",
         type=Path,
         default=Path(os.environ.get("OPENPCC_CLIENT_CONFIG", DEFAULT_STATE / CLIENT_CONFIG)),
-        help="client config written by `openpcc up` (env OPENPCC_CLIENT_CONFIG)",
+        help="client profile written by `openpcc up` (env OPENPCC_CLIENT_CONFIG)",
     )
-    chat.add_argument("--model", help="model name (default: the config's)")
-    chat.add_argument("--max-tokens", type=int, default=128)
-    chat.add_argument("--json", action="store_true", help="print raw chunks as JSON lines")
-    chat.set_defaults(func=_chat)
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
@@ -355,22 +369,41 @@ def client_from_config(
 
 
 async def stream_chat(
-    config_path: Path, prompt: str, *, model: str | None = None, max_tokens: int = 128,
-    out: Any = None, local_addr: str | None = None,
-) -> str:  # fmt: skip
-    """Send one private chat; write the streamed text to ``out`` as it arrives."""
+    config_path: Path,
+    prompt: str,
+    *,
+    model: str | None = None,
+    max_tokens: int = 128,
+    system: str | None = None,
+    params: dict[str, Any] | None = None,
+    out: Any = None,
+    as_json: bool = False,
+    progress: Any = None,
+    local_addr: str | None = None,
+) -> str:
+    """Send one private chat; write the streamed text (or JSON chunks) to ``out``."""
     client, wallet, default_model, session = client_from_config(config_path, local_addr=local_addr)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     text = []
     try:
+        if progress is not None:
+            progress("checking the attestation of the gateway's nodes…")
+            nodes = await client.verified_nodes()
+            progress(f"{len(nodes)} node(s) verified")
+            if wallet.count() == 0:
+                progress("fetching a batch of unlinkable tokens from the issuer…")
         async for chunk in client.chat_completions_stream(
-            model or default_model,
-            [{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
+            model or default_model, messages, max_tokens=max_tokens, **(params or {})
         ):
+            if as_json and out is not None:
+                out.write(json.dumps(chunk) + "\n")
+                out.flush()
             for choice in chunk.get("choices", []):
                 piece = (choice.get("delta") or {}).get("content") or ""
                 text.append(piece)
-                if out is not None:
+                if out is not None and not as_json:
                     out.write(piece)
                     out.flush()
     finally:
@@ -382,23 +415,91 @@ async def stream_chat(
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from openpcc.errors import OpenPCCError
-
     if not args.config.exists():
-        print(f"no client config at {args.config}: start `openpcc up` first", file=sys.stderr)
+        print(f"no client profile at {args.config}: start `openpcc up` first", file=sys.stderr)
         return 2
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().strip()
+    if not prompt:
+        print("empty prompt", file=sys.stderr)
+        return 2
+    params = {} if args.temperature is None else {"temperature": args.temperature}
+
+    def progress(msg: str) -> None:
+        if sys.stderr.isatty():
+            print(f"\r\x1b[2K{msg}", end="", file=sys.stderr, flush=True)
+
     try:
         asyncio.run(
             stream_chat(
-                args.config, args.prompt, model=args.model, max_tokens=args.max_tokens,
+                args.config,
+                prompt,
+                model=args.model,
+                max_tokens=args.max_tokens,
+                system=args.system,
+                params=params,
                 out=sys.stdout,
+                as_json=args.json,
+                progress=progress,
             )
-        )  # fmt: skip
+        )
     except OpenPCCError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
-    print()
+    finally:
+        if sys.stderr.isatty():
+            print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
+    if not args.json:
+        print()
     return 0
+
+
+async def collect_status(config_path: Path) -> dict[str, Any]:
+    """What `openpcc status` reports; every probe is independent so one failure shows."""
+    client, wallet, model, _ = client_from_config(config_path)
+    report: dict[str, Any] = {"model": model, "wallet_tokens": wallet.count()}
+    try:
+        try:
+            cfg = await client.key_config()
+            report["relay"] = "reachable"
+            report["gateway_key"] = {"key_id": cfg.key_id, "pinned_by_manifest": True}
+        except OpenPCCError as exc:
+            report["relay"] = f"error: {exc}"
+        try:
+            nodes = await client.verified_nodes(refresh=True)
+            report["verified_nodes"] = [
+                {
+                    "node_id": n.node_id.hex(),
+                    "models": list(n.models),
+                    "expires_at": int(n.expires_at),
+                }
+                for n in nodes
+            ]
+            report["rejected_nodes"] = client.rejected_nodes()
+        except OpenPCCError as exc:
+            report["verified_nodes"] = f"error: {exc}"
+        try:
+            await wallet.check_directory()
+            report["token_keys"] = "consistent: the issuer's key is the one everybody sees"
+        except OpenPCCError as exc:
+            report["token_keys"] = f"error: {exc}"
+    finally:
+        await client.aclose()
+        await wallet.aclose()
+    return report
+
+
+def _status(args: argparse.Namespace) -> int:
+    if not args.config.exists():
+        print(f"no client profile at {args.config}: start `openpcc up` first", file=sys.stderr)
+        return 2
+    report = asyncio.run(collect_status(args.config))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for key, value in report.items():
+            print(f"{key:15} {json.dumps(value) if not isinstance(value, str) else value}")
+    ok = report.get("relay") == "reachable" and isinstance(report.get("verified_nodes"), list)
+    return 0 if ok else 1
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -194,6 +194,66 @@ def test_a_node_with_an_untrusted_root_is_never_sent_a_request(
     _stop(stack, "rogue")
 
 
+def test_a_replayed_envelope_is_harmless(stack: LocalStack) -> None:
+    """A gateway replaying a sealed request to the node learns nothing new."""
+    asyncio.run(chat(stack, "replay me", max_tokens=4))
+    node_records = [
+        r
+        for r in read_audit(_merged_node_audit(stack))
+        if r["path"] == "/v1/sealed" and r["body_hex"]
+    ]
+    envelope = bytes.fromhex(node_records[-1]["body_hex"])
+    node_url = next(s.url for s in stack.procs.services if s.name == "node")
+
+    def post() -> bytes:
+        req = urllib.request.Request(
+            node_url + "/v1/sealed",
+            data=envelope,
+            headers={"Content-Type": "application/openpcc-sealed-request"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+            return r.read()
+
+    first, second = post(), post()
+    assert first[:16] != second[:16]  # a fresh response nonce each time
+    for answer in (first, second):
+        assert b"Hello" not in answer and b"fake engine" not in answer
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "openpcc.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_chat_cli_streams_text_json_and_reads_stdin(stack: LocalStack) -> None:
+    cfg = str(stack.config_path)
+    out = _cli("chat", "--config", cfg, "--system", "be brief", "hello there")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Hello from the fake engine."
+    out = _cli("chat", "--config", cfg, "--json", stdin="from stdin\n")
+    assert out.returncode == 0, out.stderr
+    chunks = [json.loads(line) for line in out.stdout.splitlines()]
+    assert chunks and all("choices" in c for c in chunks)
+    out = _cli("chat", "--config", str(stack.state / "missing.json"), "x")
+    assert out.returncode == 2 and "openpcc up" in out.stderr
+
+
+def test_status_reports_wallet_nodes_and_key_consistency(stack: LocalStack) -> None:
+    out = _cli("status", "--config", str(stack.config_path), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["relay"] == "reachable"
+    assert len(report["verified_nodes"]) == 2
+    assert report["token_keys"].startswith("consistent")
+    assert isinstance(report["wallet_tokens"], int)
+
+
 def test_node_killed_before_first_byte_is_served_by_another_candidate(
     stack: LocalStack,
 ) -> None:
