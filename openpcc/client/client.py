@@ -241,6 +241,30 @@ class Client:
             return item
         raise TruncatedResponseError("the node sent no completion")
 
+    async def completions_stream(
+        self, model: str, prompt: str, **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream legacy OpenAI ``text_completion`` chunks (``/v1/completions``)."""
+        body = {"model": model, "prompt": prompt, **params, "stream": True}
+        async for item in self._request(model, "/v1/completions", body):
+            yield item
+
+    async def completions(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
+        """One non-streamed legacy OpenAI ``text_completion`` object."""
+        body = {"model": model, "prompt": prompt, **params, "stream": False}
+        async for item in self._request(model, "/v1/completions", body):
+            return item
+        raise TruncatedResponseError("the node sent no completion")
+
+    async def models(self) -> list[str]:
+        """Models served by at least one verified node.
+
+        Answered from the attested directory rather than a node's ``/v1/models``: it
+        spends no token and lists only what this client would actually send to.
+        """
+        nodes = await self.verified_nodes()
+        return sorted({m for n in nodes for m in n.models})
+
     async def _request(
         self, model: str, path: str, body: dict[str, Any]
     ) -> AsyncIterator[dict[str, Any]]:

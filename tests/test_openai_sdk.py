@@ -1,0 +1,147 @@
+"""The official `openai` SDK sending privately with no local server: the httpx transports.
+
+Same stack as tests/test_proxy.py (fake engine, every party a process); the SDK runs
+in this process with `OpenPCCTransport` (async) or `http_client(...)` (blocking).
+Both `httpx` (openai 1.x/2.x) and `httpx2` (openai 3.x) clients are exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any
+
+import openai
+import pytest
+
+from openpcc.client.openai_transport import (
+    OpenPCCTransport,
+    async_http_client,
+    frontend_from_config,
+    http_client,
+)
+from openpcc.local import LocalStack
+from tests import test_proxy
+from tests.test_proxy import ANSWER, MODEL, WORDS, release
+
+# The same module-scoped processes as tests/test_proxy.py (a separate instance here).
+engine = test_proxy.engine
+stack = test_proxy.stack
+
+HTTPX = [m for m in ("httpx", "httpx2") if importlib.util.find_spec(m) is not None]
+
+
+@pytest.fixture(params=HTTPX)
+def httpx_mod(request: pytest.FixtureRequest) -> ModuleType:
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture
+async def oai(stack: LocalStack, httpx_mod: ModuleType) -> AsyncIterator[openai.AsyncOpenAI]:
+    frontend = frontend_from_config(stack.config_path)
+    http = httpx_mod.AsyncClient(transport=OpenPCCTransport(frontend))
+    client = openai.AsyncOpenAI(
+        base_url="http://openpcc.local/v1", api_key="unused", http_client=http, max_retries=0
+    )
+    yield client
+    await client.close()
+    await frontend.aclose()
+
+
+MSGS: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+async def test_transport_chat_non_streamed(oai: openai.AsyncOpenAI) -> None:
+    resp = await oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=8)
+    assert resp.choices[0].message.content == ANSWER
+
+
+async def test_transport_chat_streamed(oai: openai.AsyncOpenAI) -> None:
+    stream = await oai.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+    pieces = [c.choices[0].delta.content async for c in stream]
+    assert len(pieces) == WORDS and "".join(pieces) == ANSWER
+
+
+async def test_transport_completions_and_models(oai: openai.AsyncOpenAI) -> None:
+    whole = await oai.completions.create(model=MODEL, prompt="Once", max_tokens=8)
+    stream = await oai.completions.create(model=MODEL, prompt="Once", stream=True)
+    assert whole.choices[0].text == ANSWER
+    assert "".join([c.choices[0].text async for c in stream]) == ANSWER
+    assert [m.id async for m in oai.models.list()] == [MODEL]
+
+
+async def test_transport_streams_incrementally(oai: openai.AsyncOpenAI, engine: str) -> None:
+    stream = await oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "GATE"}], stream=True
+    )
+    got: list[str] = []
+    async for chunk in stream:
+        got.append(chunk.choices[0].delta.content or "")
+        if len(got) == WORDS - 1:
+            await release(engine)  # the last word does not exist before this
+    assert "".join(got) == ANSWER
+
+
+async def test_transport_concurrent(oai: openai.AsyncOpenAI) -> None:
+    async def one(i: int) -> str:
+        stream = await oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"q{i}"}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    assert await asyncio.gather(*(one(i) for i in range(6))) == [ANSWER] * 6
+
+
+async def test_transport_error_mapping(oai: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        await oai.chat.completions.create(model=MODEL, messages=MSGS, user="alice")
+    with pytest.raises(openai.InternalServerError) as err:
+        await oai.chat.completions.create(model="not-served", messages=MSGS)
+    assert err.value.status_code == 503
+    stream = await oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "DIE"}], stream=True
+    )
+    with pytest.raises(openai.APIError) as cut:
+        _ = [c async for c in stream]
+    assert cut.value.body["code"] == "truncated_response"
+
+
+async def test_closing_a_stream_early_is_clean(oai: openai.AsyncOpenAI) -> None:
+    stream = await oai.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+    async for _ in stream:
+        break
+    await stream.close()
+    resp = await oai.chat.completions.create(model=MODEL, messages=MSGS)  # still usable
+    assert resp.choices[0].message.content == ANSWER
+
+
+async def test_async_http_client_helper(stack: LocalStack) -> None:
+    frontend = frontend_from_config(stack.config_path)
+    try:
+        async with openai.AsyncOpenAI(
+            base_url="http://openpcc.local/v1",
+            api_key="unused",
+            http_client=async_http_client(frontend),
+        ) as oai:
+            resp = await oai.chat.completions.create(model=MODEL, messages=MSGS)
+        assert resp.choices[0].message.content == ANSWER
+    finally:
+        await frontend.aclose()
+
+
+def test_blocking_sdk_with_http_client(stack: LocalStack) -> None:
+    with openai.OpenAI(
+        base_url="http://openpcc.local/v1",
+        api_key="unused",
+        http_client=http_client(stack.config_path),
+        max_retries=0,
+    ) as oai:
+        resp = oai.chat.completions.create(model=MODEL, messages=MSGS)
+        stream = oai.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+        pieces = [c.choices[0].delta.content for c in stream]
+        with pytest.raises(openai.InternalServerError):
+            oai.chat.completions.create(model="not-served", messages=MSGS)
+    assert resp.choices[0].message.content == ANSWER
+    assert "".join(pieces) == ANSWER
