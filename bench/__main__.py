@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     for name in names:
         mod = importlib.import_module(f"bench.{name}")
         result = mod.run()
-        path = write_result(name.removeprefix("bench_"), result)
+        path = write_result(result.pop("result_name", name.removeprefix("bench_")), result)
         print(f"== {name} -> {path}")
         print(json.dumps(result.get("summary", result), indent=2))
     return 0

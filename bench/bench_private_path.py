@@ -23,9 +23,18 @@ import aiohttp
 
 from openpcc.local import client_from_config, start_local_stack
 
-MAX_TOKENS = 32
-PROMPT = "Write a short story about a lighthouse keeper."
-LOADS = ((1, 12), (8, 32))  # (concurrency, requests)
+# Settings; the GPU run overrides them through the environment (see docs in bench/README.md).
+MAX_TOKENS = int(os.environ.get("OPENPCC_BENCH_MAX_TOKENS", "32"))
+PROMPT_WORDS = int(os.environ.get("OPENPCC_BENCH_PROMPT_WORDS", "0"))
+PROMPT = (
+    " ".join(["lighthouse"] * PROMPT_WORDS)
+    if PROMPT_WORDS
+    else "Write a short story about a lighthouse keeper."
+)
+LOADS = tuple(
+    tuple(int(x) for x in pair.split(":"))
+    for pair in os.environ.get("OPENPCC_BENCH_LOADS", "1:12,8:32").split(",")
+)  # (concurrency, requests)
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -75,12 +84,15 @@ async def _load(fn: Any, concurrency: int, n: int) -> dict[str, float]:
     sem = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
     gaps: list[float] = []
+    tpots: list[float] = []
 
     async def one() -> None:
         async with sem:
             ttft, g = await fn()
             ttfts.append(ttft)
             gaps.extend(g)
+            if g:
+                tpots.append(sum(g) / len(g))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
@@ -90,7 +102,10 @@ async def _load(fn: Any, concurrency: int, n: int) -> dict[str, float]:
         "ttft_p50_ms": round(_pct(ttfts, 50) * 1000, 2),
         "ttft_p99_ms": round(_pct(ttfts, 99) * 1000, 2),
         "chunk_gap_mean_ms": round(statistics.mean(gaps) * 1000, 3) if gaps else 0.0,
-        "chunks_per_s": round(len(gaps) / wall, 1),
+        "tpot_p50_ms": round(_pct(tpots, 50) * 1000, 3) if tpots else 0.0,
+        "tpot_p99_ms": round(_pct(tpots, 99) * 1000, 3) if tpots else 0.0,
+        "output_chunks_per_s": round((len(gaps) + n) / wall, 1),
+        "wall_s": round(wall, 2),
     }
 
 
@@ -114,6 +129,13 @@ async def _measure(engine_url: str, model: str, config: Path) -> dict[str, Any]:
                     "added_per_chunk_ms": round(
                         private["chunk_gap_mean_ms"] - direct["chunk_gap_mean_ms"], 3
                     ),
+                    "throughput_ratio": round(
+                        private["output_chunks_per_s"] / direct["output_chunks_per_s"], 3
+                    ),
+                    "ttft_p50_ratio": round(private["ttft_p50_ms"] / direct["ttft_p50_ms"], 3),
+                    "tpot_p50_ratio": round(private["tpot_p50_ms"] / direct["tpot_p50_ms"], 3)
+                    if direct["tpot_p50_ms"]
+                    else None,
                 }
     finally:
         await client.aclose()
@@ -131,7 +153,14 @@ def run() -> dict[str, Any]:
         model_dir = str(state / "tiny-model")
         make_tiny_model(Path(model_dir))
     extra = json.loads(os.environ.get("OPENPCC_BENCH_VLLM_ARGS", '["--enforce-eager"]'))
-    engine = VLLMEngine(model_dir, extra_args=extra, log_path=state / "vllm.log")
+    engine = VLLMEngine(
+        model_dir,
+        extra_args=extra,
+        log_path=Path(os.environ.get("OPENPCC_BENCH_VLLM_LOG", state / "vllm.log")),
+        dtype=os.environ.get("OPENPCC_BENCH_DTYPE", "auto"),
+        max_model_len=int(os.environ.get("OPENPCC_BENCH_MAX_MODEL_LEN", "512")),
+        startup_timeout=float(os.environ.get("OPENPCC_BENCH_STARTUP_TIMEOUT", "300")),
+    )
 
     async def start() -> None:
         await engine.start()
@@ -150,9 +179,17 @@ def run() -> dict[str, Any]:
     finally:
         loop.run_until_complete(engine.stop())
         loop.close()
+    keys = ("added_ttft_p50_ms", "added_ttft_p99_ms", "added_per_chunk_ms", "throughput_ratio")
     summary = {
-        k: {x: v[x] for x in ("added_ttft_p50_ms", "added_ttft_p99_ms", "added_per_chunk_ms")}
-        | {"direct_ttft_p50_ms": v["direct"]["ttft_p50_ms"]}
+        k: {x: v[x] for x in keys} | {"direct_ttft_p50_ms": v["direct"]["ttft_p50_ms"]}
         for k, v in result.items()
     }
-    return {"model": model_dir, "max_tokens": MAX_TOKENS, "loads": result, "summary": summary}
+    return {
+        "result_name": "private_path_" + os.environ.get("OPENPCC_BENCH_LABEL", "cpu"),
+        "model": model_dir,
+        "engine_args": extra,
+        "max_tokens": MAX_TOKENS,
+        "prompt_words": PROMPT_WORDS,
+        "loads": result,
+        "summary": summary,
+    }
