@@ -40,7 +40,7 @@ def make(out: Path) -> Path:
     )
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     fast.save_pretrained(out)
-    (out / "OPENPCC_TEST_MODEL.txt").write_text(
+    (out / "DUMMY_WEIGHTS.txt").write_text(
         "Llama-3-8B shape with vLLM dummy (random) weights: output is meaningless.\n"
     )
     return out
