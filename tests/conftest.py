@@ -133,3 +133,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+FAKE_MODEL = "fake-model"
+
+
+@pytest.fixture(scope="module")
+def fake_engine(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A recording OpenAI-compatible fake engine (tests/node_support) for one test module."""
+    from tests.node_support.procs import start_engine
+
+    proc = start_engine(tmp_path_factory.mktemp("engine"), FAKE_MODEL)
+    yield f"http://127.0.0.1:{proc.port}"
+    proc.stop()

@@ -26,35 +26,16 @@ from openpcc.client.errors import TokenRejectedError, TruncatedResponseError
 from openpcc.demo_views import ALLOWED, party_views
 from openpcc.local import DEMO_ACCOUNT, LocalStack, client_from_config, start_local_stack
 from openpcc.stack import free_port
-from tests.conftest import ROOT
+from tests.conftest import FAKE_MODEL
 
 CLIENT_ADDR = "127.0.0.2"
-MODEL = "fake-model"
+MODEL = FAKE_MODEL
 PROMPT = "a very private question about my health 0x5EC2E7"
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("engine") / "engine.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/node_support/fake_engine.py"), str(port), MODEL],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(log.read_text()) from None
-            asyncio.run(asyncio.sleep(0.1))
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+def engine(fake_engine: str) -> str:
+    return fake_engine
 
 
 @pytest.fixture(scope="module")

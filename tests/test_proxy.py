@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,35 +20,16 @@ import pytest
 
 from openpcc.local import LocalStack, start_local_stack
 from openpcc.stack import Processes, free_port, run_cli
-from tests.conftest import ROOT
+from tests.conftest import FAKE_MODEL
 
-MODEL = "fake-model"
+MODEL = FAKE_MODEL
 ANSWER = "Hello from the fake engine."
 WORDS = 6  # the fake engine's answer, in events
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("engine") / "engine.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/node_support/fake_engine.py"), str(port), MODEL],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(log.read_text()) from None
-            asyncio.run(asyncio.sleep(0.1))
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+def engine(fake_engine: str) -> str:
+    return fake_engine
 
 
 @pytest.fixture(scope="module")
