@@ -12,12 +12,12 @@ reloads it when the folder's mtime changes, exactly as the issuer does for token
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from openpcc.errors import OpenPCCError
+from openpcc.files import mtime_ns, write_private
 from openpcc.wire import hpke
 from openpcc.wire.ohttp import KeyConfig, SymmetricSuite
 
@@ -53,18 +53,6 @@ class OhttpKey:
         return KeyConfig(self.key_id, hpke.KEM_DHKEM_X25519_HKDF_SHA256, self.public_key, SUITES)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomic 0600 write: a reader never sees half a key, and the folder mtime changes."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _save(keys_dir: Path, key: OhttpKey) -> None:
     doc = {
         "key_id": key.key_id,
@@ -72,7 +60,7 @@ def _save(keys_dir: Path, key: OhttpKey) -> None:
         "created_at": key.created_at,
         "expires_at": key.expires_at,
     }
-    _write_private(keys_dir / f"{key.key_id}.json", json.dumps(doc).encode())
+    write_private(keys_dir / f"{key.key_id}.json", json.dumps(doc).encode())
 
 
 class OhttpKeyRing:
@@ -86,7 +74,7 @@ class OhttpKeyRing:
             key=lambda k: (k.expires_at is None, k.expires_at or 0, k.created_at),
             reverse=True,
         )
-        self.mtime_ns = keys_dir.stat().st_mtime_ns if keys_dir.exists() else 0
+        self.mtime_ns = mtime_ns(keys_dir)
 
     @classmethod
     def load(cls, state_dir: Path) -> OhttpKeyRing:
@@ -115,10 +103,7 @@ class OhttpKeyRing:
 
     def changed_on_disk(self) -> bool:
         """Cheap check so a running gateway picks up ``keys rotate`` without a restart."""
-        try:
-            return self.dir.stat().st_mtime_ns != self.mtime_ns
-        except FileNotFoundError:
-            return self.mtime_ns != 0
+        return mtime_ns(self.dir) != self.mtime_ns
 
     def live(self, now: float) -> list[OhttpKey]:
         return [k for k in self.keys if k.live(now)]

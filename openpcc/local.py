@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from openpcc.errors import OpenPCCError
+from openpcc.files import write_private
 from openpcc.stack import Processes, free_port, run_cli
 
 DEFAULT_STATE = Path(".state/local")
@@ -161,9 +162,7 @@ def start_local_stack(
                 "issuer", "account", "add", DEMO_ACCOUNT, "--quota", "1000", "--per", "3600",
                 "--state", str(issuer_state),
             )  # fmt: skip
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(out.strip().splitlines()[-1])
+            write_private(key_file, out.strip().splitlines()[-1].encode())
 
         secret = secrets.token_urlsafe(24)
         urls["gateway"] = f"http://127.0.0.1:{ports['gateway']}"

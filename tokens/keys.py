@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openpcc.errors import OpenPCCError
+from openpcc.files import mtime_ns, write_private
 from openpcc.privacypass.blindrsa import PrivateKey
 from openpcc.privacypass.issuance import IssuerKey
 
@@ -47,24 +48,13 @@ class StoredKey:
         return self.not_before <= now < self.expires_at
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 class KeyRing:
     """All token keys found in a state folder, newest ``not_before`` first."""
 
     def __init__(self, keys_dir: Path, keys: list[StoredKey]) -> None:
         self.dir = keys_dir
         self.keys = sorted(keys, key=lambda k: (k.not_before, k.created_at), reverse=True)
-        self.mtime_ns = keys_dir.stat().st_mtime_ns if keys_dir.exists() else 0
+        self.mtime_ns = mtime_ns(keys_dir)
 
     @classmethod
     def load(cls, state_dir: Path) -> KeyRing:
@@ -92,10 +82,7 @@ class KeyRing:
 
     def changed_on_disk(self) -> bool:
         """Cheap check so a running service picks up ``keys rotate`` without a restart."""
-        try:
-            return self.dir.stat().st_mtime_ns != self.mtime_ns
-        except FileNotFoundError:
-            return self.mtime_ns != 0
+        return mtime_ns(self.dir) != self.mtime_ns
 
     def published(self, now: float) -> list[StoredKey]:
         return [k for k in self.keys if k.published(now)]
@@ -118,7 +105,7 @@ class KeyRing:
         stored = StoredKey(ik, int(not_before), int(not_before) + lifetime, int(now))
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         stem = self.dir / stored.key_id_hex
-        _write_private(stem.with_suffix(".pem"), ik.private_key.to_pkcs8_pem())
+        write_private(stem.with_suffix(".pem"), ik.private_key.to_pkcs8_pem())
         meta = {
             "not_before": stored.not_before,
             "expires_at": stored.expires_at,
