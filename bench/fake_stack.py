@@ -1,0 +1,127 @@
+"""The whole local stack on the fast fake engine: for soak, fuzz and log-audit runs.
+
+Why not vLLM: these runs measure the parties (issuer, relay, gateway, node), not the
+model; the fake engine (tests/node_support/fake_engine.py) speaks the same OpenAI
+streaming protocol in a few milliseconds, so the parties get all the load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from openpcc.local import DEMO_ACCOUNT, LocalStack, start_local_stack
+from openpcc.stack import free_port, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_ENGINE = ROOT / "tests" / "node_support" / "fake_engine.py"
+MODEL = "fake-model"
+PARTIES = ("issuer", "gateway", "relay", "node")
+
+
+@dataclass
+class FakeStack:
+    stack: LocalStack
+    engine_url: str
+    engine: subprocess.Popen[bytes]
+    api_key: str
+    account: str
+
+    def pid(self, name: str) -> int:
+        return next(s.proc.pid for s in self.stack.procs.services if s.name == name)
+
+    def url(self, name: str) -> str:
+        return self.stack.urls[name]
+
+    def env_of(self, name: str, var: str) -> str:
+        """A variable from a party's environment (e.g. the registration secret)."""
+        for item in Path(f"/proc/{self.pid(name)}/environ").read_bytes().split(b"\0"):
+            if item.startswith(var.encode() + b"="):
+                return item.split(b"=", 1)[1].decode()
+        raise KeyError(var)
+
+    def arg_of(self, name: str, flag: str) -> str:
+        args = Path(f"/proc/{self.pid(name)}/cmdline").read_bytes().split(b"\0")
+        return args[args.index(flag.encode()) + 1].decode()
+
+
+def start_engine(log: Path, model: str = MODEL) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, str(FAKE_ENGINE), str(port), model], stdout=fh, stderr=fh
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).close()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(log.read_text()) from None
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def fake_stack(
+    state: Path, *, nodes: int = 1, audit: bool = False, quota: int | None = None
+) -> Iterator[FakeStack]:
+    """Start engine + stack; with ``quota``, a fresh account with that many tokens/hour.
+
+    The demo account's 1000 tokens/hour would cap a soak, so a soak asks for its own
+    account and points ``client.json`` at that account's key.
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    engine, url = start_engine(state / "engine.log")
+    try:
+        stack = start_local_stack(
+            state, engine_url=url, model_name=MODEL, audit=audit, nodes=nodes,
+            log=lambda *_: None,
+        )  # fmt: skip
+        try:
+            account, key = DEMO_ACCOUNT, (state / "demo-api-key").read_text().strip()
+            if quota is not None:
+                account = f"bench-{os.urandom(4).hex()}"
+                out = run_cli("issuer", "account", "add", account, "--quota", str(quota),
+                              "--per", "3600", "--state", str(state / "issuer"))  # fmt: skip
+                key = out.strip().splitlines()[-1]
+                key_file = state / "bench-api-key"
+                key_file.write_text(key)
+                key_file.chmod(0o600)
+                cfg = json.loads(stack.config_path.read_text())
+                cfg["api_key_file"] = str(key_file.resolve())
+                cfg["wallet"] = str((state / "bench-wallet.json").resolve())
+                stack.config_path.write_text(json.dumps(cfg, indent=1) + "\n")
+            yield FakeStack(stack, url, engine, key, account)
+        finally:
+            stack.procs.stop()
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        try:
+            engine.wait(10)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+            engine.wait()
+
+
+def proc_sample(pid: int) -> dict[str, int]:
+    """RSS (KiB), open fds and threads of one process, from /proc."""
+    rss = threads = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Threads:"):
+            threads = int(line.split()[1])
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return {"rss_kib": rss, "fds": fds, "threads": threads}
