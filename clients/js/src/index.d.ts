@@ -1,0 +1,222 @@
+// Types for @openpcc/client (the implementation is plain ESM JavaScript in src/).
+
+export type Field = [Uint8Array, Uint8Array];
+
+// ----------------------------------------------------------------------- errors
+export class OpenPCCError extends Error {}
+export class DecodeError extends OpenPCCError {}
+export class TruncatedError extends DecodeError {}
+export class LimitExceededError extends DecodeError {}
+export class UnsupportedError extends DecodeError {}
+export class EncodeError extends OpenPCCError {}
+export class DecryptError extends OpenPCCError {}
+export class StateError extends OpenPCCError {}
+export class VerificationError extends OpenPCCError {
+  checks?: Check[];
+}
+export class RelayError extends OpenPCCError {}
+export class IssuerError extends OpenPCCError {
+  status: number | null;
+}
+export class GatewayError extends OpenPCCError {
+  constructor(status: number, problem?: Record<string, unknown> | null, message?: string);
+  status: number;
+  problem: Record<string, unknown> | null;
+}
+export class TokenRejectedError extends GatewayError {}
+export class NoCapacityError extends GatewayError {}
+export class NoVerifiedNodeError extends OpenPCCError {
+  model: string;
+  rejected: Record<string, string[]>;
+}
+export class NodeError extends OpenPCCError {
+  status: number;
+  body: Uint8Array;
+}
+export class TruncatedResponseError extends OpenPCCError {}
+
+// ----------------------------------------------------------------------- client
+export interface ChatMessage {
+  role: 'system' | 'user' | 'assistant' | string;
+  content: string;
+  [k: string]: unknown;
+}
+export interface ChatCompletionChunk {
+  id?: string;
+  object?: 'chat.completion.chunk' | string;
+  model?: string;
+  choices: Array<{ index: number; delta: { role?: string; content?: string | null }; finish_reason?: string | null }>;
+  [k: string]: unknown;
+}
+export interface ChatCompletion {
+  id?: string;
+  object?: 'chat.completion' | string;
+  choices: Array<{ index: number; message: { role: string; content: string | null }; finish_reason?: string | null }>;
+  [k: string]: unknown;
+}
+export interface ChatCreateParams {
+  model: string;
+  messages: ChatMessage[];
+  stream?: boolean;
+  max_tokens?: number;
+  temperature?: number;
+  [k: string]: unknown;
+}
+export interface VerifiedNode {
+  nodeId: Uint8Array;
+  publicKey: Uint8Array;
+  models: string[];
+  expiresAt: number;
+  checks: Check[];
+}
+export interface Check {
+  name: string;
+  ok: boolean;
+  detail: string;
+}
+
+export interface ClientOptions {
+  relayUrl: string;
+  issuerUrl: string;
+  apiKey: string;
+  /** The signed release manifest (JSON text or parsed object), or a verified TrustPolicy. */
+  policy: string | Record<string, unknown> | TrustPolicy;
+  /** Pinned Ed25519 release key(s): PEM text, 32 raw bytes or DER SPKI. */
+  releasePublicKey?: string | Uint8Array | Array<string | Uint8Array>;
+  /** Candidates per request (1..8, default 3). */
+  k?: number;
+  fetch?: typeof fetch;
+  /** Token challenge issuer name (default: the issuer URL's host name). */
+  issuerName?: string;
+  /** Tokens per issuance batch (default 10). */
+  batchSize?: number;
+}
+
+export class OpenPCCClient {
+  readonly wallet: TokenWallet;
+  chat: {
+    completions: {
+      create(params: ChatCreateParams & { stream: true }): AsyncIterable<ChatCompletionChunk>;
+      create(params: ChatCreateParams & { stream?: false }): Promise<ChatCompletion>;
+    };
+  };
+  completions: {
+    create(params: { model: string; prompt: string; stream: true; [k: string]: unknown }): AsyncIterable<Record<string, unknown>>;
+    create(params: { model: string; prompt: string; stream?: false; [k: string]: unknown }): Promise<Record<string, unknown>>;
+  };
+  policy(): Promise<TrustPolicy>;
+  verifiedNodes(opts?: { refresh?: boolean }): Promise<VerifiedNode[]>;
+  models(): Promise<string[]>;
+  /** Node ids whose bundles failed verification, with the reasons. */
+  rejected: Record<string, string[]>;
+}
+
+export function createClient(opts: ClientOptions): OpenPCCClient;
+
+export class TokenWallet {
+  constructor(opts: { issuerUrl: string; apiKey: string; issuerName?: string; batchSize?: number; maxKeys?: number; fetch?: typeof fetch });
+  readonly count: number;
+  take(): Promise<{ bytes: Uint8Array; tokenKeyId: Uint8Array }>;
+  refill(n?: number): Promise<number>;
+}
+export function formatAuthorization(token: Uint8Array): string;
+
+// ------------------------------------------------------------------ attestation
+export class TrustPolicy {
+  readonly development: boolean;
+  acceptsOhttpKey(config: Uint8Array): Promise<boolean>;
+  acceptsTokenKey(keyId: Uint8Array): boolean;
+}
+export function loadTrustPolicy(
+  signed: string | Record<string, unknown>,
+  releaseKeys: string | Uint8Array | Array<string | Uint8Array>,
+  opts?: { now?: number; minSerial?: number },
+): Promise<TrustPolicy>;
+export function verifyNodeEntry(entry: Record<string, unknown>, policy: TrustPolicy, now?: number): Promise<VerifiedNode>;
+export function verifySnp(
+  report: Uint8Array,
+  endorsement: string | Uint8Array,
+  opts: { now: number; chainPem?: string; expectedReportData?: Uint8Array; policy?: Record<string, unknown> },
+): Promise<{ platform: 'sev-snp' | 'simulated-snp'; product: string | null; checks: Check[] }>;
+export function parseSnpReport(report: Uint8Array): Record<string, unknown>;
+export function decodeClaims(bytes: Uint8Array): Record<string, unknown>;
+export function reportDataFor(claimsBytes: Uint8Array): Promise<Uint8Array>;
+
+// ------------------------------------------------------------------------ wire
+export interface SealedRequest {
+  envelope: Uint8Array;
+  context: Uint8Array;
+  responseOpener(): ResponseOpener;
+}
+export function sealRequest(
+  candidates: Array<{ nodeId: Uint8Array; publicKey: Uint8Array }>,
+  model: string,
+  bhttpRequest: Uint8Array,
+  testing?: { dataKey?: Uint8Array; requestNonce?: Uint8Array; ephemerals?: CryptoKeyPair[] },
+): Promise<SealedRequest>;
+export type SealedEvent = { type: 'head'; status: number; headers: Field[] } | { type: 'data'; data: Uint8Array };
+export class ResponseOpener {
+  constructor(dataKey: Uint8Array, requestNonce: Uint8Array, context: Uint8Array);
+  readonly complete: boolean;
+  receiveData(data: Uint8Array): Promise<SealedEvent[]>;
+  endOfInput(): void;
+}
+export function keyIdFor(publicKey: Uint8Array): Promise<Uint8Array>;
+
+export interface BhttpRequest {
+  method: string;
+  scheme: string;
+  authority?: string;
+  path: string;
+  headers?: Array<[string | Uint8Array, string | Uint8Array]>;
+  content?: Uint8Array;
+  trailers?: Array<[string | Uint8Array, string | Uint8Array]>;
+}
+export function encodeRequest(req: BhttpRequest, opts?: { indeterminate?: boolean; padding?: number }): Uint8Array;
+export function decodeRequest(buf: Uint8Array): Required<BhttpRequest> & { headers: Field[]; trailers: Field[]; padding: number };
+export function decodeResponse(buf: Uint8Array): {
+  status: number;
+  headers: Field[];
+  content: Uint8Array;
+  trailers: Field[];
+  informational: Array<{ status: number; headers: Field[] }>;
+  padding: number;
+};
+export type StreamEvent =
+  | { type: 'informational' | 'head'; status: number; headers: Field[] }
+  | { type: 'data'; data: Uint8Array }
+  | { type: 'end'; trailers: Field[] };
+export class ResponseStreamDecoder {
+  readonly complete: boolean;
+  receiveData(data: Uint8Array): StreamEvent[];
+  endOfInput(): StreamEvent[];
+}
+
+export interface KeyConfig {
+  keyId: number;
+  kemId: number;
+  publicKey: Uint8Array;
+  algorithms: Array<[number, number]>;
+  encoded: Uint8Array;
+  supports(kdf: number, aead: number): boolean;
+}
+export function parseKeyConfigs(body: Uint8Array): KeyConfig[];
+export function encapsulateRequest(
+  cfg: KeyConfig,
+  bhttp: Uint8Array,
+  testing?: { ekm?: CryptoKeyPair },
+): Promise<{ request: Uint8Array; decapsulate(response: Uint8Array): Promise<Uint8Array> }>;
+export class ChunkedRequestSender {
+  static create(cfg: KeyConfig, opts?: { ekm?: CryptoKeyPair; maxChunkSize?: number }): Promise<ChunkedRequestSender>;
+  sealChunk(data: Uint8Array, final?: boolean): Promise<Uint8Array>;
+  responseReceiver(opts?: { maxChunkSize?: number }): ChunkedResponseReceiver;
+}
+export class ChunkedResponseReceiver {
+  receiveData(data: Uint8Array): Promise<Uint8Array[]>;
+  endOfInput(): Promise<Uint8Array>;
+}
+
+export class SSEParser {
+  feed(bytes: Uint8Array): Array<Record<string, unknown> | typeof DONE>;
+}
+export const DONE: unique symbol;

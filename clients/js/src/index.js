@@ -1,0 +1,8 @@
+// @openpcc/client: browser and Node >= 20 entry point.
+export { createClient, OpenPCCClient, SSEParser, DONE } from './client.js';
+export { TokenWallet, formatAuthorization } from './privacypass.js';
+export { loadTrustPolicy, TrustPolicy, verifyNodeEntry, verifySnp, parseSnpReport, decodeClaims, reportDataFor } from './attestation.js';
+export { sealRequest, ResponseOpener, keyIdFor } from './sealed.js';
+export { encodeRequest, decodeRequest, decodeResponse, ResponseStreamDecoder } from './bhttp.js';
+export { parseKeyConfigs, encapsulateRequest, ChunkedRequestSender, ChunkedResponseReceiver } from './ohttp.js';
+export * from './errors.js';

@@ -1,0 +1,82 @@
+// Attestation: real SEV-SNP captures (../shared/attestation-samples) and simulated-TEE
+// bundles made by the Python code, checked by the JS verifier.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { verifySnp, loadTrustPolicy, verifyNodeEntry, VerificationError } from '../src/index.js';
+import { REPO, readJson } from './helpers.js';
+
+const SAMPLES = path.resolve(REPO, '../shared/attestation-samples/sev-snp');
+const AT = Date.UTC(2025, 5, 1) / 1000; // inside every sample certificate's validity
+const byName = (checks) => Object.fromEntries(checks.map((c) => [c.name, c]));
+
+test('real Milan VCEK report: ECDSA-P384 signature, RSA-PSS AMD chain, TCB', async () => {
+  const report = new Uint8Array(readFileSync(path.join(SAMPLES, 'milan-vcek-virtee/report_milan.bin')));
+  const vcek = new Uint8Array(readFileSync(path.join(SAMPLES, 'milan-vcek-virtee/vcek_milan.der')));
+  const v = await verifySnp(report, vcek, { now: AT });
+  const c = byName(v.checks);
+  assert.equal(v.platform, 'sev-snp');
+  for (const n of ['signature', 'chain', 'tcb']) assert.ok(c[n].ok, `${n}: ${c[n].detail}`);
+  assert.match(c.chain.detail, /ARK-Milan/);
+  const bad = report.slice();
+  bad[0x90] ^= 1; // measurement
+  assert.equal(byName((await verifySnp(bad, vcek, { now: AT })).checks).signature.ok, false);
+  const late = byName((await verifySnp(report, vcek, { now: Date.UTC(2060, 0, 1) / 1000 })).checks);
+  assert.equal(late.chain.ok, false);
+});
+
+test('real AWS VLEK report chains to the ASVK', async () => {
+  const report = new Uint8Array(readFileSync(path.join(SAMPLES, 'milan-vlek-aws-trustee/test-vlek-report.bin')));
+  const vlek = new Uint8Array(readFileSync(path.join(SAMPLES, 'milan-vlek-aws-trustee/test-vlek.der')));
+  const c = byName((await verifySnp(report, vlek, { now: AT })).checks);
+  for (const n of ['signature', 'chain', 'tcb']) assert.ok(c[n].ok, `${n}: ${c[n].detail}`);
+});
+
+let fixture = null;
+function sim(t) {
+  const py = process.env.PYTHON || 'python3';
+  try {
+    fixture ??= JSON.parse(execFileSync(py, [path.join(REPO, 'clients/js/test/make_sim_bundle.py')], { cwd: REPO }).toString());
+  } catch (e) {
+    t.skip(`python openpcc unavailable: ${e.message.split('\n')[0]}`);
+    return null;
+  }
+  return fixture;
+}
+
+test('simulated-TEE bundle made by Python verifies under a manifest trusting its root', async (t) => {
+  const f = sim(t);
+  if (!f) return;
+  const policy = await loadTrustPolicy(f.signed, f.release_pubkey_pem);
+  const node = await verifyNodeEntry(f.entry, policy, f.now);
+  assert.equal(Buffer.from(node.publicKey).toString('hex'), f.entry.public_key);
+  assert.ok(byName(node.checks)['tee.report_data'].ok);
+});
+
+test('simulated-TEE bundle is rejected without a dev root, with another measurement, or a swapped key', async (t) => {
+  const f = sim(t);
+  if (!f) return;
+  const reject = async (signed, entry, re) => {
+    const policy = await loadTrustPolicy(signed, f.release_pubkey_pem);
+    await assert.rejects(verifyNodeEntry(entry, policy, f.now), (e) => e instanceof VerificationError && re.test(e.message));
+  };
+  await reject(f.signed_no_dev_root, f.entry, /development/);
+  await reject(f.signed_other_measurement, f.entry, /tee\.measurement/);
+  await reject(f.signed, { ...f.entry, public_key: 'ff'.repeat(32) }, /node_key/);
+  const policy = await loadTrustPolicy(f.signed, f.release_pubkey_pem);
+  await assert.rejects(verifyNodeEntry(f.entry, policy, f.now + 7200), /claims_window/);
+});
+
+test('a manifest signed by an unpinned key, or tampered, is refused', async (t) => {
+  const f = sim(t);
+  if (!f) return;
+  const other = '-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n';
+  await assert.rejects(loadTrustPolicy(f.signed, other), /not pinned/);
+  const doc = JSON.parse(f.signed);
+  const m = JSON.parse(Buffer.from(doc.manifest, 'base64').toString());
+  m.development_roots = [];
+  doc.manifest = Buffer.from(JSON.stringify(m)).toString('base64');
+  await assert.rejects(loadTrustPolicy(JSON.stringify(doc), f.release_pubkey_pem), /signature does not verify/);
+});
