@@ -290,6 +290,25 @@ class Gateway:
             headers={"Cache-Control": f"public, max-age={self.config.keys_max_age}"},
         )
 
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """Readiness: the issuer directory is loaded and the spent store answers.
+
+        Without the directory every token is refused; without the spent store no token
+        can be redeemed safely. Liveness (/healthz) stays 200 so a replica is not
+        restarted just because Redis or the issuer is briefly away.
+        """
+        checks = {"issuer_directory": self.issuer.snapshot is not None, "spent_store": True}
+        ping = getattr(self.spent, "ping", None)
+        if ping is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    checks["spent_store"] = bool(await ping())
+            except Exception:
+                checks["spent_store"] = False
+        ok = all(checks.values())
+        body = {"status": "ok" if ok else "unavailable", **checks}
+        return web.json_response(body, status=200 if ok else 503)
+
     async def metrics_handler(self, request: web.Request) -> web.Response:
         total, healthy = self.registry.counts()
         self.metrics.set("nodes", healthy, health="healthy")
@@ -643,6 +662,7 @@ def create_public_app(gw: Gateway) -> web.Application:
     app.router.add_get(WELL_KNOWN_KEYS, gw.key_configs)
     app.router.add_post(GATEWAY_PATH, gw.ohttp)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_handler)
     return app
 
@@ -651,6 +671,7 @@ def create_internal_app(gw: Gateway) -> web.Application:
     app = web.Application(client_max_size=MAX_REGISTRATION_BYTES + 1024)
     app.router.add_post(REGISTER_PATH, gw.register)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", gw.readyz)
     return app
 
 

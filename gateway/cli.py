@@ -112,6 +112,13 @@ def register(sub: Any) -> None:
         help="largest encapsulated request (default fits the largest sealed envelope)",
     )
     serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=float(_env("SHUTDOWN_TIMEOUT", "30") or 30),
+        metavar="SECONDS",
+        help="on SIGTERM, stop accepting and let in-flight streams finish this long",
+    )
+    serve.add_argument(
         "--audit-log",
         type=Path,
         default=_env("AUDIT_LOG"),
@@ -219,8 +226,15 @@ async def _run(args: argparse.Namespace, issuer_name: str) -> None:
     # access_log=None: the gateway must not keep a per-request record (peer = relay, but
     # timing plus path is still more than an aggregate). handler_cancellation: a client
     # that leaves cancels the node request too.
-    public = web.AppRunner(create_public_app(gw), access_log=None, handler_cancellation=True)
-    internal = web.AppRunner(create_internal_app(gw), access_log=None)
+    public = web.AppRunner(
+        create_public_app(gw),
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    internal = web.AppRunner(
+        create_internal_app(gw), access_log=None, shutdown_timeout=args.shutdown_timeout
+    )
     await public.setup()
     await internal.setup()
     await web.TCPSite(public, args.host, args.port).start()
@@ -242,6 +256,8 @@ async def _run(args: argparse.Namespace, issuer_name: str) -> None:
     try:
         await stop.wait()
     finally:
-        await public.cleanup()
-        await internal.cleanup()
+        # Drain: close the listeners, let in-flight streams finish (up to
+        # --shutdown-timeout), and only then drop the node session and stores.
+        log.info("stopping: draining in-flight requests")
+        await asyncio.gather(public.cleanup(), internal.cleanup())
         await gw.stop()

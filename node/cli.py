@@ -105,9 +105,12 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
     )
     add(
         "--gateway-internal",
-        default=_env("GATEWAY_INTERNAL"),
+        action="append",
+        default=None,
         metavar="URL",
-        help="the gateway's internal base URL (POST URL/internal/nodes); none: do not register",
+        help="a gateway's internal base URL (POST URL/internal/nodes); repeat it once per "
+        "gateway replica, each keeps its own node registry (env: comma-separated); "
+        "none: do not register",
     )
     add(
         "--registration-secret",
@@ -233,6 +236,12 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
         help="seconds the engine may stay silent during a response",
     )
     add(
+        "--shutdown-timeout",
+        type=float,
+        default=float(_env("SHUTDOWN_TIMEOUT", "30") or 30),
+        help="on SIGTERM, stop accepting and let in-flight streams finish this many seconds",
+    )
+    add(
         "--audit-log",
         type=Path,
         default=_env("AUDIT_LOG"),
@@ -303,6 +312,8 @@ def _node_serve(args: argparse.Namespace) -> int:
 
     if not args.engine_url and not args.vllm_model:
         raise ValueError("give --engine-url URL or --vllm-model DIR")
+    if not args.gateway_internal:
+        args.gateway_internal = [u for u in (_env("GATEWAY_INTERNAL") or "").split(",") if u]
     if args.gateway_internal and not args.registration_secret:
         raise ValueError(f"--gateway-internal needs --registration-secret ({NODE_ENV}...)")
     if args.heartbeat <= 0:
@@ -356,16 +367,15 @@ def _node_serve(args: argparse.Namespace) -> int:
         engine_read_timeout=args.engine_timeout,
         claims_lifetime=args.claims_lifetime,
     )
-    registration = (
+    registration = [
         RegistrationConfig(
-            gateway_internal=args.gateway_internal,
+            gateway_internal=gateway.strip(),
             secret=args.registration_secret,
             url=public_url,
             heartbeat=args.heartbeat,
         )
-        if args.gateway_internal
-        else None
-    )
+        for gateway in args.gateway_internal
+    ]
     measurement = bytes.fromhex(args.tee_measurement) if args.tee_measurement else None
     evidence = open_source(args.tee, tee_dir, release_id=args.release_id, measurement=measurement)
     service = NodeService(
@@ -385,4 +395,10 @@ def _node_serve(args: argparse.Namespace) -> int:
         evidence.tee,
         service.key_id.hex(),
     )
-    return run(service, host=args.host, port=args.port, audit_log=args.audit_log)
+    return run(
+        service,
+        host=args.host,
+        port=args.port,
+        audit_log=args.audit_log,
+        shutdown_timeout=args.shutdown_timeout,
+    )

@@ -16,6 +16,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ class NodeService:
         engine: Engine,
         evidence: EvidenceSource,
         *,
-        registration: RegistrationConfig | None = None,
+        registration: RegistrationConfig | Sequence[RegistrationConfig] | None = None,
         external_engine: bool = False,
         health_interval: float = 5.0,
     ) -> None:
@@ -97,11 +98,13 @@ class NodeService:
         self.metrics = Metrics("openpcc_node")
         self.metrics.describe("sealed_requests_total", "sealed requests by outcome")
         self.metrics.describe("registrations_total", "successful gateway registrations")
-        self.registrar = (
-            Registrar(registration, self.registration_document, self.engine_ready)
-            if registration is not None
-            else None
-        )
+        if isinstance(registration, RegistrationConfig):
+            registration = [registration]
+        # One heartbeat per gateway replica: each replica keeps its own registry.
+        self.registrars = [
+            Registrar(r, self.registration_document, self.engine_ready) for r in registration or ()
+        ]
+        self.registrar = self.registrars[0] if self.registrars else None
 
     # ------------------------------------------------------------------ evidence
 
@@ -150,8 +153,8 @@ class NodeService:
         )
         self._engine_task = asyncio.create_task(self._run_engine(), name="node-engine")
         await self.bundle()  # fail at start, not at the first heartbeat
-        if self.registrar is not None:
-            self.registrar.start()
+        for registrar in self.registrars:
+            registrar.start()
 
     async def _run_engine(self) -> None:
         """Start the engine, then watch it for as long as the node runs.
@@ -196,8 +199,8 @@ class NodeService:
         signal.raise_signal(signal.SIGTERM)  # run_app's graceful shutdown, then exit 1
 
     async def on_cleanup(self, _app: web.Application) -> None:
-        if self.registrar is not None:
-            await self.registrar.stop()
+        for registrar in self.registrars:
+            await registrar.stop()
         if self._engine_task is not None and not self._engine_task.done():
             self._engine_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -213,12 +216,24 @@ class NodeService:
             return web.json_response({"status": "ok", "engine": "ready"})
         return web.json_response({"status": "unavailable", "engine": "not ready"}, status=503)
 
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """Readiness: the engine answers and the node registered at least once with every
+        configured gateway, so each of them can route to it."""
+        registered = all(r.registered > 0 for r in self.registrars)
+        ok = self.engine_ready() and registered
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "engine": "ready" if self.engine_ready() else "not ready",
+            "registered": registered,
+        }
+        return web.json_response(body, status=200 if ok else 503)
+
     async def metrics_handler(self, request: web.Request) -> web.Response:
         self.metrics.set("engine_ready", 1 if self.engine_ready() else 0)
         self.metrics.set("inflight", self._inflight)
-        if self.registrar is not None:
-            self.metrics.set("registrations", self.registrar.registered)
-            self.metrics.set("registration_failures", self.registrar.failures)
+        if self.registrars:
+            self.metrics.set("registrations", sum(r.registered for r in self.registrars))
+            self.metrics.set("registration_failures", sum(r.failures for r in self.registrars))
         return await self.metrics.handler(request)
 
     def _count(self, outcome: str) -> None:
@@ -376,21 +391,33 @@ def build_app(service: NodeService, *, audit_log: Path | None = None) -> web.App
     app[SERVICE_KEY] = service
     app.router.add_post("/v1/sealed", service.sealed_handler)
     app.router.add_get("/healthz", service.healthz)
+    app.router.add_get("/readyz", service.readyz)
     app.router.add_get("/metrics", service.metrics_handler)
     app.on_startup.append(service.on_startup)
     app.on_cleanup.append(service.on_cleanup)
     return app
 
 
-def run(service: NodeService, *, host: str, port: int, audit_log: Path | None = None) -> int:
-    """Serve until SIGINT/SIGTERM; cleanup stops the engine (the whole vLLM group)."""
+def run(
+    service: NodeService,
+    *,
+    host: str,
+    port: int,
+    audit_log: Path | None = None,
+    shutdown_timeout: float = 30.0,
+) -> int:
+    """Serve until SIGINT/SIGTERM; cleanup stops the engine (the whole vLLM group).
+
+    On SIGTERM the listener closes first and in-flight sealed streams get
+    ``shutdown_timeout`` seconds to finish before the engine is stopped.
+    """
     web.run_app(
         build_app(service, audit_log=audit_log),
         host=host,
         port=port,
         access_log=None,  # no per-request lines at all: nothing to redact
         print=None,
-        shutdown_timeout=5.0,
+        shutdown_timeout=shutdown_timeout,
         handler_cancellation=True,  # a gateway that leaves aborts the engine request
     )
     return service.exit_code

@@ -406,6 +406,10 @@ class Relay:
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """Ready once started: the relay holds no state a gateway outage would fix."""
+        return web.Response(text="ok\n")
+
     async def metrics_handler(self, _request: web.Request) -> web.Response:
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -460,6 +464,7 @@ def build_app(config: RelayConfig) -> web.Application:
         app.router.add_post(gateway.post_path, relay.ohttp_handler(gateway))
         app.router.add_get(gateway.keys_path, relay.keys_handler(gateway), allow_head=False)
     app.router.add_get("/healthz", relay.healthz, allow_head=False)
+    app.router.add_get("/readyz", relay.readyz, allow_head=False)
     app.router.add_get("/metrics", relay.metrics_handler, allow_head=False)
     app["relay"] = relay
     return app

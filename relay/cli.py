@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add("--max-body", default=_env("MAX_BODY", "8m"), help="largest request body (413 above)")
     add(
+        "--shutdown-timeout",
+        type=float,
+        default=float(_env("SHUTDOWN_TIMEOUT", 30.0)),
+        help="on SIGTERM, stop accepting and let in-flight streams finish this many seconds",
+    )
+    add(
         "--rate-limit",
         type=float,
         default=float(_env("RATE_LIMIT", 10.0)),
@@ -209,6 +215,6 @@ def serve_command(args: argparse.Namespace) -> int:
         access_log_class=_access_logger_class(),
         handler_cancellation=True,  # a client that leaves cancels the upstream request
         print=None,
-        shutdown_timeout=5.0,
+        shutdown_timeout=args.shutdown_timeout,
     )
     return 0

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 KEYS_WELL_KNOWN = "/.well-known/ohttp-gateway"  # RFC 9540 section 3
-RESERVED_NAMES = frozenset({"healthz", "metrics", ".well-known"})
+RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", ".well-known"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*$")
 

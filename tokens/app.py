@@ -190,6 +190,20 @@ async def token_request(request: web.Request) -> web.StreamResponse:
     return web.Response(body=out, content_type=batched.RESPONSE_MEDIA_TYPE)
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness (not liveness): the store answers, so issuance can take quota.
+
+    A cheap lookup of a key hash no account has touches SQLite or Redis for real.
+    """
+    try:
+        async with asyncio.timeout(2.0):
+            await request.app[STORE].account_by_key_hash("0" * 64)
+    except Exception as exc:
+        log.warning("not ready: store unreachable (%s)", type(exc).__name__)
+        return web.json_response({"status": "unavailable", "store": "unreachable"}, status=503)
+    return web.json_response({"status": "ok", "store": "reachable"})
+
+
 def create_app(
     store: IssuerStore,
     ring: KeyRing,
@@ -213,6 +227,7 @@ def create_app(
     app.router.add_get(WELL_KNOWN_PATH, directory)
     app.router.add_post(REQUEST_PATH, token_request)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.handler)
 
     async def _close(_app: web.Application) -> None:

@@ -47,6 +47,13 @@ def register(sub: Any) -> None:
     serve.add_argument("--directory-max-age", type=int, default=300, metavar="SECONDS")
     serve.add_argument("--max-batch", type=int, default=1000, help="tokens per batch request")
     serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=float(_env("SHUTDOWN_TIMEOUT", "10") or 10),
+        metavar="SECONDS",
+        help="on SIGTERM, stop accepting and let in-flight requests finish this long",
+    )
+    serve.add_argument(
         "--audit-log",
         type=Path,
         metavar="FILE",
@@ -215,5 +222,12 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(_store(args), ring, config, audit_log=args.audit_log)
     logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", args.host, args.port)
     # access_log=None: an access log would record client addresses next to accounts.
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=args.shutdown_timeout,
+    )
     return 0

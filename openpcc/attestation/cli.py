@@ -96,6 +96,9 @@ def register(sub: Any) -> None:
     p.add_argument("--at", metavar="T", help="instant (ISO 8601 or Unix seconds)")
     p.add_argument("--min-serial", type=int, default=0, help="refuse older manifests")
     p.set_defaults(func=_release_verify)
+    from openpcc.release_measure import add_parser as add_measure  # sev-snp-measure: lazily
+
+    add_measure(rsub)
 
 
 def _common(p: argparse.ArgumentParser, *, release: bool = True) -> None:

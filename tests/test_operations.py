@@ -1,0 +1,176 @@
+"""Operations contract of every service, each a separate process: liveness (/healthz)
+is "the process is up", readiness (/readyz) is "its dependencies answer", and SIGTERM
+drains: the listener closes, an answer already streaming completes, exit status 0.
+
+That is what Kubernetes (probes, rolling updates) and systemd (stop) rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.ops_support import MODEL, Stack, get
+
+
+def _dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path)
+    s.simulated_tee()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _status(url: str) -> int:
+    return get(url)[0]
+
+
+# ------------------------------------------------------------------ readiness
+
+
+def test_issuer_ready_only_with_its_store(stack: Stack, redis_url: str) -> None:
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    down = stack.issuer("issuer-down", stack.dir / "i1", dead_redis)
+    assert _status(down.url + "/healthz") == 200
+    assert _status(down.url + "/readyz") == 503
+    up = stack.issuer("issuer-up", stack.dir / "i2", redis_url)
+    assert _status(up.url + "/readyz") == 200
+    sqlite = stack.issuer("issuer-sqlite", stack.dir / "i3")
+    assert _status(sqlite.url + "/readyz") == 200
+
+
+def test_gateway_ready_only_with_directory_and_spent_store(stack: Stack, redis_url: str) -> None:
+    no_issuer = stack.gateway("gw-no-issuer", stack.dir / "g1", _dead_url())
+    assert _status(no_issuer.url + "/healthz") == 200
+    status, body = get(no_issuer.url + "/readyz")
+    assert status == 503 and json.loads(body)["issuer_directory"] is False
+    issuer = stack.issuer("issuer", stack.dir / "issuer")
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    no_redis = stack.gateway("gw-no-redis", stack.dir / "g2", issuer.url, dead_redis)
+    status, body = get(no_redis.url + "/readyz")
+    assert status == 503 and json.loads(body) == {
+        "status": "unavailable",
+        "issuer_directory": True,
+        "spent_store": False,
+    }
+    ok = stack.gateway("gw-ok", stack.dir / "g3", issuer.url, redis_url)
+    assert _status(ok.url + "/readyz") == 200
+    assert _status(ok.internal + "/readyz") == 200
+
+
+def test_node_ready_when_engine_up_and_registered(stack: Stack) -> None:
+    issuer = stack.issuer("issuer", stack.dir / "issuer")
+    engine_port = free_port()
+    # Engine not there yet, gateway not there: alive but not ready.
+    port = free_port()
+    gw_internal = _dead_url()
+    args = [
+        "node", "serve", "--port", str(port), "--engine-url", f"http://127.0.0.1:{engine_port}",
+        "--model-name", MODEL, "--tee", "simulated", "--tee-dir", str(stack.dir / "tee"),
+        "--gateway-internal", gw_internal, "--heartbeat", "1",
+    ]  # fmt: skip
+    stack.spawn(
+        "node",
+        args,
+        port,
+        env={"OPENPCC_NODE_REGISTRATION_SECRET": "x" * 32},
+        wait="/metrics",
+    )
+    node = stack.services["node"]
+    status, body = get(node.url + "/readyz")
+    assert status == 503 and json.loads(body)["engine"] == "not ready"
+    # The engine comes up, the gateway still does not answer: still not ready.
+    stack.spawn(
+        "engine",
+        [],
+        engine_port,
+        wait="/health",
+        python=[
+            sys.executable,
+            str(Path(__file__).parent / "node_support" / "fake_engine.py"),
+            str(engine_port),
+            MODEL,
+        ],
+    )
+    deadline = time.monotonic() + 15
+    while json.loads(get(node.url + "/readyz")[1])["engine"] != "ready":
+        assert time.monotonic() < deadline, node.output()
+        time.sleep(0.2)
+    status, body = get(node.url + "/readyz")
+    assert status == 503 and json.loads(body)["registered"] is False
+    # A real gateway: the node registers and becomes ready.
+    gw = stack.gateway("gateway", stack.dir / "gw", issuer.url)
+    node2 = stack.node("node2", f"http://127.0.0.1:{engine_port}", [gw.internal])
+    assert _status(node2.url + "/readyz") == 200
+
+
+def test_relay_ready_once_started(stack: Stack) -> None:
+    relay = stack.relay("relay", _dead_url())  # the gateway's health is not the relay's
+    assert _status(relay.url + "/healthz") == 200
+    assert _status(relay.url + "/readyz") == 200
+
+
+# ------------------------------------------------------------------ SIGTERM drain
+
+
+def _refuses_connections(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return False
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("party", ["relay", "gateway", "node"])
+async def test_sigterm_lets_a_streaming_answer_finish(stack: Stack, party: str) -> None:
+    from tests.ops_support import chat
+
+    issuer = stack.issuer("issuer", stack.dir / "issuer")
+    gateway = stack.gateway("gateway", stack.dir / "gateway", issuer.url)
+    relay = stack.relay("relay", gateway.url)
+    engine = stack.engine()
+    stack.node("node", engine.url, [gateway.internal])
+    key = stack.account(stack.dir / "issuer", "drain", 100)
+    policy = stack.release(gateway.url, issuer.url)
+    config = stack.client_config("c", relay.url, issuer.url, key, policy)
+
+    # GATE: the fake engine streams all words but the last, then waits for a release.
+    task = asyncio.create_task(chat(config, "GATE please"))
+    deadline = time.monotonic() + 30
+    while not any(r["body"] for r in json.loads(get(engine.url + "/_control/received")[1])):
+        assert time.monotonic() < deadline and not task.done(), "request never reached the engine"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.4)  # the first words are on their way back
+
+    target = stack.services[party]
+    os.killpg(target.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not _refuses_connections(target.url):  # stopped accepting new connections
+        assert time.monotonic() < deadline, target.output()
+        await asyncio.sleep(0.05)
+    assert target.proc.poll() is None, "exited instead of draining"
+    assert not task.done()
+
+    req = urllib.request.Request(engine.url + "/_control/release", method="POST")
+    await asyncio.to_thread(urllib.request.urlopen, req)
+    answer = await asyncio.wait_for(task, 30)
+    assert answer == "Hello from the fake engine."
+    assert await asyncio.to_thread(target.proc.wait, 20) == 0, target.output()
