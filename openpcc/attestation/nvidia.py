@@ -307,8 +307,11 @@ class Rim:
 def _rim_chain(root_el: Any) -> list[x509.Certificate]:
     certs = []
     for el in root_el.iter(f"{{{_DS_NS}}}X509Certificate"):
-        der = base64.b64decode("".join((el.text or "").split()))
-        certs.append(x509.load_der_x509_certificate(der))
+        try:
+            der = base64.b64decode("".join((el.text or "").split()))
+            certs.append(x509.load_der_x509_certificate(der))
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise DecodeError(f"RIM: unreadable X509Certificate in KeyInfo: {exc}") from exc
     return _order_chain(certs)
 
 
