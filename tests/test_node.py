@@ -389,7 +389,7 @@ async def test_engine_gets_fresh_cache_salt_and_nothing_identifying(stack: Stack
     for r in recs:
         assert r["peer"] == "127.0.0.1" and r["path"] == "/v1/chat/completions"
         assert set(r["body"]) == {"model", "messages", "stream", "cache_salt"}
-        assert r["body"]["messages"][0]["content"] == PROMPT
+        assert r["body"]["messages"][0]["content"] == marker
         names = {k.lower() for k, _ in r["headers"]}
         assert not names & {"authorization", "cookie", "x-forwarded-for", "forwarded"}
         text = json.dumps(r["headers"])
