@@ -225,11 +225,17 @@ async def test_bad_input_is_refused_and_consumes_no_quota(issuer: Issuer) -> Non
             (good.truncated_token_key_id + 1) % 256, good.blinded_msg
         )
         type1 = b"\x00\x01" + good.encode()[2:]
+        # blinded_msg >= n (found by HTTP fuzzing: this used to reach BlindSign and be a 500).
+        too_big = issuance.TokenRequest(
+            good.truncated_token_key_id, b"\xff" * len(good.blinded_msg)
+        )
         cases = [
             (good.encode()[:-1], SINGLE, key, 400),  # truncated
             (good.encode() + b"\x00", SINGLE, key, 413),  # longer than a request
             (type1, SINGLE, key, 400),  # wrong token type
             (wrong_key_id.encode(), SINGLE, key, 400),  # unknown key id
+            (too_big.encode(), SINGLE, key, 400),  # representative out of range
+            (batched.encode_batch_request([too_big, good]), batched.REQUEST_MEDIA_TYPE, key, 400),
             (b"", SINGLE, key, 400),
             (good.encode(), "application/json", key, 415),
             (good.encode(), SINGLE, None, 401),

@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from openpcc import audit
-from openpcc.errors import OpenPCCError, UnsupportedError
+from openpcc.errors import DecodeError, OpenPCCError, UnsupportedError
 from openpcc.privacypass import batched, issuance
 from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA
 from openpcc.privacypass.directory import (
@@ -146,6 +146,7 @@ async def token_request(request: web.Request) -> web.StreamResponse:
                 raise UnsupportedError(
                     "token request names no current issuer key; refetch the issuer directory"
                 )
+            issuance.check_request(stored.key, req)
             keys.append(stored)
     except OpenPCCError as exc:
         metrics.inc("issuance_requests_total", outcome="bad_request")
@@ -170,6 +171,10 @@ async def token_request(request: web.Request) -> web.StreamResponse:
     try:
         # Blind signing is ~1 ms of CPU per token: keep the event loop free for health checks.
         responses = await asyncio.get_running_loop().run_in_executor(None, sign_all)
+    except DecodeError as exc:  # malformed input the checks above missed: still the client's
+        await app[STORE].refund(account.name, len(signable), now)
+        metrics.inc("issuance_requests_total", outcome="bad_request")
+        return problem(400, "Bad Request", str(exc))
     except Exception:
         await app[STORE].refund(account.name, len(signable), now)
         metrics.inc("issuance_requests_total", outcome="error")

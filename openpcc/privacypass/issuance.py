@@ -317,6 +317,19 @@ def finalize_token(state: ClientState, response: TokenResponse | bytes) -> Token
     return Token(TOKEN_TYPE_BLIND_RSA, ti[2:34], ti[34:66], ti[66:98], sig)
 
 
+def check_request(key: IssuerKey, request: TokenRequest) -> None:
+    """Reject a request this key cannot sign, cheaply and before any quota is taken.
+
+    A blinded message at or above the modulus is malformed input (RFC 9474 §4.3),
+    not a signing fault; catching it here keeps it a 400 instead of a 500.
+    """
+    _check_type(request.token_type, "TokenRequest")
+    if request.truncated_token_key_id != key.truncated_key_id:
+        raise UnsupportedError("TokenRequest names another issuer key")
+    if int.from_bytes(request.blinded_msg, "big") >= key.private_key.public_key.n:
+        raise DecodeError("TokenRequest blinded_msg is not below the key's modulus")
+
+
 def issue(key: IssuerKey | blindrsa.PrivateKey, request: TokenRequest | bytes) -> TokenResponse:
     """Issuer side of RFC 9578 §6.2: BlindSign after checking type and truncated key id.
 
