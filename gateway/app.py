@@ -51,6 +51,7 @@ from openpcc.privacypass import issuance
 from openpcc.privacypass.auth import parse_authorization_token
 from openpcc.privacypass.directory import MEDIA_TYPE as DIRECTORY_MEDIA_TYPE
 from openpcc.service import PROBLEM_JSON, Metrics, healthz, problem
+from openpcc.stagetrace import StageTrace
 from openpcc.wire import bhttp, sealed
 from openpcc.wire.bhttp_stream import ResponseStreamEncoder
 from openpcc.wire.chunked import (
@@ -75,6 +76,7 @@ GATEWAY_PATH = "/gateway"
 REGISTER_PATH = "/internal/nodes"
 _INNER_NOTE = "openpcc.gateway.inner"
 _RESPONSE = "openpcc.gateway.response"
+_T0 = "openpcc.gateway.t0"
 # RFC 9458 §5.3 / §9.5: "key configuration not acceptable" problem type.
 OHTTP_KEY_PROBLEM = "https://iana.org/assignments/http-problem-types#ohttp-key"
 # Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
@@ -231,6 +233,7 @@ class Gateway:
     audit_log: AuditLog | None = None
     metrics: Metrics = field(default_factory=lambda: Metrics("openpcc_gateway"))
     session: aiohttp.ClientSession | None = None
+    trace: StageTrace = field(default_factory=lambda: StageTrace("gateway"))
 
     def __post_init__(self) -> None:
         m = self.metrics
@@ -316,6 +319,7 @@ class Gateway:
         return await self.metrics.handler(request)
 
     async def ohttp(self, request: web.Request) -> web.StreamResponse:
+        request[_T0] = time.perf_counter()
         ctype = request.content_type
         outcome = "ok"
         try:
@@ -387,10 +391,12 @@ class Gateway:
         body = bytearray()
         async for chunk in self._body_chunks(request):
             body += chunk
+        t = time.perf_counter()
         try:
             inner, ctx = decapsulate_request(self.keys().private_keys(time.time()), bytes(body))
         except OpenPCCError as exc:
             raise self._ohttp_error(exc) from None
+        self.trace.record("decapsulate", time.perf_counter() - t)
         sink = _PlainSink(self.config.max_plain_response)
         await self._inner(request, inner, sink)
         return web.Response(
@@ -400,15 +406,21 @@ class Gateway:
     async def _chunked(self, request: web.Request) -> web.StreamResponse:
         receiver = ChunkedRequestReceiver(self.keys().private_keys(time.time()))
         inner = bytearray()
+        spent = 0.0  # decapsulation work only, not the wait for the body
         try:
             async for chunk in self._body_chunks(request):
+                t = time.perf_counter()
                 for piece in receiver.receive_data(chunk):
                     inner += piece
+                spent += time.perf_counter() - t
                 if len(inner) > MAX_INNER_REQUEST:
                     raise _Refusal(self._too_large(), "too_large")
+            t = time.perf_counter()
             inner += receiver.end_of_input()
+            spent += time.perf_counter() - t
         except OpenPCCError as exc:
             raise self._ohttp_error(exc) from None
+        self.trace.record("decapsulate", spent)
         if len(inner) > MAX_INNER_REQUEST:
             raise _Refusal(self._too_large(), "too_large")
         sink = _ChunkedSink(request, receiver.response_sender())
@@ -535,7 +547,9 @@ class Gateway:
                 *inner_problem(413, "Content Too Large", f"envelope over {MAX_ENVELOPE} bytes")
             )
             return
+        t = time.perf_counter()
         refused = await self._redeem(inner)
+        self.trace.record("redeem", time.perf_counter() - t)
         if refused is not None:
             await sink.respond(*refused)
             return
@@ -566,6 +580,7 @@ class Gateway:
     ) -> bool:
         """Try one node. False if it failed before its first byte (the caller tries the next)."""
         assert self.session is not None
+        self.trace.record("upstream_sent", time.perf_counter() - request.get(_T0, 0.0))
         try:
             async with asyncio.timeout(self.config.node_first_byte_timeout):
                 resp = await self.session.post(
@@ -593,6 +608,9 @@ class Gateway:
             return False
         # Committed: from here on every byte goes straight to the client.
         self.metrics.inc("node_attempts_total", outcome="streaming")
+        trace, t0 = self.trace, request.get(_T0, 0.0)
+        t = time.perf_counter()
+        trace.record("upstream_wait", t - t0)
         clean = False
         try:
             await sink.start(200, [(b"content-type", sealed.RESPONSE_MEDIA_TYPE.encode())])
@@ -600,10 +618,14 @@ class Gateway:
             while chunk:
                 self.metrics.inc("response_bytes_total", len(chunk))
                 await sink.write(chunk)
+                now = time.perf_counter()
+                trace.record("first_out" if t0 else "chunk", now - (t0 or t))
+                t0 = 0.0
                 try:
                     chunk = await resp.content.readany()
                 except (aiohttp.ClientError, TimeoutError, OSError):
                     break
+                t = time.perf_counter()
             else:
                 clean = True
         except _NodeStreamError:

@@ -32,12 +32,14 @@ from openpcc import audit
 from openpcc.attestation.claims import Claims
 from openpcc.errors import OpenPCCError
 from openpcc.service import Metrics, problem
+from openpcc.stagetrace import StageTrace
 from openpcc.wire import bhttp, hpke, sealed
 
 log = logging.getLogger("openpcc.node")
 
 PROBLEM_JSON = b"application/problem+json"
 CACHE_SALT_BYTES = 32  # 64 hex characters; vLLM allows up to 128 without '/', '@', '\\'
+_T0 = "openpcc.node.t0"  # when the handler started (stage trace)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class NodeService:
         self._session: aiohttp.ClientSession | None = None
         self._engine_task: asyncio.Task[Any] | None = None
         self.metrics = Metrics("openpcc_node")
+        self.trace = StageTrace("node")
         self.metrics.describe("sealed_requests_total", "sealed requests by outcome")
         self.metrics.describe("registrations_total", "successful gateway registrations")
         if isinstance(registration, RegistrationConfig):
@@ -240,6 +243,7 @@ class NodeService:
         self.metrics.inc("sealed_requests_total", outcome=outcome)
 
     async def sealed_handler(self, request: web.Request) -> web.StreamResponse:
+        request[_T0] = time.perf_counter()
         if not self.engine_ready():
             self._count("engine_not_ready")
             return problem(503, "engine not ready")
@@ -283,6 +287,7 @@ class NodeService:
         if not mine or mine[0].key_id != self.key_id:
             self._count("not_candidate")
             return problem(421, "not a candidate for this request")
+        t = time.perf_counter()
         try:
             opened = sealed.open_request(
                 envelope, self.config.node_id, self._private_key, self.public_key
@@ -290,6 +295,7 @@ class NodeService:
         except Exception:  # any failure to open is the same 400: no oracle on why
             self._count("does_not_open")
             return problem(400, "sealed request does not open")
+        self.trace.record("unseal", time.perf_counter() - t)
         del envelope
 
         sealer = opened.sealer
@@ -336,6 +342,7 @@ class NodeService:
             kwargs["data"] = json.dumps(body).encode()
             kwargs["headers"] = {"Content-Type": "application/json"}
         url = self.engine.url.rstrip("/") + fwd.path
+        self.trace.record("upstream_sent", time.perf_counter() - request[_T0])
         try:
             resp = await self._session.request(fwd.method, url, **kwargs)
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -348,11 +355,19 @@ class NodeService:
                 status=200,
                 headers={"Content-Type": sealed.RESPONSE_MEDIA_TYPE, "Cache-Control": "no-store"},
             )
+            trace, t0 = self.trace, request[_T0]
+            trace.record("upstream_wait", time.perf_counter() - t0)
             await out.prepare(request)
             await out.write(sealer.head(resp.status, [(b"content-type", ctype.encode("latin-1"))]))
+            trace.record("first_out", time.perf_counter() - t0)
             try:
                 async for chunk in resp.content.iter_any():
+                    t = time.perf_counter()
+                    if t0:
+                        trace.record("engine_first_data", t - t0)
+                        t0 = 0.0
                     await out.write(sealer.data(chunk))
+                    trace.record("chunk", time.perf_counter() - t)
             except (aiohttp.ClientError, TimeoutError, OSError):
                 # Engine died mid-stream: no end-of-stream chunk, and the connection is
                 # cut, so the client reports truncation rather than a short answer.

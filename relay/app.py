@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,29 @@ from aiohttp import web
 
 from relay.config import Gateway, RelayConfig
 from relay.ratelimit import RateLimiter
+
+STAGE_TRACE_ENV = "OPENPCC_STAGE_TRACE"
+
+
+class _StageTrace:
+    """Benchmark-only stage durations (the format of openpcc/stagetrace.py, kept here so
+    the relay imports nothing from the rest of the project). Off unless the variable
+    names a directory; lines hold a stage name and a duration, nothing about a client."""
+
+    def __init__(self) -> None:
+        where = os.environ.get(STAGE_TRACE_ENV)
+        self._fh = (
+            open(  # noqa: SIM115 - lives as long as the process
+                os.path.join(where, f"relay-{os.getpid()}.tsv"), "a", buffering=1, encoding="ascii"
+            )
+            if where
+            else None
+        )
+
+    def record(self, stage: str, seconds: float) -> None:
+        if self._fh is not None:
+            self._fh.write(f"{stage}\t{seconds:.9f}\n")
+
 
 log = logging.getLogger("openpcc.relay")
 
@@ -162,6 +186,7 @@ class Relay:
         self._keys: dict[str, _CachedKeys] = {}
         self._keys_locks = {g.keys_url: asyncio.Lock() for g in config.gateways}
         self.saw_body: Callable[[web.Request, bytes], None] | None = None  # audit (tests)
+        self.trace = _StageTrace()
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:
@@ -203,6 +228,7 @@ class Relay:
         return handle
 
     async def relay_ohttp(self, request: web.Request, gateway: Gateway) -> web.StreamResponse:
+        t0 = time.perf_counter()
         length = request.content_length
         if length is not None and length > self.config.max_body:
             self.metrics.count("ohttp", "too_large")
@@ -237,7 +263,7 @@ class Relay:
 
         self.metrics.in_flight += 1
         try:
-            return await self._forward(request, gateway, headers, data, upload)
+            return await self._forward(request, gateway, headers, data, upload, t0)
         finally:
             self.metrics.in_flight -= 1
 
@@ -269,10 +295,13 @@ class Relay:
         headers: dict[str, str],
         data: bytes | AsyncIterator[bytes],
         upload: _Upload,
+        t0: float,
     ) -> web.StreamResponse:
         assert self.session is not None
         response: web.StreamResponse | None = None
         outcome = "ok"
+        trace = self.trace
+        trace.record("upstream_sent", time.perf_counter() - t0)
         try:
             async with self.session.post(
                 gateway.url, data=data, headers=headers, allow_redirects=False
@@ -289,9 +318,17 @@ class Relay:
                 ):
                     response.content_length = upstream.content_length
                 await response.prepare(request)
+                first = True
                 async for chunk in upstream.content.iter_any():
+                    t = time.perf_counter()
                     await response.write(chunk)
                     self.metrics.bytes_out += len(chunk)
+                    if first:
+                        trace.record("upstream_wait", t - t0)
+                        trace.record("first_out", time.perf_counter() - t0)
+                        first = False
+                    else:
+                        trace.record("chunk", time.perf_counter() - t)
                 await response.write_eof()
                 return response
         except asyncio.CancelledError:

@@ -198,6 +198,30 @@ async def test_store_is_private_and_taken_tokens_are_gone(issuer: Issuer, tmp_pa
     assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave nothing behind
 
 
+async def test_reserve_takes_growing_batches_and_files_the_rest_back(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    """Takes after the first come from memory (no fsync on the request path); the
+    file only ever loses tokens handed out or held, and aclose() files held ones back."""
+    key = issuer.add_account("reserve")
+    path = tmp_path / "tokens.json"
+    async with wallet(issuer.url, key, path, batch_size=20, low_water=0, reserve=4) as w:
+        taken = [await w.take()]
+        assert len(stored_tokens(path)) == 19  # a one-shot run takes exactly one
+        taken.append(await w.take())  # batch of 2: one out, one held
+        assert len(stored_tokens(path)) == 17 and w.count() == 18
+        taken.append(await w.take())  # from memory: the file is not touched
+        assert len(stored_tokens(path)) == 17
+        taken += [await w.take() for _ in range(3)]  # batch of 4 (the cap), 2 still held
+        assert len(stored_tokens(path)) == 13 and w.count() == 14
+        on_disk = set(stored_tokens(path))
+        assert not on_disk & {b64url_encode(t.encode()) for t in taken}
+    assert len(stored_tokens(path)) == 14  # the held two are back
+    async with wallet(issuer.url, key, path, batch_size=20, low_water=0) as w2:
+        rest = [await w2.take() for _ in range(14)]
+    assert len({t.nonce for t in taken + rest}) == 20
+
+
 async def test_concurrent_takers_never_share_a_token(issuer: Issuer, tmp_path: Path) -> None:
     key = issuer.add_account("concurrent")
     path = tmp_path / "t.json"

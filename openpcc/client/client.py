@@ -34,6 +34,7 @@ from openpcc.client.errors import (
 from openpcc.client.sse import DONE, SSEParser
 from openpcc.errors import OpenPCCError, TruncatedError, VerificationError
 from openpcc.privacypass import auth
+from openpcc.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
 from openpcc.wire.bhttp_stream import ResponseStreamDecoder, StreamHead
 from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
@@ -103,6 +104,7 @@ class Client:
         self._own_session = session is None
         self._clock = clock
         self._rng = rng or random.SystemRandom()
+        self._trace = StageTrace("client")
         self._key_config: ohttp.KeyConfig | None = None
         self._verdicts = _Verdicts()
         self._nodes: list[VerifiedNode] = []
@@ -274,6 +276,8 @@ class Client:
         if not nodes:
             raise NoVerifiedNodeError(model, self.rejected_nodes())
         chosen = self._rng.sample(nodes, min(self._k, len(nodes)))
+        trace = self._trace
+        t0 = time.perf_counter()
         inner = bhttp.encode_request(
             bhttp.Request(
                 b"POST",
@@ -287,7 +291,10 @@ class Client:
         sreq = sealed.seal_request(
             [sealed.NodeKey(n.node_id, n.public_key) for n in chosen], model, inner
         )
+        t1 = time.perf_counter()
         token = await self._tokens.take()
+        t2 = time.perf_counter()
+        trace.record("token", t2 - t1)
         if self._trust is not None and not self._trust.accepts_token_key(token.token_key_id):
             raise VerificationError(
                 "the token key is not the one the release manifest pins (possible per-user key)"
@@ -307,6 +314,7 @@ class Client:
         )
         sender = ChunkedRequestSender(await self.key_config())
         wire = sender.seal_chunk(outer, final=True)
+        trace.record("seal", (t1 - t0) + (time.perf_counter() - t2))
         receiver = sender.response_receiver()
         stream = ResponseStreamDecoder()
         opener = sreq.response_opener()
@@ -316,6 +324,7 @@ class Client:
         error_body = bytearray()
         node_status: int | None = None
         node_body = bytearray()
+        t_send = time.perf_counter()
         try:
             async with self._http().post(
                 self._relay + "/",
@@ -324,7 +333,12 @@ class Client:
             ) as resp:
                 if resp.status != 200:
                     raise RelayError(f"relay answered {resp.status}")
+                first = True
                 async for piece in resp.content.iter_any():
+                    t = time.perf_counter()
+                    if first:
+                        trace.record("upstream_wait", t - t_send)
+                    ready: list[dict[str, Any]] = []
                     for plain in receiver.receive_data(piece):
                         for ev in stream.receive_data(plain):
                             if isinstance(ev, StreamHead):
@@ -339,9 +353,12 @@ class Client:
                                     elif node_status != 200 or not streaming:
                                         node_body += item
                                     else:
-                                        for obj in sse.feed(item):
-                                            if obj is not DONE:
-                                                yield obj
+                                        ready.extend(o for o in sse.feed(item) if o is not DONE)
+                    # Opening time only: the consumer's time between yields is not ours.
+                    trace.record("chunk", time.perf_counter() - t)
+                    first = False
+                    for obj in ready:
+                        yield obj
                 stream.receive_data(receiver.end_of_input())
                 stream.end_of_input()
         except aiohttp.ClientError as exc:
