@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +178,30 @@ async def test_single_and_batched_issuance_give_valid_unlinkable_tokens(issuer: 
         for t in tokens:
             issuance.verify_token(entry.token_key, t)
         assert len({t.nonce for t in tokens}) == 10
+
+
+async def test_batch_body_arriving_in_pieces_is_read_whole(issuer: Issuer) -> None:
+    """A large batch reaches the handler in several socket reads (found by bench_gateway:
+    a single read() returned part of the body and the batch was refused as truncated)."""
+    key = issuer.add_account("pieces", quota=300)
+    async with aiohttp.ClientSession() as s:
+        tk = (await fetch_directory(s, issuer.url)).select_key().token_key
+        pairs = make_requests(tk, 300)
+        body = batched.encode_batch_request([r for r, _ in pairs])
+
+        async def trickle() -> AsyncIterator[bytes]:
+            for i in range(0, len(body), 4096):
+                yield body[i : i + 4096]
+                await asyncio.sleep(0.002)
+
+        headers = {"Content-Type": batched.REQUEST_MEDIA_TYPE, "Authorization": f"Bearer {key}"}
+        async with s.post(issuer.url + "/token-request", data=trickle(), headers=headers) as r:
+            assert r.status == 200, await r.text()
+            responses = batched.decode_batch_response(await r.read())
+    tokens = [
+        issuance.finalize_token(st, rsp) for (_, st), rsp in zip(pairs, responses, strict=True)
+    ]
+    assert len({t.nonce for t in tokens}) == 300
 
 
 async def test_quota_429_with_retry_after_and_no_partial_batches(issuer: Issuer) -> None:

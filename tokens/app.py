@@ -125,7 +125,13 @@ async def token_request(request: web.Request) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > limit:
         metrics.inc("issuance_requests_total", outcome="too_large")
         return problem(413, "Content Too Large", f"at most {limit} bytes")
-    body = await request.content.read(limit + 1)
+    buf = bytearray()  # read() returns what has arrived so far: loop to the end or the limit
+    while len(buf) <= limit:
+        piece = await request.content.read(limit + 1 - len(buf))
+        if not piece:
+            break
+        buf += piece
+    body = bytes(buf)
     audit.saw_body(request, body)
     if len(body) > limit:
         metrics.inc("issuance_requests_total", outcome="too_large")
