@@ -529,3 +529,45 @@ async def test_aclose_does_not_wait_out_the_refill_jitter(issuer: Issuer, tmp_pa
     await w.aclose()
     assert time.monotonic() - t0 < 2
     assert w.count() == 2
+
+
+async def test_responses_arriving_in_pieces_are_read_whole(issuer: Issuer, tmp_path: Path) -> None:
+    """A trickling front (1 KiB pieces) before the real issuer: the directory and a
+    100-token batch response each take many socket reads, and the wallet must still
+    read them whole (a single ``read(n)`` returns only what has arrived)."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method,
+                issuer.url + request.path,
+                data=await request.read(),
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+            ) as r,
+        ):
+            body = await r.read()
+            resp = web.StreamResponse(
+                status=r.status, headers={"Content-Type": r.headers["Content-Type"]}
+            )
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            for i in range(0, len(body), 1024):
+                await resp.write(body[i : i + 1024])
+                await asyncio.sleep(0.001)
+            return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        key = issuer.add_account("trickle")
+        front = f"http://127.0.0.1:{port}"
+        async with wallet(front, key, tmp_path / "t.json", batch_size=100, low_water=0) as w:
+            assert await w.refill(100) == 100
+            assert w.count() == 100
+    finally:
+        await runner.cleanup()

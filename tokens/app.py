@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from openpcc import audit
+from openpcc.bodies import read_at_most
 from openpcc.errors import DecodeError, OpenPCCError, UnsupportedError
 from openpcc.privacypass import batched, issuance
 from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA
@@ -125,13 +126,7 @@ async def token_request(request: web.Request) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > limit:
         metrics.inc("issuance_requests_total", outcome="too_large")
         return problem(413, "Content Too Large", f"at most {limit} bytes")
-    buf = bytearray()  # read() returns what has arrived so far: loop to the end or the limit
-    while len(buf) <= limit:
-        piece = await request.content.read(limit + 1 - len(buf))
-        if not piece:
-            break
-        buf += piece
-    body = bytes(buf)
+    body = await read_at_most(request.content, limit)
     audit.saw_body(request, body)
     if len(body) > limit:
         metrics.inc("issuance_requests_total", outcome="too_large")

@@ -35,6 +35,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from openpcc.bodies import read_at_most
 from openpcc.client.errors import ClientError
 from openpcc.errors import OpenPCCError, VerificationError
 from openpcc.privacypass import batched, issuance
@@ -582,7 +583,7 @@ class TokenWallet:
         url = self.issuer_url + WELL_KNOWN_PATH
         try:
             async with self._http().get(url) as r:
-                body = await r.content.read(MAX_DIRECTORY_BYTES + 1)
+                body = await read_at_most(r.content, MAX_DIRECTORY_BYTES)
                 if r.status != 200:
                     raise IssuerError(
                         f"the issuer answered {r.status} for its directory at {url}",
@@ -686,7 +687,7 @@ class TokenWallet:
         }
         try:
             async with self._http().post(url, data=body, headers=headers) as r:
-                data = await r.content.read(_MAX_RESPONSE + 1)
+                data = await read_at_most(r.content, _MAX_RESPONSE)
                 return r.status, r.headers, data
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise IssuerError(
