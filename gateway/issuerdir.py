@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from openpcc.bodies import read_at_most
 from openpcc.errors import OpenPCCError
 from openpcc.privacypass.auth import (
     TOKEN_TYPE_BLIND_RSA,
@@ -135,7 +136,7 @@ class IssuerDirectoryCache:
         ) as r:
             if r.status != 200:
                 raise ValueError(f"issuer answered {r.status}")
-            raw = await r.content.read(MAX_DIRECTORY_BYTES + 1)
+            raw = await read_at_most(r.content, MAX_DIRECTORY_BYTES)
             if len(raw) > MAX_DIRECTORY_BYTES:
                 raise ValueError("issuer directory too large")
             max_age = parse_max_age(r.headers.get("Cache-Control"))

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from openpcc.bodies import read_at_most
 from openpcc.wire import sealed
 
 log = logging.getLogger("openpcc.gateway")
@@ -205,7 +206,7 @@ class NodeRegistry:
         try:
             async with self._session.get(entry.reg.url + "/healthz", allow_redirects=False) as r:
                 if r.status == 200:
-                    doc = json.loads(await r.content.read(4096))
+                    doc = json.loads(await read_at_most(r.content, 4096))
                     ok = isinstance(doc, dict) and doc.get("status") == "ok"
         except (aiohttp.ClientError, TimeoutError, ValueError):
             ok = False
