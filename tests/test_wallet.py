@@ -222,6 +222,25 @@ async def test_reserve_takes_growing_batches_and_files_the_rest_back(
     assert len({t.nonce for t in taken + rest}) == 20
 
 
+async def test_a_burst_of_takers_shares_file_transactions(issuer: Issuer, tmp_path: Path) -> None:
+    key = issuer.add_account("burst")
+    path = tmp_path / "tokens.json"
+    async with wallet(issuer.url, key, path, batch_size=40, low_water=0, reserve=16) as w:
+        await w.refill()
+        store_pop = w._store.pop
+        calls: list[int] = []
+
+        def counting_pop(usable: Callable[..., bool], n: int = 1) -> object:
+            calls.append(n)
+            return store_pop(usable, n)
+
+        w._store.pop = counting_pop  # type: ignore[method-assign]
+        tokens = await asyncio.gather(*(w.take() for _ in range(12)))
+        assert len({t.nonce for t in tokens}) == 12
+        assert len(calls) <= 3, calls  # not one fsynced transaction per request
+        assert w.count() == 28  # file and held together
+
+
 async def test_concurrent_takers_never_share_a_token(issuer: Issuer, tmp_path: Path) -> None:
     key = issuer.add_account("concurrent")
     path = tmp_path / "t.json"

@@ -336,6 +336,7 @@ class TokenWallet:
         self._next_batch = 1
         self._stored: int | None = None  # tokens in the file after our last transaction
         self._take_lock = asyncio.Lock()
+        self._waiting = 0  # takers inside _pop (holding or queued for the take lock)
         self._keys: _KeyView | None = None
         self._lock = asyncio.Lock()  # one refill (and directory refresh) at a time
         self._bg: asyncio.Task[None] | None = None
@@ -441,26 +442,35 @@ class TokenWallet:
         )
 
     async def _pop(self) -> Token | None:
-        async with self._take_lock:
-            while self._held:
-                entry = self._held.pop(0)
-                if self._usable(entry):  # the key may have left the directory meanwhile
-                    return entry.token
-            n = self._next_batch
-            # The file transaction fsyncs: keep it off the event loop.
-            taken, dropped, left = await asyncio.to_thread(self._store.pop, self._usable, n)
-            self._stored = left
-            if taken:
-                self._next_batch = min(self.reserve, 2 * n)
-            if dropped:
-                log.info(
-                    "dropped %d stored tokens: key no longer published or other challenge",
-                    dropped,
-                )
-            if not taken:
-                return None
-            self._held = taken[1:]
-            return taken[0].token
+        self._waiting += 1
+        try:
+            async with self._take_lock:
+                return await self._pop_locked()
+        finally:
+            self._waiting -= 1
+
+    async def _pop_locked(self) -> Token | None:
+        while self._held:
+            entry = self._held.pop(0)
+            if self._usable(entry):  # the key may have left the directory meanwhile
+                return entry.token
+        # Enough for everyone already queued behind us, so a burst of requests pays
+        # for one file transaction, not one each.
+        n = min(self.reserve, max(self._next_batch, self._waiting))
+        # The file transaction fsyncs: keep it off the event loop.
+        taken, dropped, left = await asyncio.to_thread(self._store.pop, self._usable, n)
+        self._stored = left
+        if taken:
+            self._next_batch = min(self.reserve, 2 * n)
+        if dropped:
+            log.info(
+                "dropped %d stored tokens: key no longer published or other challenge",
+                dropped,
+            )
+        if not taken:
+            return None
+        self._held = taken[1:]
+        return taken[0].token
 
     def _maybe_background_refill(self) -> None:
         if self._closed or (self._bg is not None and not self._bg.done()):
