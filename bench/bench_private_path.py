@@ -44,7 +44,7 @@ PROMPT = (
 CLIENT_PROCS = int(os.environ.get("OPENPCC_BENCH_CLIENT_PROCS", "1"))
 LOADS = tuple(
     tuple(int(x) for x in pair.split(":"))
-    for pair in os.environ.get("OPENPCC_BENCH_LOADS", "1:12,8:32").split(",")
+    for pair in os.environ.get("OPENPCC_BENCH_LOADS", "1:12,4:24,16:48").split(",")
 )  # (concurrency, requests)
 
 
@@ -346,8 +346,18 @@ def run() -> dict[str, Any]:
         model_dir = str(state / "tiny-model")
         make_tiny_model(Path(model_dir))
     extra = json.loads(os.environ.get("OPENPCC_BENCH_VLLM_ARGS", '["--enforce-eager"]'))
+    # On the CPU backend vLLM's OpenMP threads busy-wait on every core they are given:
+    # sharing cores with five Python processes then measures scheduler contention, not
+    # OpenPCC. So (by default, when no GPU model is set) the engine gets core 0 and
+    # everything else the remaining cores; direct and private see the same engine.
+    cores = sorted(os.sched_getaffinity(0))
+    on_cpu = "OPENPCC_BENCH_VLLM_MODEL" not in os.environ  # the generated tiny model
+    pin = os.environ.get("OPENPCC_BENCH_PIN", "1" if on_cpu else "0")
+    pinned = pin == "1" and len(cores) >= 2
+    engine_env = {"VLLM_CPU_OMP_THREADS_BIND": str(cores[0])} if pinned else {}
     engine = VLLMEngine(
         model_dir,
+        env=engine_env,
         extra_args=extra,
         log_path=Path(os.environ.get("OPENPCC_BENCH_VLLM_LOG", state / "vllm.log")),
         dtype=os.environ.get("OPENPCC_BENCH_DTYPE", "auto"),
@@ -359,7 +369,11 @@ def run() -> dict[str, Any]:
         await engine.start()
 
     loop = asyncio.new_event_loop()
+    if pinned:
+        os.sched_setaffinity(0, cores[:1])  # inherited by vLLM and its engine core
     loop.run_until_complete(start())
+    if pinned:
+        os.sched_setaffinity(0, cores[1:])  # inherited by the parties and load generators
     try:
         model = engine.served_model_name
         stack = start_local_stack(
@@ -376,6 +390,7 @@ def run() -> dict[str, Any]:
     finally:
         loop.run_until_complete(engine.stop())
         loop.close()
+        os.sched_setaffinity(0, cores)
     keys = (
         "added_ttft_p50_ms",
         "added_ttft_p99_ms",
@@ -398,6 +413,7 @@ def run() -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "prompt_words": PROMPT_WORDS,
         "client_processes": CLIENT_PROCS,
+        "cores": {"engine": cores[:1], "rest": cores[1:]} if pinned else "shared",
         "loads": result,
         "summary": summary,
     }
