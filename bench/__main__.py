@@ -22,7 +22,9 @@ def main(argv: list[str]) -> int:
         path = write_result(result.pop("result_name", name.removeprefix("bench_")), result)
         print(f"== {name} -> {path}")
         print(json.dumps(result.get("summary", result), indent=2))
-    return 0
+    from bench import report
+
+    return report.main()
 
 
 if __name__ == "__main__":
