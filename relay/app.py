@@ -45,6 +45,10 @@ class _StageTrace:
             else None
         )
 
+    @property
+    def enabled(self) -> bool:
+        return self._fh is not None
+
     def record(self, stage: str, seconds: float) -> None:
         if self._fh is not None:
             self._fh.write(f"{stage}\t{seconds:.9f}\n")
@@ -83,6 +87,10 @@ TITLES = {
     504: "Gateway timeout",
 }
 
+# Every response the relay makes names it so (not aiohttp's version string). Set here
+# rather than by an on_response_prepare hook, which would run for every request.
+SERVER = "openpcc-relay"
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -93,8 +101,13 @@ def problem(status: int, headers: dict[str, str] | None = None) -> web.Response:
         status=status,
         text=json.dumps(body) + "\n",
         content_type="application/problem+json",
-        headers=headers,
+        headers={"Server": SERVER, **headers} if headers else {"Server": SERVER},
     )
+
+
+def _unexpected(exc: Exception) -> web.Response:
+    log.error("handler failed: %s", type(exc).__name__)
+    return problem(500)
 
 
 class Metrics:
@@ -223,12 +236,15 @@ class Relay:
     # -- POST: the OHTTP request ------------------------------------------------------
     def ohttp_handler(self, gateway: Gateway) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            return await self.relay_ohttp(request, gateway)
+            try:
+                return await self.relay_ohttp(request, gateway)
+            except Exception as exc:  # a bug: still a generic problem, never a traceback
+                return _unexpected(exc)
 
         return handle
 
     async def relay_ohttp(self, request: web.Request, gateway: Gateway) -> web.StreamResponse:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if self.trace.enabled else 0.0
         length = request.content_length
         if length is not None and length > self.config.max_body:
             self.metrics.count("ohttp", "too_large")
@@ -300,13 +316,15 @@ class Relay:
         assert self.session is not None
         response: web.StreamResponse | None = None
         outcome = "ok"
-        trace = self.trace
-        trace.record("upstream_sent", time.perf_counter() - t0)
+        trace = self.trace if self.trace.enabled else None
+        if trace is not None:
+            trace.record("upstream_sent", time.perf_counter() - t0)
         try:
             async with self.session.post(
                 gateway.url, data=data, headers=headers, allow_redirects=False
             ) as upstream:
                 back = {n: upstream.headers[n] for n in RESPONSE_HEADERS if n in upstream.headers}
+                back["Server"] = SERVER
                 if upstream.content.is_eof():
                     # Complete already (a short fixed-length answer): one write, same bytes.
                     body = upstream.content.read_nowait()
@@ -323,6 +341,8 @@ class Relay:
                     t = time.perf_counter()
                     await response.write(chunk)
                     self.metrics.bytes_out += len(chunk)
+                    if trace is None:
+                        continue
                     if first:
                         trace.record("upstream_wait", t - t0)
                         trace.record("first_out", time.perf_counter() - t0)
@@ -338,7 +358,7 @@ class Relay:
             if _client_gone(request):
                 outcome = "client_aborted"  # nobody left to tell; drop both sides
                 _abort(request)
-                return response or web.Response()
+                return response or web.Response(headers={"Server": SERVER})
             # Whatever failed upstream, the client learns a status, never the cause.
             outcome = self._classify(exc, upload)
             return self._upstream_failed(response, upload, exc, request)
@@ -384,12 +404,15 @@ class Relay:
     # -- GET: the gateway's key configuration (RFC 9540), cached --------------------
     def keys_handler(self, gateway: Gateway) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            return await self.relay_keys(request, gateway)
+            try:
+                return await self.relay_keys(request, gateway)
+            except Exception as exc:
+                return _unexpected(exc)
 
         return handle
 
     def _serve_cached(self, entry: _CachedKeys) -> web.Response:
-        headers = dict(entry.headers)
+        headers = {**entry.headers, "Server": SERVER}
         if entry.expires > entry.fetched:
             headers["Age"] = str(int(time.monotonic() - entry.fetched))
         return web.Response(status=entry.status, body=entry.body, headers=headers)
@@ -441,14 +464,19 @@ class Relay:
 
     # -- operations ------------------------------------------------------------------
     async def healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        return web.Response(text="ok\n", headers={"Server": SERVER})
 
     async def readyz(self, _request: web.Request) -> web.Response:
         """Ready once started: the relay holds no state a gateway outage would fix."""
-        return web.Response(text="ok\n")
+        return web.Response(text="ok\n", headers={"Server": SERVER})
 
     async def metrics_handler(self, _request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(
+            text=self.metrics.render(),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"Server": SERVER},
+        )
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -462,46 +490,46 @@ def _abort(request: web.Request) -> None:
         transport.abort()
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Router 404/405 and anything unexpected become generic problem documents."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return problem(exc.status, headers)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.error("handler failed: %s", type(exc).__name__)
-        return problem(500)
+def _method_not_allowed(allowed: str) -> Handler:
+    async def handle(_request: web.Request) -> web.Response:
+        return problem(405, {"Allow": allowed})
+
+    return handle
 
 
-async def _identify_as_relay(_request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = "openpcc-relay"  # not aiohttp's version string
+async def _not_found(_request: web.Request) -> web.Response:
+    return problem(404)
 
 
 def build_app(config: RelayConfig) -> web.Application:
     """The relay as an aiohttp application: static routes only, one per gateway."""
     relay = Relay(config)
-    middlewares = [problem_middleware]
+    middlewares = []
     if config.audit_log:
         # Imported only when asked for, so a production relay loads nothing from openpcc/.
         from pathlib import Path
 
         from openpcc import audit
 
-        middlewares.insert(0, audit.AuditLog(Path(config.audit_log), "relay").middleware())
+        middlewares.append(audit.AuditLog(Path(config.audit_log), "relay").middleware())
         relay.saw_body = audit.saw_body
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body)
     app.on_startup.append(relay.start)
     app.on_cleanup.append(relay.stop)
-    app.on_response_prepare.append(_identify_as_relay)
+    routes: dict[str, tuple[str, Handler]] = {}
     for gateway in config.gateways:
-        app.router.add_post(gateway.post_path, relay.ohttp_handler(gateway))
-        app.router.add_get(gateway.keys_path, relay.keys_handler(gateway), allow_head=False)
-    app.router.add_get("/healthz", relay.healthz, allow_head=False)
-    app.router.add_get("/readyz", relay.readyz, allow_head=False)
-    app.router.add_get("/metrics", relay.metrics_handler, allow_head=False)
+        routes[gateway.post_path] = ("POST", relay.ohttp_handler(gateway))
+        routes[gateway.keys_path] = ("GET", relay.keys_handler(gateway))
+    routes["/healthz"] = ("GET", relay.healthz)
+    routes["/readyz"] = ("GET", relay.readyz)
+    routes["/metrics"] = ("GET", relay.metrics_handler)
+    for path, (method, handler) in routes.items():
+        app.router.add_route(method, path, handler)
+        # Any other method: 405 as a problem document (routes, not a middleware, so that
+        # relayed requests pay for nothing).
+        app.router.add_route("*", path, _method_not_allowed(method))
+    # Any other path: 404 in the same format. (A target that is no path at all, as in
+    # "CONNECT host:443" or "OPTIONS *", gets aiohttp's plain 404.)
+    app.router.add_route("*", "/{path:.*}", _not_found)
     app["relay"] = relay
     return app
