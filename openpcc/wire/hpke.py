@@ -14,8 +14,11 @@ pyhpke quirks handled here:
   sender (RFC 9180 says a failed Open must not advance it). We poison the
   context instead: any later use raises :class:`StateError`.
 * pyhpke does not enforce the RFC 9180 message limit; we do (``StateError``).
-* pyhpke's Decap re-derives pkR from skR on every call (a second X25519 scalar
-  multiplication), so receiver setup costs about twice a bare DH.
+* pyhpke's Decap re-derives pkR from skR on every call and takes no pkR. With a
+  parsed key object that is a cheap copy (``cryptography`` keeps the public half);
+  what costs a second X25519 scalar multiplication is parsing raw key bytes
+  (``from_private_bytes`` derives the public key). So a receiver that decapsulates
+  often (the gateway) passes a key object from :func:`load_private_key`, once parsed.
 """
 
 from __future__ import annotations
