@@ -21,11 +21,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from relay.config import Gateway, RelayConfig
 from relay.ratelimit import RateLimiter
+from relay.upstream import Client, Endpoint, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 STAGE_TRACE_ENV = "OPENPCC_STAGE_TRACE"
 
@@ -56,10 +56,16 @@ class _StageTrace:
 
 log = logging.getLogger("openpcc.relay")
 
-OHTTP_REQUEST_TYPES = frozenset({"message/ohttp-req", "message/ohttp-chunked-req"})
+# The Content-Type line sent upstream, by the client's (lower-cased, parameters dropped)
+# media type: only these two are relayed, so no client byte rides in a header.
+OHTTP_REQUEST_TYPES = {
+    "message/ohttp-req": b"Content-Type: message/ohttp-req\r\n",
+    "message/ohttp-chunked-req": b"Content-Type: message/ohttp-chunked-req\r\n",
+}
+INCREMENTAL = b"Incremental: ?1\r\n"
 # Response headers passed back to the client; everything else the gateway sends is dropped.
-RESPONSE_HEADERS = ("Content-Type", "Incremental")
-KEYS_RESPONSE_HEADERS = ("Content-Type", "Cache-Control")
+RESPONSE_HEADERS = {b"content-type": "Content-Type", b"incremental": "Incremental"}
+KEYS_RESPONSE_HEADERS = {b"content-type": "Content-Type", b"cache-control": "Cache-Control"}
 OUTCOMES = (
     "ok",
     "too_large",
@@ -156,6 +162,9 @@ class _Upload:
     timed_out: bool = False
 
 
+_NO_UPLOAD = _Upload()  # what requests whose body is already here pass (never set)
+
+
 class _UploadError(Exception):
     pass
 
@@ -189,13 +198,16 @@ def _max_age(cache_control: str | None) -> float:
 
 
 class Relay:
-    """Request handlers plus the state they share (one upstream session, limits, cache)."""
+    """Request handlers plus the state they share (the upstream client, limits, cache)."""
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.metrics = Metrics()
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst, config.rate_limit_clients)
-        self.session: aiohttp.ClientSession | None = None
+        self.client: Client | None = None
+        self._endpoints = {
+            url: Endpoint(url) for g in config.gateways for url in (g.url, g.keys_url)
+        }
         self._keys: dict[str, _CachedKeys] = {}
         self._keys_locks = {g.keys_url: asyncio.Lock() for g in config.gateways}
         self.saw_body: Callable[[web.Request, bytes], None] | None = None  # audit (tests)
@@ -203,24 +215,13 @@ class Relay:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.config.connect_timeout,
-                sock_read=self.config.read_timeout,
-            ),
-            # The gateway must not be able to tag us (cookies) or steer us (redirects),
-            # and the relay must add no header of its own.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            auto_decompress=False,
-            trust_env=False,
-        )
+        # Keep-alive connections to the gateways; it adds no header of its own, keeps no
+        # cookies, follows no redirects, reads no proxy settings (relay/upstream.py).
+        self.client = Client(self.config.connect_timeout, self.config.read_timeout)
 
     async def stop(self, _app: web.Application) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
 
     # -- admission -------------------------------------------------------------------
     def _admit(self, request: web.Request, route: str) -> web.Response | None:
@@ -249,19 +250,20 @@ class Relay:
         if length is not None and length > self.config.max_body:
             self.metrics.count("ohttp", "too_large")
             return problem(413)
-        ctype = request.content_type  # lower-cased, parameters dropped
-        if ctype not in OHTTP_REQUEST_TYPES:
+        ctype = OHTTP_REQUEST_TYPES.get(request.content_type)  # lower-cased, no parameters
+        if ctype is None:
             self.metrics.count("ohttp", "unsupported_type")
             return problem(415)
         rejected = self._admit(request, "ohttp")
         if rejected is not None:
             return rejected
 
-        # The whole allow-list: canonical values only, so no client byte rides in a header.
-        headers = {"Content-Type": ctype}
+        # The whole allow-list: canonical values only, so no client byte rides in a header
+        # (Host and the framing, Content-Length or chunked, are the upstream client's).
+        headers = ctype
         if request.headers.get("Incremental", "").strip() == "?1":
-            headers["Incremental"] = "?1"
-        upload = _Upload()
+            headers += INCREMENTAL
+        upload = _NO_UPLOAD
         if length is None and not request.body_exists:
             length = 0
         data: bytes | AsyncIterator[bytes] = b""
@@ -273,13 +275,12 @@ class Relay:
             if self.saw_body is not None:
                 self.saw_body(request, data)
         elif length != 0:
+            upload = _Upload()
             data = self._pump(request, upload)
-        if length is not None:
-            headers["Content-Length"] = str(length)
 
         self.metrics.in_flight += 1
         try:
-            return await self._forward(request, gateway, headers, data, upload, t0)
+            return await self._forward(request, gateway, headers, data, length, upload, t0)
         finally:
             self.metrics.in_flight -= 1
 
@@ -308,36 +309,35 @@ class Relay:
         self,
         request: web.Request,
         gateway: Gateway,
-        headers: dict[str, str],
+        headers: bytes,
         data: bytes | AsyncIterator[bytes],
+        length: int | None,
         upload: _Upload,
         t0: float,
     ) -> web.StreamResponse:
-        assert self.session is not None
+        assert self.client is not None
         response: web.StreamResponse | None = None
         outcome = "ok"
         trace = self.trace if self.trace.enabled else None
         if trace is not None:
             trace.record("upstream_sent", time.perf_counter() - t0)
         try:
-            async with self.session.post(
-                gateway.url, data=data, headers=headers, allow_redirects=False
+            ep = self._endpoints[gateway.url]
+            async with self.client.request(
+                ep, b"POST", headers, data, length, RESPONSE_HEADERS
             ) as upstream:
-                back = {n: upstream.headers[n] for n in RESPONSE_HEADERS if n in upstream.headers}
-                back["Server"] = SERVER
-                if upstream.content.is_eof():
+                back = {**upstream.headers, "Server": SERVER}
+                if upstream.complete:
                     # Complete already (a short fixed-length answer): one write, same bytes.
-                    body = upstream.content.read_nowait()
+                    body = upstream.read_nowait()
                     self.metrics.bytes_out += len(body)
                     return web.Response(status=upstream.status, body=body, headers=back)
                 response = web.StreamResponse(status=upstream.status, headers=back)
-                if upstream.content_length is not None and "chunked" not in upstream.headers.get(
-                    "Transfer-Encoding", ""
-                ):
-                    response.content_length = upstream.content_length
+                if upstream.length is not None:  # fixed length (None: chunked, or until close)
+                    response.content_length = upstream.length
                 await response.prepare(request)
                 first = True
-                async for chunk in upstream.content.iter_any():
+                while chunk := await upstream.read():
                     t = time.perf_counter()
                     await response.write(chunk)
                     self.metrics.bytes_out += len(chunk)
@@ -371,11 +371,11 @@ class Relay:
             return "too_large"
         if upload.timed_out:
             return "client_timeout"
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, UpstreamTimeout | TimeoutError):
             return "upstream_timeout"
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, UpstreamUnreachable):
             return "upstream_unreachable"
-        if isinstance(exc, aiohttp.ClientError):
+        if isinstance(exc, UpstreamError):
             return "upstream_aborted"
         log.error("unexpected relay failure: %s", type(exc).__name__)
         return "upstream_aborted"
@@ -395,7 +395,7 @@ class Relay:
             return problem(413)
         if upload.timed_out:
             return problem(408)
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, UpstreamTimeout | TimeoutError):
             log.warning("gateway timed out")
             return problem(504)
         log.warning("gateway unreachable or failed: %s", type(exc).__name__)
@@ -448,18 +448,19 @@ class Relay:
             return self._serve_cached(entry)
 
     async def _fetch_keys(self, url: str) -> _CachedKeys:
-        assert self.session is not None
-        async with self.session.get(url, allow_redirects=False) as upstream:
-            body = await upstream.content.read(self.config.keys_max_bytes + 1)
-            if len(body) > self.config.keys_max_bytes:
-                raise aiohttp.ClientPayloadError("key configuration too large")
-            headers = {
-                n: upstream.headers[n] for n in KEYS_RESPONSE_HEADERS if n in upstream.headers
-            }
+        assert self.client is not None
+        ep = self._endpoints[url]
+        async with self.client.request(ep, b"GET", b"", keep=KEYS_RESPONSE_HEADERS) as upstream:
+            body = b""
+            while chunk := await upstream.read():
+                body += chunk
+                if len(body) > self.config.keys_max_bytes:
+                    raise UpstreamError("key configuration too large")
+            headers = dict(upstream.headers)
             now = time.monotonic()
             ttl = 0.0
             if upstream.status == 200:
-                ttl = min(_max_age(upstream.headers.get("Cache-Control")), self.config.keys_max_age)
+                ttl = min(_max_age(headers.get("Cache-Control")), self.config.keys_max_age)
             return _CachedKeys(upstream.status, body, headers, now, now + ttl)
 
     # -- operations ------------------------------------------------------------------

@@ -1,0 +1,587 @@
+"""The relay's HTTP/1.1 client for its gateways: what relaying needs and nothing else.
+
+aiohttp's ClientSession spent ~100 us of CPU per relayed request, most of it on what the
+relay switches off (cookies, redirects, proxies, auth, tracing, decompression, a URL and a
+header multidict built per request) and on a task per request body. This client sends a
+request head that the caller built from its allow-list plus ``Host`` and the framing
+header, streams the body, and hands back the status, the allow-listed response headers and
+the body as it arrives. Keep-alive connections are pooled per gateway origin.
+
+Privacy: the client adds no header of its own (no User-Agent, Accept, Accept-Encoding,
+Connection, cookies), follows no redirects and ignores proxy settings: the gateway sees
+the relay's address and the caller's lines, nothing else.
+
+Strictness: a response that is not plainly framed (a bad status line, a header line
+with a stray CR or LF, conflicting or malformed ``Content-Length``, a transfer coding
+other than ``chunked``, a malformed chunk) fails the exchange (502), and a connection
+is reused only after a response that ended exactly where its framing said, on HTTP/1.1
+without ``Connection: close``, with the request body fully sent. Anything else is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from urllib.parse import quote, urlsplit
+
+MAX_HEAD = 64 * 1024  # largest response head, status line and headers together
+MAX_LINE = 4096  # largest chunk-size or trailer line
+HIGH_WATER = 256 * 1024  # response bytes buffered before the gateway is no longer read
+IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
+DNS_TTL = 60.0  # how long a gateway host's resolved addresses are reused
+_HEX = b"0123456789abcdefABCDEF"
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# A response head: status line, then fields named by tokens right before the colon; no
+# line ends but in CRLF, and no NUL anywhere.
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [^\r\n\0]*)?(?:\r\n" + _TOKEN + rb":[^\r\n\0]*)*"
+)
+
+
+class UpstreamError(Exception):
+    """The gateway broke, garbled or cut the exchange (502)."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the gateway could be made (502)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The gateway did not connect, or stayed silent, for longer than allowed (504)."""
+
+
+# Where the parser is in the current response.
+_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA = 0, 1, 2, 3, 4
+_CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = 5, 6, 7, 8
+
+
+def _values(head: bytes, low: bytes, key: bytes) -> list[bytes]:
+    """The values in ``head`` of every field that ``key`` (b"\\r\\nname:") finds in
+    ``low``, the head in lower case."""
+    found = []
+    at = low.find(key)
+    while at >= 0:
+        start = at + len(key)
+        end = low.find(b"\r\n", start)
+        if end < 0:
+            end = len(low)
+        found.append(head[start:end].strip(b" \t"))
+        at = low.find(key, end)
+    return found
+
+
+class Endpoint:
+    """One upstream URL, parsed once: where to connect and the request line's fixed part."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.tls = parts.scheme == "https"
+        host = parts.hostname or ""
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
+        default_port = 443 if self.tls else 80
+        self.host = host
+        self.port = parts.port or default_port
+        try:
+            self.numeric: int | None = (
+                socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            )
+        except ValueError:
+            self.numeric = None  # a name: resolved when connecting, cached for DNS_TTL
+        self.origin = (parts.scheme, host, self.port)
+        authority = f"[{host}]" if ":" in host else host
+        if parts.port and parts.port != default_port:
+            authority += f":{parts.port}"
+        target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        if parts.query:
+            target += "?" + quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
+        self.target = target.encode("ascii")
+        self.host_line = b"Host: " + authority.encode("ascii") + b"\r\n"
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection and the response currently being read on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.origin: tuple[str, str, int] = ("", "", 0)
+        self.idle_since = 0.0
+        self.upload: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._state = _IDLE
+        self._reusable = True
+        self._buf = b""
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._paused = False
+        self._exc: BaseException | None = None
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._remaining = 0
+        self._keep: dict[bytes, str] = {}
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.length: int | None = None
+        self.head_done = False
+
+    # -- asyncio callbacks ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._reusable = False
+        if self._state == _UNTIL_CLOSE and exc is None:
+            self._finish()
+        elif self._state not in (_IDLE, _DONE):
+            self._fail(UpstreamError("the gateway closed the connection"))
+        self._cancel_timer()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(UpstreamError("the gateway closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state in (_IDLE, _DONE):
+            self._reusable = False  # bytes nobody asked for: never reuse this connection
+            return
+        self._last_read = self._loop.time()
+        buf = self._buf + data if self._buf else data
+        try:
+            buf = self._parse(buf)
+        except (UpstreamError, ValueError) as exc:
+            self._fail(UpstreamError(f"malformed response: {exc}"))
+            return
+        self._buf = buf
+        if buf and self._state == _DONE:
+            self._reusable = False  # more than the framing announced
+
+    # -- response parsing ----------------------------------------------------------
+    def _parse(self, buf: bytes) -> bytes:
+        while buf:
+            state = self._state
+            if state == _HEAD:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise UpstreamError("head too large")
+                    return buf
+                self._parse_head(buf[:end])
+                buf = buf[end + 4 :]
+            elif state in (_LENGTH, _CHUNK_DATA):
+                take = buf[: self._remaining]
+                buf = buf[len(take) :]
+                self._remaining -= len(take)
+                self._push(take)
+                if self._remaining == 0:
+                    if state == _LENGTH:
+                        self._finish()
+                    else:
+                        self._state = _CHUNK_END
+            elif state in (_CHUNK_SIZE, _TRAILERS):
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > MAX_LINE:
+                        raise UpstreamError("chunk line too long")
+                    return buf
+                line, buf = buf[:end], buf[end + 2 :]
+                if state == _TRAILERS:
+                    if not line:
+                        self._finish()
+                    continue  # trailer fields are dropped, like every other header
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not size or len(size) > 15 or size.strip(_HEX):
+                    raise UpstreamError("bad chunk size")
+                self._remaining = int(size, 16)
+                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
+            elif state == _CHUNK_END:
+                if len(buf) < 2:
+                    return buf
+                if buf[:2] != b"\r\n":
+                    raise UpstreamError("chunk not followed by CRLF")
+                buf = buf[2:]
+                self._state = _CHUNK_SIZE
+            elif state == _UNTIL_CLOSE:
+                self._push(buf)
+                return b""
+            else:  # _DONE: whatever follows is not ours
+                return buf
+        return buf
+
+    def _parse_head(self, head: bytes) -> None:
+        if _RESPONSE_HEAD.fullmatch(head) is None:
+            raise UpstreamError("malformed head")
+        status = int(head[9:12])
+        low = head.lower()  # fields are found by name here; kept values come from ``head``
+        length = _values(low, low, b"\r\ncontent-length:")
+        coding = _values(low, low, b"\r\ntransfer-encoding:")
+        connection = b",".join(_values(low, low, b"\r\nconnection:"))
+        keep_alive = head.startswith(b"HTTP/1.1") and b"close" not in connection
+        headers: dict[str, str] = {}
+        for name, as_name in self._keep.items():
+            key = b"\r\n" + name + b":"
+            if key in low:
+                headers[as_name] = _values(head, low, key)[0].decode("utf-8", "surrogateescape")
+        if status < 200:
+            if status == 101:
+                raise UpstreamError("unexpected protocol switch")
+            return  # an interim answer (100 Continue): the final one follows
+        self.status, self.headers = status, headers
+        if not keep_alive:
+            self._reusable = False
+        if status in (204, 304):
+            self._finish()
+        elif coding:
+            if coding != [b"chunked"]:
+                raise UpstreamError("unsupported transfer coding")
+            if length:
+                self._reusable = False  # both framings sent: use chunked, then close
+            self._state = _CHUNK_SIZE
+        elif length:
+            if len(length) > 1 or not length[0].isdigit() or len(length[0]) > 18:
+                raise UpstreamError("bad content-length")
+            self.length = self._remaining = int(length[0])
+            self._state = _LENGTH
+            if self._remaining == 0:
+                self._finish()
+        else:
+            self._reusable = False  # the body ends when the connection does
+            self._state = _UNTIL_CLOSE
+        self.head_done = True
+        self._wake()
+        self.start_read_timeout()  # (already running unless the body is still going up)
+
+    def _push(self, data: bytes) -> None:
+        if data:
+            self._body.append(data)
+            self._buffered += len(data)
+            if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+                self._paused = True  # back-pressure: the client is slower than the gateway
+                self._cancel_timer()  # and the read timeout measures the gateway only
+                self.transport.pause_reading()
+            self._wake()
+
+    def _finish(self) -> None:
+        self._state = _DONE
+        self._cancel_timer()
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self._reusable = False
+        self._cancel_timer()
+        self._wake()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # -- read timeout: one timer per exchange, re-armed only when it fires early ------
+    def start_read_timeout(self) -> None:
+        if self._state in (_IDLE, _DONE) or self._exc is not None or self._paused:
+            return
+        self._last_read = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(
+                self._last_read + self._read_timeout, self._check_timeout
+            )
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        deadline = self._last_read + self._read_timeout
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check_timeout)
+        else:
+            self._fail(UpstreamTimeout("the gateway stayed silent"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- the exchange, as seen by the caller -----------------------------------------
+    def begin(self, keep: dict[bytes, str]) -> None:
+        self._state = _HEAD
+        self._keep = keep
+        self._buf = b""
+        self._exc = None
+        self._body = []
+        self._buffered = 0
+        self.status, self.headers, self.length, self.head_done = 0, {}, None, False
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise UpstreamError("the gateway closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise UpstreamError("the gateway closed the connection")
+        if self._write_paused:
+            self._drain = self._loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    async def head(self) -> None:
+        while not self.head_done:
+            if self._exc is not None:
+                raise self._exc
+            await self._wait()
+
+    @property
+    def complete(self) -> bool:
+        """The whole body is here already (a short fixed-length answer)."""
+        return self._state == _DONE
+
+    def read_nowait(self) -> bytes:
+        body = self._body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        self._body = []
+        self._buffered = 0
+        if self._paused and not self.closed and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+            self.start_read_timeout()
+        return data
+
+    async def read(self) -> bytes:
+        """The body bytes that have arrived since the last call, waiting for some; b"" at
+        the end; raises if the gateway broke the response or went silent."""
+        while not self._body:
+            if self._exc is not None:
+                raise self._exc
+            if self._state == _DONE:
+                return b""
+            await self._wait()
+        return self.read_nowait()
+
+    def upload_failed(self, exc: BaseException) -> None:
+        self._fail(UpstreamError(f"request body not sent: {type(exc).__name__}"))
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self._reusable
+            and not self.closed
+            and self._state == _DONE
+            and self._exc is None
+            and not self._buf
+            and not self._paused  # (an abandoned body left reading paused)
+        )
+
+    def close(self) -> None:
+        self._reusable = False
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class Exchange:
+    """``async with client.request(...) as conn``: the connection, once the response head
+    is in; on leaving, the connection goes back to the pool or is closed."""
+
+    __slots__ = ("_body", "_client", "_conn", "_ep", "_keep", "_length", "_lines", "_method")
+
+    def __init__(
+        self,
+        client: Client,
+        ep: Endpoint,
+        method: bytes,
+        lines: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        length: int | None,
+        keep: dict[bytes, str],
+    ) -> None:
+        self._client, self._ep, self._method, self._lines = client, ep, method, lines
+        self._body, self._length, self._keep = body, length, keep
+        self._conn: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        ep, body = self._ep, self._body
+        conn = self._client.pooled(ep) or await self._client.connect(ep)
+        self._conn = conn
+        conn.begin(self._keep)
+        head = b"%s %s HTTP/1.1\r\n%s%s" % (self._method, ep.target, ep.host_line, self._lines)
+        try:
+            if body is None:
+                conn.write(head + b"\r\n")
+                conn.start_read_timeout()
+            elif isinstance(body, bytes):
+                if len(body) <= 16384:  # one segment for a small request
+                    conn.write(b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body))
+                else:
+                    conn.write(b"%sContent-Length: %d\r\n\r\n" % (head, len(body)))
+                    conn.write(body)
+                conn.start_read_timeout()
+            else:
+                if self._length is None:
+                    conn.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+                else:
+                    conn.write(b"%sContent-Length: %d\r\n\r\n" % (head, self._length))
+                # The body goes up while the answer may already be coming down.
+                conn.upload = asyncio.ensure_future(_upload(conn, body, self._length is None))
+            await conn.head()
+        except BaseException:
+            self._client.release(conn)  # closes it: the exchange did not finish
+            raise
+        return conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._conn is not None:
+            self._client.release(self._conn)
+
+
+async def _upload(conn: Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
+    """Request body -> gateway, paced by the gateway (drain) and by the body's source."""
+    try:
+        async for chunk in body:
+            if chunk:
+                conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+    except asyncio.CancelledError:
+        conn.close()
+        raise
+    except Exception as exc:  # the source failed (too large, client gone): fail the exchange
+        conn.upload_failed(exc)
+    else:
+        conn.start_read_timeout()
+
+
+class Client:
+    """Pools of keep-alive connections by gateway origin (unbounded, like the aiohttp
+    connector with ``limit=0`` that it replaces; the relay's concurrency cap bounds them)."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._pools: dict[tuple[str, str, int], deque[Connection]] = {}
+        self._dns: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
+        self._tls: ssl.SSLContext | None = None
+
+    def request(
+        self,
+        ep: Endpoint,
+        method: bytes,
+        lines: bytes,
+        body: bytes | AsyncIterator[bytes] | None = None,
+        length: int | None = None,
+        keep: dict[bytes, str] | None = None,
+    ) -> Exchange:
+        """``lines``: the caller's header lines, each ending in CRLF; ``Host`` and the
+        framing (``Content-Length``, or ``Transfer-Encoding: chunked`` for a body of
+        unknown ``length``) are added here. ``keep``: the response headers to return
+        (first value of each), as {lower-case name on the wire: name in ``headers``}."""
+        return Exchange(self, ep, method, lines, body, length, keep or {})
+
+    def pooled(self, ep: Endpoint) -> Connection | None:
+        """The most recently used idle connection to ``ep``'s origin, if one is left."""
+        pool = self._pools.get(ep.origin)
+        if pool:
+            now = time.monotonic()
+            while pool:
+                conn = pool.pop()
+                if conn.reusable and now - conn.idle_since < IDLE_TIMEOUT:
+                    return conn
+                conn.close()
+        return None
+
+    def release(self, conn: Connection) -> None:
+        """Back to the pool after a cleanly finished exchange; closed otherwise."""
+        upload = conn.upload
+        if upload is not None:
+            conn.upload = None
+            if not upload.done():
+                upload.cancel()  # the answer is over or abandoned: the rest of the body is moot
+                conn.close()
+        if not conn.reusable:
+            conn.close()
+            return
+        now = time.monotonic()
+        conn.idle_since = now
+        pool = self._pools.setdefault(conn.origin, deque())
+        while pool and now - pool[0].idle_since >= IDLE_TIMEOUT:
+            pool.popleft().close()
+        pool.append(conn)
+
+    async def connect(self, ep: Endpoint) -> Connection:
+        loop = asyncio.get_running_loop()
+        tls = None
+        if ep.tls:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        error: OSError | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                for family, address in await self._resolve(ep):
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: Connection(loop, self.read_timeout),
+                            address,
+                            ep.port,
+                            family=family,
+                            ssl=tls,
+                            server_hostname=ep.host if tls else None,
+                        )
+                    except OSError as exc:
+                        error = exc
+                        continue
+                    conn.origin = ep.origin
+                    return conn
+        except TimeoutError:
+            raise UpstreamTimeout("connecting to the gateway timed out") from None
+        except OSError as exc:
+            raise UpstreamUnreachable(f"gateway unreachable: {type(exc).__name__}") from exc
+        raise UpstreamUnreachable(f"gateway unreachable: {type(error).__name__}") from error
+
+    async def _resolve(self, ep: Endpoint) -> list[tuple[int, str]]:
+        if ep.numeric is not None:
+            return [(ep.numeric, ep.host)]
+        key = (ep.host, ep.port)
+        now = time.monotonic()
+        cached = self._dns.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            ep.host, ep.port, type=socket.SOCK_STREAM
+        )
+        addresses = list(dict.fromkeys((family, sockaddr[0]) for family, *_, sockaddr in infos))
+        self._dns[key] = (now + DNS_TTL, addresses)
+        return addresses
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            while pool:
+                pool.pop().close()
