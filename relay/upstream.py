@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit
 
-MAX_HEAD = 64 * 1024  # largest response head, status line and headers together
+MAX_HEAD = 16 * 1024  # largest response head, status line and headers (nginx: 4-8 KiB)
 MAX_LINE = 4096  # largest chunk-size or trailer line
 HIGH_WATER = 256 * 1024  # response bytes buffered before the gateway is no longer read
 IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
@@ -178,9 +178,9 @@ class Connection(asyncio.Protocol):
         while buf:
             state = self._state
             if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
+                end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
                 if end < 0:
-                    if len(buf) > MAX_HEAD:
+                    if len(buf) >= MAX_HEAD + 4:
                         raise UpstreamError("head too large")
                     return buf
                 self._parse_head(buf[:end])
@@ -196,9 +196,9 @@ class Connection(asyncio.Protocol):
                     else:
                         self._state = _CHUNK_END
             elif state in (_CHUNK_SIZE, _TRAILERS):
-                end = buf.find(b"\r\n")
+                end = buf.find(b"\r\n", 0, MAX_LINE + 2)
                 if end < 0:
-                    if len(buf) > MAX_LINE:
+                    if len(buf) >= MAX_LINE + 2:
                         raise UpstreamError("chunk line too long")
                     return buf
                 line, buf = buf[:end], buf[end + 2 :]
