@@ -10,12 +10,14 @@ or exported; only the aggregate number of rejections is counted elsewhere.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
 class RateLimiter:
@@ -40,15 +42,15 @@ class RateLimiter:
 
     def _key(self, address: str | None) -> bytes:
         text = address or ""
-        try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
-            pass
-        else:
-            if ip.version == 6 and ip.ipv4_mapped is None:
-                text = str(ipaddress.ip_network(f"{ip}/64", strict=False))
-            elif ip.version == 6 and ip.ipv4_mapped is not None:
-                text = str(ip.ipv4_mapped)
+        if ":" in text:  # IPv6 (IPv4, or anything else, is hashed as written)
+            try:
+                packed = socket.inet_pton(socket.AF_INET6, text.partition("%")[0])
+            except OSError:
+                packed = b""
+            if packed[:12] == _V4_MAPPED:
+                text = socket.inet_ntop(socket.AF_INET, packed[12:])  # the IPv4 client's bucket
+            elif packed:
+                text = packed[:8].hex() + "::/64"  # one subscriber: the /64
         return hashlib.blake2b(text.encode(), key=self._secret, digest_size=16).digest()
 
     def check(self, address: str | None) -> float:
