@@ -3,8 +3,9 @@
 Privacy rules this file enforces (see docs/relay.md):
 - Requests reach only the configured gateway URLs; paths are static routes, never
   derived from the request, so this is not an open proxy.
-- Headers are allow-listed in both directions; the upstream client adds none of
-  its own (no User-Agent, Accept, Accept-Encoding, cookies, redirects, proxies).
+- Headers are allow-listed in both directions; the upstream client (relay/upstream.py)
+  adds none of its own (no User-Agent, Accept, Accept-Encoding, cookies, redirects,
+  proxies).
 - Bodies stream in both directions with back-pressure; a client that goes away
   cancels the upstream request (the server runs with handler cancellation on).
 - No client address is logged, counted per client, or exported; the rate limiter
