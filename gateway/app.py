@@ -46,6 +46,7 @@ from gateway.registry import (
 from gateway.spent import DEFAULT_TTL, SpentStore
 from openpcc import audit
 from openpcc.audit import AuditLog
+from openpcc.bodies import read_at_most
 from openpcc.errors import OpenPCCError, UnsupportedError
 from openpcc.privacypass import issuance
 from openpcc.privacypass.auth import parse_authorization_token
@@ -690,7 +691,7 @@ class Gateway:
             if request.content_type != "application/json":
                 outcome = "bad_request"
                 return problem(415, "Unsupported Media Type", "use application/json")
-            body = await request.content.read(MAX_REGISTRATION_BYTES + 1)
+            body = await read_at_most(request.content, MAX_REGISTRATION_BYTES)
             if len(body) > MAX_REGISTRATION_BYTES:
                 outcome = "too_large"
                 return problem(413, "Content Too Large")
