@@ -137,7 +137,8 @@ def _split_table(result: dict[str, Any]) -> list[str]:
         + " | ".join(_fmt(v["added_ttft_p50_ms"]) for v in loads.values())
         + " |"
     )
-    rows += ["", "| per streamed chunk (p50, µs) | " + " | ".join(f"c={n}" for n in names) + " |"]
+    cols = " | ".join(f"c={n}" for n in names)
+    rows += ["", f"| per streamed chunk (p50, µs of CPU) | {cols} |"]
     rows.append("|---|" + "---|" * len(names))
     parties = ["node", "gateway", "relay", "client"]
     for party in parties:

@@ -641,7 +641,7 @@ class Gateway:
         # Committed: from here on every byte goes straight to the client.
         self.metrics.inc("node_attempts_total", outcome="streaming")
         trace, t0 = self.trace, request.get(_T0, 0.0)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), trace.cpu()
         trace.record("upstream_wait", t - t0)
         clean = False
         try:
@@ -652,13 +652,17 @@ class Gateway:
                 # The node's answer is complete: its end follows without waiting.
                 await sink.write(chunk, more=resp.content.at_eof())
                 now = time.perf_counter()
-                trace.record("first_out" if t0 else "chunk", now - (t0 or t))
+                if t0:
+                    trace.record("first_out", now - t0)
+                else:
+                    trace.record("chunk", now - t)
+                    trace.record("chunk_cpu", trace.cpu() - c)
                 t0 = 0.0
                 try:
                     chunk = await resp.content.readany()
                 except (aiohttp.ClientError, TimeoutError, OSError):
                     break
-                t = time.perf_counter()
+                t, c = time.perf_counter(), trace.cpu()
             else:
                 clean = True
         except _NodeStreamError:

@@ -362,12 +362,13 @@ class NodeService:
             trace.record("first_out", time.perf_counter() - t0)
             try:
                 async for chunk in resp.content.iter_any():
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), trace.cpu()
                     if t0:
                         trace.record("engine_first_data", t - t0)
                         t0 = 0.0
                     await out.write(sealer.data(chunk))
                     trace.record("chunk", time.perf_counter() - t)
+                    trace.record("chunk_cpu", trace.cpu() - c)
             except (aiohttp.ClientError, TimeoutError, OSError):
                 # Engine died mid-stream: no end-of-stream chunk, and the connection is
                 # cut, so the client reports truncation rather than a short answer.

@@ -13,7 +13,10 @@ Stages every party records, measured from the moment its handler starts:
 - ``upstream_sent``: until it hands the request to the next hop (its request-side work);
 - ``upstream_wait``: until the next hop's first response bytes arrive;
 - ``first_out``: until its own first response bytes are written;
-- ``chunk``: per later response chunk, the time to pass it on (open, seal, write).
+- ``chunk``: per later response chunk, the time to pass it on (open, seal, write);
+- ``chunk_cpu``: the same in this thread's CPU time. On a busy core a write that wakes
+  the next process can hand it the CPU mid-call, so wall time then includes others'
+  work; CPU time is the chunk's own cost.
 
 Parties add their own (``decapsulate``, ``redeem``, ``unseal``, ``prepare`` ...).
 """
@@ -21,6 +24,7 @@ Parties add their own (``decapsulate``, ``redeem``, ``unseal``, ``prepare`` ...)
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import TextIO
@@ -47,6 +51,10 @@ class StageTrace:
     def record(self, stage: str, seconds: float) -> None:
         if self._fh is not None:
             self._fh.write(f"{stage}\t{seconds:.9f}\n")
+
+    def cpu(self) -> float:
+        """This thread's CPU seconds when tracing (a system call), else 0."""
+        return time.thread_time() if self._fh is not None else 0.0
 
     def close(self) -> None:
         if self._fh is not None:

@@ -340,6 +340,7 @@ class Relay:
                 first = True
                 while chunk := await upstream.read():
                     t = time.perf_counter()
+                    c = time.thread_time() if trace is not None else 0.0
                     await response.write(chunk)
                     self.metrics.bytes_out += len(chunk)
                     if trace is None:
@@ -350,6 +351,7 @@ class Relay:
                         first = False
                     else:
                         trace.record("chunk", time.perf_counter() - t)
+                        trace.record("chunk_cpu", time.thread_time() - c)
                 await response.write_eof()
                 return response
         except asyncio.CancelledError:

@@ -335,7 +335,7 @@ class Client:
                     raise RelayError(f"relay answered {resp.status}")
                 first = True
                 async for piece in resp.content.iter_any():
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), trace.cpu()
                     if first:
                         trace.record("upstream_wait", t - t_send)
                     events: list[bytes] = []  # opened SSE bytes, parsed after the timing
@@ -358,6 +358,7 @@ class Client:
                     # parsing, which any OpenAI client does, and the consumer's time
                     # between yields are not counted.
                     trace.record("chunk", time.perf_counter() - t)
+                    trace.record("chunk_cpu", trace.cpu() - c)
                     first = False
                     for item in events:
                         for obj in sse.feed(item):
