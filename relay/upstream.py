@@ -202,6 +202,8 @@ class Connection(asyncio.Protocol):
                         raise UpstreamError("chunk line too long")
                     return buf
                 line, buf = buf[:end], buf[end + 2 :]
+                if b"\n" in line or b"\r" in line or b"\0" in line:  # as in the head
+                    raise UpstreamError("stray CR, LF or NUL in a chunk or trailer line")
                 if state == _TRAILERS:
                     if not line:
                         self._finish()
