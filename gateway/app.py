@@ -655,8 +655,9 @@ class Gateway:
                 if t0:
                     trace.record("first_out", now - t0)
                 else:
+                    cpu = trace.cpu() - c  # read before either line is written
                     trace.record("chunk", now - t)
-                    trace.record("chunk_cpu", trace.cpu() - c)
+                    trace.record("chunk_cpu", cpu)
                 t0 = 0.0
                 try:
                     chunk = await resp.content.readany()

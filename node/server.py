@@ -362,13 +362,14 @@ class NodeService:
             trace.record("first_out", time.perf_counter() - t0)
             try:
                 async for chunk in resp.content.iter_any():
-                    t, c = time.perf_counter(), trace.cpu()
                     if t0:
-                        trace.record("engine_first_data", t - t0)
+                        trace.record("engine_first_data", time.perf_counter() - t0)
                         t0 = 0.0
+                    t, c = time.perf_counter(), trace.cpu()
                     await out.write(sealer.data(chunk))
-                    trace.record("chunk", time.perf_counter() - t)
-                    trace.record("chunk_cpu", trace.cpu() - c)
+                    wall, cpu = time.perf_counter() - t, trace.cpu() - c
+                    trace.record("chunk", wall)  # both read before either line is written
+                    trace.record("chunk_cpu", cpu)
             except (aiohttp.ClientError, TimeoutError, OSError):
                 # Engine died mid-stream: no end-of-stream chunk, and the connection is
                 # cut, so the client reports truncation rather than a short answer.

@@ -335,9 +335,9 @@ class Client:
                     raise RelayError(f"relay answered {resp.status}")
                 first = True
                 async for piece in resp.content.iter_any():
-                    t, c = time.perf_counter(), trace.cpu()
                     if first:
-                        trace.record("upstream_wait", t - t_send)
+                        trace.record("upstream_wait", time.perf_counter() - t_send)
+                    t, c = time.perf_counter(), trace.cpu()
                     events: list[bytes] = []  # opened SSE bytes, parsed after the timing
                     for plain in receiver.receive_data(piece):
                         for ev in stream.receive_data(plain):
@@ -357,8 +357,9 @@ class Client:
                     # OpenPCC's own work per piece (both layers opened); SSE and JSON
                     # parsing, which any OpenAI client does, and the consumer's time
                     # between yields are not counted.
-                    trace.record("chunk", time.perf_counter() - t)
-                    trace.record("chunk_cpu", trace.cpu() - c)
+                    wall, cpu = time.perf_counter() - t, trace.cpu() - c
+                    trace.record("chunk", wall)  # both read before either line is written
+                    trace.record("chunk_cpu", cpu)
                     first = False
                     for item in events:
                         for obj in sse.feed(item):
