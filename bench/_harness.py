@@ -21,6 +21,26 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile ``q`` (0..1) of ``values``; NaN when there are none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def cpu_seconds(pid: int, *, group: bool = False) -> float:
+    """User + system CPU seconds of a process (all its threads) so far, or of its whole
+    process group (vLLM's engine core is a child process), from /proc."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]:
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        if not group or int(fields[2]) == pid:  # fields[2] is the process group id
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def per_call_seconds(fn: Callable[[], object], *, min_time: float = 0.2, repeats: int = 7) -> float:
     """Median seconds per call of ``fn`` over ``repeats`` batches of >= ``min_time`` each."""
     n = 1

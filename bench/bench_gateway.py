@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._harness import cpu_seconds, percentile  # noqa: E402
+
 DURATION = 3.0
 CONCURRENCY = 32
 WARMUP_REQUESTS = 300
@@ -190,11 +192,6 @@ async def _connection(port: int, st: _LoadState) -> None:
     writer.close()
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-
-
 async def _load(args: dict[str, Any]) -> dict[str, Any]:
     bodies = _unpack(Path(args["requests"]).read_bytes())
     head = (
@@ -219,8 +216,8 @@ async def _load(args: dict[str, Any]) -> dict[str, Any]:
         "requests": len(lat),
         "pool": len(requests),
         "pool_exhausted": not args["cycle"] and st.next >= len(requests),
-        "latency_ms_p50": round(_pct(lat, 0.5) * 1000, 3),
-        "latency_ms_p99": round(_pct(lat, 0.99) * 1000, 3),
+        "latency_ms_p50": round(percentile(lat, 0.5) * 1000, 3),
+        "latency_ms_p99": round(percentile(lat, 0.99) * 1000, 3),
     }
 
 
@@ -342,12 +339,6 @@ class Stack:
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0])
         return fields
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def nginx_worker(master: int) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from bench._harness import cpu_seconds
 from openpcc.local import client_from_config, start_local_stack
 from openpcc.stagetrace import ENV as TRACE_ENV
 from openpcc.stagetrace import Samples, TraceReader
@@ -130,20 +131,6 @@ def _stats(parts: list[dict[str, Any]]) -> dict[str, float]:
         "output_chunks_per_s": round((len(gaps) + n) / wall, 1),
         "wall_s": round(wall, 2),
     }
-
-
-def _cpu_seconds(pid: int, *, group: bool = False) -> float:
-    """utime + stime of a process, or of its whole process group (vLLM's engine core is a
-    child process), from /proc."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]:
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        if not group or int(fields[2]) == pid:  # fields[2] is the process group id
-            total += sum(int(x) for x in fields[11:13])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _mean(xs: list[float]) -> float:
@@ -295,7 +282,7 @@ def _measure(
     pids = {**pids} | {f"client {i} (load generator)": p.pid for i, p in enumerate(gens.procs)}
 
     def cpu() -> dict[str, float]:
-        return {name: _cpu_seconds(pid, group=name == "vllm") for name, pid in pids.items()}
+        return {name: cpu_seconds(pid, group=name == "vllm") for name, pid in pids.items()}
 
     try:
         reader.take()  # the warm-up's stages are not part of any load

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._harness import percentile  # noqa: E402
 from tests.relay_support.procs import (  # noqa: E402
     Proc,
     RelaySettings,
@@ -186,8 +187,7 @@ def rss_kib(pid: int) -> dict[str, int]:
 
 
 def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+    return round(percentile(values, q), 3)
 
 
 def run() -> dict[str, Any]:

@@ -19,11 +19,24 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on, and not one this process handed out before.
+
+    Why the memory: ports for a whole stack are picked before any service binds, and
+    the kernel may give the same free port twice in a row. Two services then race for
+    it, and the loser's health check is answered by the winner (seen in CI: the relay
+    exited on EADDRINUSE while the issuer answered its /healthz).
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def openpcc_cmd(*args: str) -> list[str]:

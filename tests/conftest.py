@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from openpcc.stack import free_port as stack_free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("OPENPCC_SHARED", ROOT.parent / "shared"))
 VECTORS = SHARED / "vectors"
@@ -84,11 +86,8 @@ def run_node(script: str, payload: Any, timeout: float = 60) -> Any:
 
 
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Shared with the stack launcher, so no two services here get the same port."""
+    return stack_free_port()
 
 
 @pytest.fixture(scope="session")

@@ -23,27 +23,24 @@ def test_gateway_and_nginx_answer_every_request(tmp_path: Path) -> None:
         prepared = st.build(N)
         requests = prepared.write(tmp_path / "requests.bin")
         answers = tmp_path / "answers.bin"
-        gw = bench.load(
-            st.gateway_port,
-            bench.GATEWAY_PATH,
-            requests,
-            concurrency=4,
-            duration=30,
-            responses_file=answers,
-        )
+
+        def send_all() -> dict:
+            return bench.load(
+                st.gateway_port,
+                bench.GATEWAY_PATH,
+                requests,
+                concurrency=4,
+                duration=30,
+                responses_file=answers,
+            )
+
+        gw = send_all()
         assert gw["statuses"] == {"200": N} and gw["pool_exhausted"], gw
         assert st.check(prepared, answers) == {"200": N}
 
         # The same bytes again: tokens are spent, so the gateway answers 200 outside but
         # 401 inside. Only opening the answers shows it, and the run must then be invalid.
-        again = bench.load(
-            st.gateway_port,
-            bench.GATEWAY_PATH,
-            requests,
-            concurrency=4,
-            duration=30,
-            responses_file=answers,
-        )
+        again = send_all()
         inner = st.check(prepared, answers)
         assert again["statuses"] == {"200": N} and inner == {"401": N}
         with pytest.raises(RuntimeError, match="invalid run"):

@@ -6,13 +6,14 @@ import http.client
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from openpcc.stack import free_port as stack_free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_TEMPLATE = ROOT / "infra" / "relay" / "nginx.conf"
@@ -24,9 +25,8 @@ class NginxMissing(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Shared with the stack launcher, so no two services here get the same port."""
+    return stack_free_port()
 
 
 def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
