@@ -100,6 +100,15 @@ SERVER = "openpcc-relay"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# CORS, only with --allow-origin: what a browser's preflight of the POST must hear. Never
+# Allow-Credentials: clients send no cookie, and the relay wants none.
+PREFLIGHT_HEADERS = {
+    "Server": SERVER,
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "content-type, incremental",
+    "Access-Control-Max-Age": "86400",
+}
+
 
 def problem(status: int, headers: dict[str, str] | None = None) -> web.Response:
     """An RFC 9457 problem with a generic title: upstream details never reach the client."""
@@ -506,6 +515,34 @@ async def _not_found(_request: web.Request) -> web.Response:
     return problem(404)
 
 
+async def _preflight(_request: web.Request) -> web.Response:
+    """Answered here, never forwarded: the gateway sees no preflight and no Origin."""
+    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+
+
+def _cors(
+    allowed: tuple[str, ...], paths: frozenset[str]
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Access-Control-Allow-Origin on every answer of the gateway routes, errors included.
+    A hook runs just before the head is written (a streamed answer's head goes out inside
+    the handler); it is registered only when origins are configured, so without CORS the
+    hot path runs nothing more."""
+    any_origin = allowed == ("*",)
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path not in paths:
+            return
+        if any_origin:
+            response.headers["Access-Control-Allow-Origin"] = "*"
+            return
+        response.headers["Vary"] = "Origin"  # the answer depends on it: caches must key on it
+        origin = request.headers.get("Origin")
+        if origin in allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin
+
+    return on_prepare
+
+
 def build_app(config: RelayConfig) -> web.Application:
     """The relay as an aiohttp application: static routes only, one per gateway."""
     relay = Relay(config)
@@ -528,11 +565,18 @@ def build_app(config: RelayConfig) -> web.Application:
     routes["/healthz"] = ("GET", relay.healthz)
     routes["/readyz"] = ("GET", relay.readyz)
     routes["/metrics"] = ("GET", relay.metrics_handler)
+    cors = bool(config.allow_origins)
     for path, (method, handler) in routes.items():
         app.router.add_route(method, path, handler)
+        if cors and method == "POST":
+            app.router.add_route("OPTIONS", path, _preflight)
         # Any other method: 405 as a problem document (routes, not a middleware, so that
         # relayed requests pay for nothing).
-        app.router.add_route("*", path, _method_not_allowed(method))
+        allowed = f"{method}, OPTIONS" if cors and method == "POST" else method
+        app.router.add_route("*", path, _method_not_allowed(allowed))
+    if cors:
+        paths = frozenset(p for g in config.gateways for p in (g.post_path, g.keys_path))
+        app.on_response_prepare.append(_cors(config.allow_origins, paths))
     # Any other path: 404 in the same format. (A target that is no path at all, as in
     # "CONNECT host:443" or "OPTIONS *", gets aiohttp's plain 404.)
     app.router.add_route("*", "/{path:.*}", _not_found)

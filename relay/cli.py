@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from relay.config import RelayConfig, parse_gateways, parse_size, split_list
+from relay.config import RelayConfig, parse_gateways, parse_origins, parse_size, split_list
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -60,6 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: the gateway origin's /.well-known/ohttp-gateway)",
     )
     add("--max-body", default=_env("MAX_BODY", "8m"), help="largest request body (413 above)")
+    add(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="CORS: let web pages from ORIGIN (scheme://host[:port], or * for any) call the "
+        "gateway routes (repeatable; default: no CORS headers)",
+    )
     add(
         "--shutdown-timeout",
         type=float,
@@ -154,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         keys_max_age=args.keys_max_age,
         access_log=args.access_log,
         audit_log=args.audit_log,
+        allow_origins=parse_origins(args.allow_origin or split_list(_env("ALLOW_ORIGIN", ""))),
     )
 
 

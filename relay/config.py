@@ -13,6 +13,7 @@ KEYS_WELL_KNOWN = "/.well-known/ohttp-gateway"  # RFC 9540 section 3
 RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", ".well-known"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*$")
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@\s]+$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RelayConfig:
     keys_max_bytes: int = 64 * 1024
     access_log: bool = False
     audit_log: str | None = None  # tests/demo only: records what the relay received
+    allow_origins: tuple[str, ...] = ()  # CORS: web origins allowed to call the relay; "*" any
 
     def __post_init__(self) -> None:
         if not self.gateways:
@@ -107,6 +109,18 @@ def parse_gateways(specs: list[str], keys_specs: list[str] | None = None) -> tup
     if keys:
         raise ValueError(f"--keys-url names no gateway: {sorted(keys)}")
     return tuple(out)
+
+
+def parse_origins(specs: list[str]) -> tuple[str, ...]:
+    """``--allow-origin`` values as a browser serializes them (lower case, no path); a
+    browser compares Access-Control-Allow-Origin with its origin byte for byte."""
+    out = []
+    for spec in specs:
+        origin = spec.strip().rstrip("/").lower()
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ValueError(f"bad origin {spec!r} (scheme://host[:port], or *)")
+        out.append(origin)
+    return ("*",) if "*" in out else tuple(dict.fromkeys(out))
 
 
 def parse_size(text: str | int) -> int:

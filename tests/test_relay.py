@@ -7,6 +7,7 @@ gateway actually received. The nginx variant fails, never skips, when nginx is m
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import RelayConfig, parse_gateways, parse_size
+from relay import cli as relay_cli
+from relay.app import build_app
+from relay.config import RelayConfig, parse_gateways, parse_origins, parse_size
 from relay.ratelimit import RateLimiter
 from tests.relay_support.client import (
     GatewayControl,
@@ -59,6 +62,12 @@ IDENTIFYING = [
     ("DNT", "1"),
 ]
 JUNK_RESPONSE_HEADERS = {"set-cookie", "x-powered-by", "alt-svc", "etag", "location"}
+PAGE = "https://app.example"  # the web page's origin in the CORS tests
+OTHER_PAGE = "https://other.example"
+PREFLIGHT = [
+    ("Access-Control-Request-Method", "POST"),
+    ("Access-Control-Request-Headers", "content-type,incremental"),
+]
 
 
 def problem_ok(status: int, headers: dict[str, str], body: bytes, expected: int) -> None:
@@ -72,6 +81,16 @@ def problem_ok(status: int, headers: dict[str, str], body: bytes, expected: int)
 
 def ohttp_headers(ctype: str = "message/ohttp-req") -> list[tuple[str, str]]:
     return [*IDENTIFYING, ("Content-Type", ctype)]
+
+
+def from_page(origin: str, ctype: str | None = "message/ohttp-req") -> list[tuple[str, str]]:
+    """A browser's request: the identifying headers, with Origin set to the page's."""
+    headers = [(k, v) for k, v in IDENTIFYING if k != "Origin"] + [("Origin", origin)]
+    return headers + ([("Content-Type", ctype)] if ctype else [])
+
+
+def cors_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.startswith("access-control-")}
 
 
 def sent_headers(rec: dict) -> dict[str, str]:
@@ -324,6 +343,18 @@ def test_keys_relayed_and_cached(relay: Proc, gw: GatewayControl) -> None:
     assert sent_headers(gets[0]) == {"host": f"127.0.0.1:{gw.port}"}
 
 
+def test_no_cors_by_default(relay: Proc, gw: GatewayControl) -> None:
+    """Without --allow-origin (nginx: an empty origin map) a page's requests get no CORS
+    header, and its preflight is the 405 any other method gets."""
+    status, headers, body = request(relay.port, "OPTIONS", "/", [*from_page(PAGE), *PREFLIGHT])
+    problem_ok(status, headers, body, 405)
+    assert cors_headers(headers) == {} and "vary" not in headers
+    status, headers, _ = request(relay.port, "POST", "/", from_page(PAGE), b"echo\nx")
+    assert status == 200 and cors_headers(headers) == {} and "vary" not in headers
+    status, headers, _ = request(relay.port, "GET", "/.well-known/ohttp-gateway", from_page(PAGE))
+    assert status == 200 and cors_headers(headers) == {}
+
+
 # -- not an open proxy -------------------------------------------------------------------
 
 
@@ -399,6 +430,158 @@ def test_logs_never_contain_client_addresses(relay: Proc) -> None:
     assert offending == []
 
 
+# -- CORS (opt-in: --allow-origin; nginx: the origin map) ---------------------------------
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(kind, mode) for kind in VARIANTS for mode in ("list", "any")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
+def cors_relay(
+    request: pytest.FixtureRequest, gateway: GatewayControl, workdir: Path
+) -> Iterator[Proc]:
+    kind, mode = request.param
+    settings = RelaySettings(
+        gateway.port,
+        extra_args=["--gateway", f"alt=http://127.0.0.1:{gateway.port}/alt-gateway"],
+        allow_origins=[PAGE, "http://127.0.0.1:5173"] if mode == "list" else ["*"],
+    )
+    proc = launch(kind, settings, workdir)
+    proc.extra["mode"] = mode
+    yield proc
+    proc.stop()
+
+
+def assert_cors(proc: Proc, headers: dict[str, str], origin: str = PAGE) -> None:
+    """The answer lets the page read it: its origin echoed (and Vary: Origin), or `*`."""
+    if proc.extra["mode"] == "list":
+        assert headers.get("access-control-allow-origin") == origin, headers
+        assert headers.get("vary") == "Origin"
+    else:
+        assert headers.get("access-control-allow-origin") == "*", headers
+        assert "vary" not in headers
+    assert "access-control-allow-credentials" not in headers
+
+
+@pytest.mark.parametrize("path", ["/", "/alt"])
+def test_cors_preflight_answered_by_the_relay(
+    cors_relay: Proc, gw: GatewayControl, path: str
+) -> None:
+    if path != "/" and cors_relay.kind != "python":
+        pytest.skip("named gateways are a copied location block in nginx (see README)")
+    status, headers, body = request(
+        cors_relay.port, "OPTIONS", path, [*from_page(PAGE, None), *PREFLIGHT]
+    )
+    assert status == 204 and body == b""
+    assert_cors(cors_relay, headers)
+    assert headers["access-control-allow-methods"] == "POST"
+    assert headers["access-control-allow-headers"] == "content-type, incremental"
+    assert headers["access-control-max-age"] == "86400"
+    assert gw.state() == {"requests": [], "keys_gets": []}  # the gateway never hears of it
+
+
+def test_cors_on_relayed_answers_and_nothing_new_upstream(
+    cors_relay: Proc, gw: GatewayControl
+) -> None:
+    body = b"echo\n" + os.urandom(100)
+    status, headers, data = request(cors_relay.port, "POST", "/", from_page(PAGE), body)
+    assert status == 200 and data == body
+    assert_cors(cors_relay, headers)
+    assert set(cors_headers(headers)) == {"access-control-allow-origin"}
+    (rec,) = gw.requests()
+    assert sent_headers(rec) == {  # Origin (and everything else of the page's) stays here
+        "host": f"127.0.0.1:{gw.port}",
+        "content-type": "message/ohttp-req",
+        "content-length": str(len(body)),
+    }
+    status, headers, _ = request(
+        cors_relay.port, "GET", "/.well-known/ohttp-gateway", from_page(PAGE, None)
+    )
+    assert status == 200 and headers["content-type"] == "application/ohttp-keys"
+    assert_cors(cors_relay, headers)
+    for rec in gw.state()["keys_gets"]:  # none if the relay's cache answered
+        assert sent_headers(rec) == {"host": f"127.0.0.1:{gw.port}"}
+
+
+def test_cors_on_streamed_answer(cors_relay: Proc, gw: GatewayControl) -> None:
+    """The head of a streamed answer is written inside the handler: it still carries CORS."""
+    headers = [("Host", "relay.test"), *from_page(PAGE), ("Content-Length", "7")]
+    sock = open_request(cors_relay.port, "POST", "/", headers, b"stream\n", timeout=5)
+    try:
+        resp = read_response(sock)
+        assert resp.status == 200 and resp.read1(64) == b"first-chunk"
+        assert_cors(cors_relay, {k.lower(): v for k, v in resp.getheaders()})
+        gw.release()
+        assert resp.read() == b"last-chunk"
+    finally:
+        sock.close()
+
+
+def test_cors_on_error_answers(cors_relay: Proc, gw: GatewayControl) -> None:
+    port = cors_relay.port
+    answers = {
+        415: request(port, "POST", "/", from_page(PAGE, "text/plain"), b"echo\nx"),
+        405: request(port, "PUT", "/", from_page(PAGE), b"echo\nx"),
+    }
+    headers = [("Host", "relay.test"), *from_page(PAGE), ("Content-Length", "200000")]
+    sock = open_request(port, "POST", "/", headers)
+    try:
+        resp = read_response(sock)
+        answers[413] = (resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        sock.close()
+    if cors_relay.extra["mode"] == "list":  # 2 s each: once per relay kind is enough
+        answers[504] = request(port, "POST", "/", from_page(PAGE), b"slow\n")
+    for status, (got, headers, body) in answers.items():
+        problem_ok(got, headers, body, status)
+        assert_cors(cors_relay, headers)
+    assert all(r["mode"] == "slow" for r in gw.requests())
+
+
+def test_cors_other_origin_gets_no_allow_origin(cors_relay: Proc, gw: GatewayControl) -> None:
+    if cors_relay.extra["mode"] != "list":
+        pytest.skip("`*` allows every origin")
+    port = cors_relay.port
+    answers = [
+        request(port, "OPTIONS", "/", [*from_page(OTHER_PAGE, None), *PREFLIGHT]),
+        request(port, "POST", "/", from_page(OTHER_PAGE), b"echo\nx"),
+        request(
+            port,
+            "POST",
+            "/",
+            [(k, v) for k, v in ohttp_headers() if k != "Origin"],  # no Origin at all
+            b"echo\nx",
+        ),
+        request(port, "GET", "/.well-known/ohttp-gateway", from_page(OTHER_PAGE, None)),
+    ]
+    # The preflight fails either way: the Python relay answers 204, nginx 405.
+    assert [a[0] for a in answers][1:] == [200, 200, 200]
+    for _, headers, _ in answers:
+        assert "access-control-allow-origin" not in headers
+        if cors_relay.kind == "python":  # nginx adds Vary only with an echoed origin
+            assert headers["vary"] == "Origin"
+    assert len(gw.requests()) == 2  # the preflight never reached the gateway
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_cors_on_429_and_502(kind: str, workdir: Path) -> None:
+    settings = RelaySettings(free_port(), rate=1 / 60, burst=2, allow_origins=[PAGE])
+    proc = launch(kind, settings, workdir)  # nothing listens at the gateway's port
+    proc.extra["mode"] = "list"
+    try:
+        answers = [
+            (502, request(proc.port, "POST", "/", from_page(PAGE), b"echo\nx")),
+            (502, request(proc.port, "GET", "/.well-known/ohttp-gateway", from_page(PAGE, None))),
+            (429, request(proc.port, "POST", "/", from_page(PAGE), b"echo\nx")),
+        ]
+    finally:
+        proc.stop()
+    for status, (got, headers, body) in answers:
+        problem_ok(got, headers, body, status)
+        assert_cors(proc, headers)
+
+
 # -- units and wiring ----------------------------------------------------------------------
 
 
@@ -435,6 +618,38 @@ def test_config_parsing() -> None:
         with pytest.raises(ValueError):
             RelayConfig(gateways=parse_gateways(bad))
     assert parse_size("64k") == 65536 and parse_size("8m") == 8 << 20 and parse_size(7) == 7
+
+
+def test_allow_origin_parsing_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_origins(["https://App.Example/", "http://127.0.0.1:5173"]) == (
+        "https://app.example",
+        "http://127.0.0.1:5173",
+    )
+    assert parse_origins(["https://a.example", "*"]) == ("*",)
+    for bad in ("app.example", "https://a.example/path", "https://u@a.example", "null"):
+        with pytest.raises(ValueError):
+            parse_origins([bad])
+    parser = argparse.ArgumentParser()
+    relay_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["relay", "serve", "--gateway", "http://gw/"])
+    assert relay_cli.config_from_args(args).allow_origins == ()
+    monkeypatch.setenv("OPENPCC_RELAY_ALLOW_ORIGIN", "https://a.example, http://b.example:8080")
+    config = relay_cli.config_from_args(args)
+    assert config.allow_origins == ("https://a.example", "http://b.example:8080")
+    args = parser.parse_args(["relay", "serve", "--gateway", "http://gw/", "--allow-origin", "*"])
+    assert relay_cli.config_from_args(args).allow_origins == ("*",)  # the flag wins
+
+
+@pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")  # app["relay"]
+def test_cors_off_adds_nothing_to_the_app() -> None:
+    """Without origins no hook runs per response and no OPTIONS route exists."""
+    gateways = parse_gateways(["http://gw/x"])
+    app = build_app(RelayConfig(gateways=gateways))
+    methods = {r.method for r in app.router.routes()}
+    assert len(app.on_response_prepare) == 0 and "OPTIONS" not in methods
+    app = build_app(RelayConfig(gateways=gateways, allow_origins=("*",)))
+    assert len(app.on_response_prepare) == 1
+    assert "OPTIONS" in {r.method for r in app.router.routes()}
 
 
 def test_cli_help_and_errors() -> None:

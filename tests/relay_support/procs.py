@@ -98,6 +98,7 @@ class RelaySettings:
     client_timeout: int = 10
     workers: int = 1
     extra_args: list[str] = field(default_factory=list)
+    allow_origins: list[str] = field(default_factory=list)  # CORS; "*" for any origin
 
 
 def start_python_relay(s: RelaySettings, workdir: Path, access_log: bool = True) -> Proc:
@@ -114,6 +115,7 @@ def start_python_relay(s: RelaySettings, workdir: Path, access_log: bool = True)
         "--read-timeout", str(s.read_timeout),
         "--client-timeout", str(s.client_timeout),
         *(["--access-log"] if access_log else []),
+        *(a for origin in s.allow_origins for a in ("--allow-origin", origin)),
         *s.extra_args,
     ]  # fmt: skip
     proc = _spawn(cmd, log)
@@ -144,6 +146,15 @@ def render_nginx_conf(s: RelaySettings, listen: str) -> str:
     text = NGINX_TEMPLATE.read_text()
     for name, value in values.items():
         text = text.replace("{{" + name + "}}", value)
+    if s.allow_origins:  # as the template's comment tells an operator to edit the map
+        entries = "".join(
+            '        default "*";\n' if o == "*" else f'        "{o}" $http_origin;\n'
+            for o in s.allow_origins
+        )
+        head = "    map $http_origin $relay_cors_origin {\n"
+        if head not in text:
+            raise ValueError("nginx.conf has no CORS origin map to fill")
+        text = text.replace(head, head + entries)
     left = re.findall(r"^[^#]*?(\{\{[A-Z_]+\}\})", text, flags=re.MULTILINE)
     if left:
         raise ValueError(f"unfilled placeholders in nginx.conf: {left}")
