@@ -322,17 +322,13 @@ def client_from_config(
 
     Call inside a running event loop; the caller closes all three.
     """
-    from openpcc.attestation.policy import TrustPolicy
+    from openpcc.attestation.policy import policy_from_client_config
     from openpcc.client.attest import BundleVerifier
     from openpcc.client.client import Client
     from openpcc.client.wallet import TokenWallet
 
     cfg = json.loads(config_path.read_text())
-    policy = TrustPolicy.from_signed(
-        Path(cfg["policy"]).read_bytes(),
-        [Path(cfg["release_pubkey"]).read_bytes()],
-        datetime.now(UTC),
-    )
+    policy = policy_from_client_config(cfg, datetime.now(UTC))  # Ed25519 or Sigstore form
     api_key = Path(cfg["api_key_file"]).read_text().strip()
     client: Client | None = None
     session = None

@@ -91,10 +91,15 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="signed manifest to write")
     p.set_defaults(func=_release_sign)
     p = rsub.add_parser("verify", help="check a signed manifest's signature and validity")
-    p.add_argument("signed", help="signed manifest JSON")
-    p.add_argument("--pubkey", action="append", required=True, help="pinned release key (PEM)")
+    p.add_argument("signed", help="signed manifest JSON (bare manifest with --sigstore-bundle)")
+    p.add_argument("--pubkey", action="append", default=[], help="pinned release key (PEM)")
     p.add_argument("--at", metavar="T", help="instant (ISO 8601 or Unix seconds)")
     p.add_argument("--min-serial", type=int, default=0, help="refuse older manifests")
+    g = p.add_argument_group("Sigstore (instead of --pubkey; needs openpcc[sigstore])")
+    g.add_argument("--sigstore-bundle", metavar="B", help="Sigstore bundle over the manifest")
+    g.add_argument("--identity", metavar="ID", help="pinned signer: certificate SAN (email/URI)")
+    g.add_argument("--oidc-issuer", metavar="URL", help="pinned OIDC issuer of the signer")
+    g.add_argument("--trust-root", metavar="FILE", help="Sigstore trusted_root.json (offline)")
     p.set_defaults(func=_release_verify)
     from openpcc.release_measure import add_parser as add_measure  # sev-snp-measure: lazily
 
@@ -381,16 +386,65 @@ def _release_sign(args: argparse.Namespace) -> int:
 
 def _release_verify(args: argparse.Namespace) -> int:
     from openpcc.attestation.policy import TrustPolicy
+    from openpcc.attestation.sigstore_manifest import SigstoreUnavailableError
+
+    sigstore_args = (args.sigstore_bundle, args.identity, args.oidc_issuer, args.trust_root)
 
     def body() -> dict[str, Any]:
         now = parse_time(args.at)
-        keys = [read_file(k) for k in args.pubkey]
-        policy = TrustPolicy.from_signed(
-            read_file(args.signed), keys, now, min_serial=args.min_serial
-        )
-        out: dict[str, Any] = {"ok": True, "at": now.isoformat(), **policy.summary()}
+        extra: dict[str, Any] = {}
+        if any(a is not None for a in sigstore_args):
+            policy, extra["sigstore"] = _sigstore_policy(args, now)
+        elif args.pubkey:
+            keys = [read_file(k) for k in args.pubkey]
+            policy = TrustPolicy.from_signed(
+                read_file(args.signed), keys, now, min_serial=args.min_serial
+            )
+        else:
+            raise InputError("give --pubkey, or --sigstore-bundle with its pins")
+        out: dict[str, Any] = {"ok": True, "at": now.isoformat(), **policy.summary(), **extra}
         if policy.development:
             out["warning"] = "trusts development roots: never use for production clients"
         return out
 
-    return _run(body, "release-manifest")
+    try:
+        return _run(body, "release-manifest")
+    except SigstoreUnavailableError as e:
+        _emit({"ok": False, "platform": "release-manifest", "error": str(e)})
+        print(f"openpcc: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+
+
+def _sigstore_policy(args: argparse.Namespace, now: datetime) -> tuple[Any, dict[str, Any]]:
+    """``release verify MANIFEST --sigstore-bundle B --identity ID --oidc-issuer URL
+    --trust-root FILE``: every pin is mandatory, and it excludes ``--pubkey``."""
+    from openpcc.attestation.sigstore_manifest import (
+        OfflineTrustRoot,
+        SignerIdentity,
+        verify_manifest,
+    )
+
+    if args.pubkey:
+        raise InputError("--pubkey and --sigstore-bundle exclude each other")
+    missing = [
+        flag
+        for flag, value in (
+            ("--sigstore-bundle", args.sigstore_bundle),
+            ("--identity", args.identity),
+            ("--oidc-issuer", args.oidc_issuer),
+            ("--trust-root", args.trust_root),
+        )
+        if not value
+    ]
+    if missing:
+        raise InputError(f"Sigstore verification needs {', '.join(missing)}")
+    root = OfflineTrustRoot(read_file(args.trust_root), args.trust_root)
+    verified = verify_manifest(
+        read_file(args.signed),
+        read_file(args.sigstore_bundle),
+        SignerIdentity(args.identity, args.oidc_issuer),
+        root,
+        now,
+        min_serial=args.min_serial,
+    )
+    return verified.policy, verified.signature.to_json()
