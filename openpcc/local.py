@@ -48,6 +48,13 @@ class LocalStack:
 def register(sub: Any) -> None:
     up = sub.add_parser("up", help="run the whole local stack in the foreground")
     _stack_args(up)
+    up.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:5173, or *) call the relay "
+        "and issuer (CORS; repeatable; default: off)",
+    )
     up.set_defaults(func=_up)
 
     demo = sub.add_parser(
@@ -108,6 +115,7 @@ def start_local_stack(
     model_name: str | None = None,
     vllm_args: list[str] | None = None,
     audit: bool = False,
+    allow_origins: list[str] | None = None,
     nodes: int = 1,
     health_interval: float = 1.0,
     log: Any = print,
@@ -125,6 +133,8 @@ def start_local_stack(
         for party in ("issuer", "relay", "gateway", "node"):
             audit_paths[party] = audit_dir / f"{party}.jsonl"
             audit_paths[party].unlink(missing_ok=True)
+
+    cors = [a for origin in allow_origins or [] for a in ("--allow-origin", origin)]
 
     def cmd(party: str, *args: str) -> list[str]:
         return [*args, *(["--audit-log", str(audit_paths[party])] if audit else [])]
@@ -152,6 +162,7 @@ def start_local_stack(
                 str(ports["issuer"]),
                 "--state",
                 str(issuer_state),
+                *cors,
             ),
             urls["issuer"],
             logs / "issuer.log",
@@ -184,7 +195,7 @@ def start_local_stack(
             cmd(
                 "relay",
                 "relay", "serve", "--port", str(ports["relay"]),
-                "--gateway", urls["gateway"] + "/gateway", "--rate-limit", "0",
+                "--gateway", urls["gateway"] + "/gateway", "--rate-limit", "0", *cors,
             ),
             urls["relay"],
             logs / "relay.log",
@@ -505,11 +516,14 @@ def _up(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         vllm_args=args.vllm_arg,
         audit=args.audit,
+        allow_origins=args.allow_origin,
     )
     try:
         for name, url in stack.urls.items():
             print(f"{name:8} {url}")
         print(f"client config: {stack.config_path}")
+        if args.allow_origin:
+            print(f"CORS: pages from {', '.join(args.allow_origin)} may call the relay and issuer")
         print(f'try: openpcc chat --config {stack.config_path} "Hello"')
         print("Ctrl-C stops everything.")
         while all(s.proc.poll() is None for s in stack.procs.services):

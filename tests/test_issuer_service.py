@@ -65,7 +65,13 @@ class Issuer:
         return cli("issuer", *args, "--state", str(self.state), *self.backend_args)
 
 
-def start_issuer(state: Path, backend_args: list[str], log: Path) -> Issuer:
+def start_issuer(
+    state: Path,
+    backend_args: list[str],
+    log: Path,
+    serve_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Issuer:
     port = free_port()
     with log.open("ab") as fh:
         proc = subprocess.Popen(
@@ -80,9 +86,11 @@ def start_issuer(state: Path, backend_args: list[str], log: Path) -> Issuer:
                 "--state",
                 str(state),
                 *backend_args,
+                *(serve_args or []),
             ],
             stdout=fh,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -354,6 +362,124 @@ async def test_metrics_and_logs_carry_no_secrets(issuer: Issuer) -> None:
         if secret != "127.0.0.1:":
             assert secret not in log
     assert '127.0.0.1"' not in log  # no access log lines
+
+
+# -- CORS (opt-in: --allow-origin) ---------------------------------------------------------
+
+PAGE = "https://app.example"
+DIRECTORY = "/.well-known/private-token-issuer-directory"
+
+
+def cors_of(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith("access-control-")}
+
+
+async def answers_for(
+    s: aiohttp.ClientSession, url: str, origin: str, key: str
+) -> dict[str, tuple[int, dict[str, str], str | None]]:
+    """What a page from ``origin`` gets for each kind of answer: status, CORS, Vary."""
+    tk = (await fetch_directory(s, url)).select_key().token_key
+    ((req, _),) = make_requests(tk, 1)
+    o = {"Origin": origin}
+    auth = {**o, "Authorization": f"Bearer {key}"}
+    calls: dict[str, tuple[str, str, dict[str, str], bytes]] = {
+        "preflight": (
+            "OPTIONS",
+            "/token-request",
+            {
+                **o,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+            b"",
+        ),
+        "directory": ("GET", DIRECTORY, o, b""),
+        "ok": ("POST", "/token-request", {**auth, "Content-Type": SINGLE}, req.encode()),
+        "429": ("POST", "/token-request", {**auth, "Content-Type": SINGLE}, req.encode()),
+        "401": ("POST", "/token-request", {**o, "Content-Type": SINGLE}, req.encode()),
+        "415": ("POST", "/token-request", {**auth, "Content-Type": "text/plain"}, b"x"),
+        "400": ("POST", "/token-request", {**auth, "Content-Type": SINGLE}, b"\x00\x02"),
+        "413": ("POST", "/token-request", {**auth, "Content-Type": SINGLE}, bytes(4096)),
+        "405": ("GET", "/token-request", o, b""),
+        "healthz": ("GET", "/healthz", o, b""),
+    }
+    out = {}
+    for name, (method, path, headers, body) in calls.items():
+        async with s.request(method, url + path, headers=headers, data=body) as r:
+            await r.read()
+            out[name] = (r.status, cors_of(r.headers), r.headers.get("Vary"))
+    return out
+
+
+STATUSES = {"preflight": 204, "directory": 200, "ok": 200, "429": 429, "401": 401}
+STATUSES |= {"415": 415, "400": 400, "413": 413, "405": 405, "healthz": 200}
+
+
+async def test_cors_echoes_listed_origins_on_every_answer(tmp_path: Path) -> None:
+    allow = ["--allow-origin", PAGE, "--allow-origin", "http://127.0.0.1:5173"]
+    iss = start_issuer(tmp_path / "state", [], tmp_path / "issuer.log", allow)
+    try:
+        key = iss.add_account("webpage", quota=1)
+        async with aiohttp.ClientSession() as s:
+            mine = await answers_for(s, iss.url, PAGE, key)
+            other = await answers_for(s, iss.url, "https://other.example", key)
+    finally:
+        stop(iss)
+    assert {k: v[0] for k, v in mine.items()} == STATUSES
+    for name, (_, cors, vary) in mine.items():
+        if name == "healthz":
+            assert cors == {} and vary is None
+            continue
+        assert cors["access-control-allow-origin"] == PAGE, name
+        assert cors["access-control-expose-headers"] == "Retry-After"
+        assert "access-control-allow-credentials" not in cors
+        assert vary == "Origin"
+    assert mine["preflight"][1] == {
+        "access-control-allow-origin": PAGE,
+        "access-control-allow-methods": "POST",
+        "access-control-allow-headers": "authorization, content-type, accept",
+        "access-control-max-age": "86400",
+        "access-control-expose-headers": "Retry-After",
+    }
+    # Another origin: the same answers (quota is spent: 429), none readable by its page.
+    assert {k: v[0] for k, v in other.items()} == STATUSES | {"ok": 429}
+    for name, (_, cors, vary) in other.items():
+        assert "access-control-allow-origin" not in cors, name
+        assert "access-control-expose-headers" not in cors
+        assert vary == (None if name == "healthz" else "Origin")
+
+
+async def test_cors_any_origin_from_the_environment(tmp_path: Path) -> None:
+    env = {"OPENPCC_ISSUER_ALLOW_ORIGIN": "*"}
+    iss = start_issuer(tmp_path / "state", [], tmp_path / "issuer.log", env=env)
+    try:
+        key = iss.add_account("anyone", quota=1)
+        async with aiohttp.ClientSession() as s:
+            got = await answers_for(s, iss.url, PAGE, key)
+    finally:
+        stop(iss)
+    assert {k: v[0] for k, v in got.items()} == STATUSES
+    for name, (_, cors, vary) in got.items():
+        assert cors.get("access-control-allow-origin") == (None if name == "healthz" else "*")
+        assert vary is None
+
+
+async def test_no_cors_by_default(tmp_path: Path) -> None:
+    iss = start_issuer(tmp_path / "state", [], tmp_path / "issuer.log")
+    try:
+        key = iss.add_account("plain", quota=1)
+        async with aiohttp.ClientSession() as s:
+            got = await answers_for(s, iss.url, PAGE, key)
+    finally:
+        stop(iss)
+    # OPTIONS is the 405 of any unrouted method; nothing carries CORS or Vary.
+    assert {k: v[0] for k, v in got.items()} == STATUSES | {"preflight": 405}
+    assert all(cors == {} and vary is None for _, cors, vary in got.values())
+
+
+def test_bad_allow_origin_is_refused(tmp_path: Path) -> None:
+    out = cli("issuer", "serve", "--state", str(tmp_path), "--allow-origin", "app.example")
+    assert out.returncode == 2 and "bad origin" in out.stderr
 
 
 def test_account_cli(tmp_path: Path) -> None:

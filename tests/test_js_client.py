@@ -4,12 +4,14 @@ Starts the whole local stack (issuer, relay, gateway, a simulated-TEE node) on t
 engine, then runs the JS package's own tests: the cross-language vectors (`node --test
 test/*.test.js`), and end to end (`test/e2e.test.js`, pointed at the stack's
 client.json): a Node client and the example extension page in headless Debian Chromium
-(playwright-core, served over http://127.0.0.1 by a same-origin forwarder) each get a
-private, attested, streamed answer.
+(playwright-core) each get a private, attested, streamed answer. The page is served from
+its own origin and calls the relay and issuer cross-origin, which the stack allows with
+`--allow-origin` (CORS); from an origin not allowed, the same calls fail.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from openpcc.audit import read_audit
 from openpcc.local import LocalStack, start_local_stack
+from openpcc.stack import free_port
 from tests.conftest import FAKE_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +48,21 @@ def node_bin() -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, fake_engine: str) -> Iterator[LocalStack]:
+def page_port() -> int:
+    """Where the browser test serves its page: the one origin the stack allows."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, fake_engine: str, page_port: int
+) -> Iterator[LocalStack]:
     s = start_local_stack(
         tmp_path_factory.mktemp("jsstack"),
         engine_url=fake_engine,
         model_name=FAKE_MODEL,
+        audit=True,  # each party's record of what it received: preflights, Origin headers
+        allow_origins=[f"http://127.0.0.1:{page_port}"],
         log=lambda *_: None,
     )
     yield s
@@ -90,7 +104,11 @@ def test_js_client_node_end_to_end(node_bin: str, stack: LocalStack) -> None:
     assert "ok 1 - Node: tokens, verified node, streamed private chat" in out
 
 
-def test_js_client_headless_chromium(node_bin: str, stack: LocalStack) -> None:
+def _headers(rec: dict) -> dict[str, str]:
+    return {k.lower(): v for k, v in rec["headers"]}
+
+
+def test_js_client_headless_chromium(node_bin: str, stack: LocalStack, page_port: int) -> None:
     _need(Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (Debian package chromium)")
     _need((JS / "node_modules" / "playwright-core").is_dir(), "run `npm ci` in clients/js")
     build = subprocess.run(
@@ -100,7 +118,46 @@ def test_js_client_headless_chromium(node_bin: str, stack: LocalStack) -> None:
     out = _node_test(
         node_bin,
         ["test/e2e.test.js"],
-        {"OPENPCC_CLIENT_CONFIG": str(stack.config_path), "CHROMIUM": CHROMIUM},
+        {
+            "OPENPCC_CLIENT_CONFIG": str(stack.config_path),
+            "CHROMIUM": CHROMIUM,
+            "OPENPCC_PAGE_PORT": str(page_port),
+        },
     )
     assert "ok 2 - headless Chromium: the example page completes a private streamed chat" in out
     assert "SKIP" not in out
+    (summary,) = [
+        json.loads(line[2:]) for line in out.splitlines() if line.startswith('# {"result"')
+    ]
+    page = f"http://127.0.0.1:{page_port}"
+    # The page ran on its own origin and talked to the relay and the issuer directly.
+    assert summary["page_origin"] == page
+    assert page not in (summary["relay_origin"], summary["issuer_origin"])
+    sent = summary["to_stack"]
+    assert {(r["to"], r["method"]) for r in sent} >= {
+        ("relay", "GET"),
+        ("relay", "POST"),
+        ("issuer", "GET"),
+        ("issuer", "POST"),
+    }, sent
+    assert all(r["origin"] == page and r["allow_origin"] == page for r in sent), sent
+    # Chromium preflighted the POSTs: each party recorded the OPTIONS it answered itself.
+    relay_log = read_audit(stack.audit["relay"])
+    issuer_log = read_audit(stack.audit["issuer"])
+    preflights = [r for r in relay_log + issuer_log if r["method"] == "OPTIONS"]
+    assert {(r["party"], r["path"]) for r in preflights if _headers(r)["origin"] == page} == {
+        ("relay", "/"),
+        ("issuer", "/token-request"),
+    }
+    denied = summary["denied"]  # below; its POST was preflighted too (and refused)
+    assert {_headers(r)["origin"] for r in preflights} == {page, denied["page_origin"]}
+    assert any(r["method"] == "POST" and _headers(r).get("origin") == page for r in relay_log)
+    # ...and the gateway heard of none of it: no preflight, no Origin.
+    gateway_log = read_audit(stack.audit["gateway"])
+    assert gateway_log and all(r["method"] != "OPTIONS" for r in gateway_log)
+    assert all("origin" not in _headers(r) for r in gateway_log)
+    # From an origin the stack does not allow, the same calls are CORS failures.
+    assert denied["page_origin"] != page
+    for what in ("relay_keys", "relay_post", "issuer_directory"):
+        assert denied[what] == "TypeError: Failed to fetch", denied
+    assert denied["cors_errors"] >= 3, denied

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,11 @@ REQUEST_PATH = "/token-request"
 TOKEN_REQUEST_MEDIA_TYPE = "application/private-token-request"
 TOKEN_RESPONSE_MEDIA_TYPE = "application/private-token-response"
 MAX_BATCH = 1000
+# CORS, only with --allow-origin: the two routes a web page calls, by the method it uses.
+# Never Allow-Credentials: the API key is an Authorization header the page sets, no cookie.
+CORS_ROUTES = {WELL_KNOWN_PATH: "GET", REQUEST_PATH: "POST"}
+CORS_ALLOW_HEADERS = "authorization, content-type, accept"
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@\s]+$")
 
 
 @dataclass
@@ -48,6 +54,19 @@ class IssuerConfig:
     max_batch: int = MAX_BATCH
     directory_max_age: int = 300
     public_url: str | None = None  # absolute issuer-request-uri base; relative if None
+    allow_origins: tuple[str, ...] = ()  # CORS: web origins allowed to call us; "*" any
+
+
+def parse_origins(specs: list[str]) -> tuple[str, ...]:
+    """``--allow-origin`` values as a browser serializes them (lower case, no path): it
+    compares Access-Control-Allow-Origin with its origin byte for byte."""
+    out = []
+    for spec in specs:
+        origin = spec.strip().rstrip("/").lower()
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ValueError(f"bad origin {spec!r} (scheme://host[:port], or *)")
+        out.append(origin)
+    return ("*",) if "*" in out else tuple(dict.fromkeys(out))
 
 
 STORE = web.AppKey("store", IssuerStore)
@@ -210,6 +229,41 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "store": "reachable"})
 
 
+def _preflight(method: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    headers = {
+        "Access-Control-Allow-Methods": method,
+        "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+        "Access-Control-Max-Age": "86400",
+    }
+
+    async def handle(_request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=headers)
+
+    return handle
+
+
+def _cors(
+    allowed: tuple[str, ...],
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """CORS headers on every answer of the two public routes, errors included (a 401 or
+    429 the page cannot read is a bare network error to it); Retry-After is exposed so
+    the page can tell when its quota comes back."""
+    any_origin = allowed == ("*",)
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path not in CORS_ROUTES:
+            return
+        origin = request.headers.get("Origin")
+        if not any_origin:
+            response.headers["Vary"] = "Origin"  # the answer depends on it (and is cached)
+            if origin not in allowed:
+                return
+        response.headers["Access-Control-Allow-Origin"] = "*" if any_origin else str(origin)
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+
+    return on_prepare
+
+
 def create_app(
     store: IssuerStore,
     ring: KeyRing,
@@ -232,6 +286,10 @@ def create_app(
     app[METRICS] = metrics
     app.router.add_get(WELL_KNOWN_PATH, directory)
     app.router.add_post(REQUEST_PATH, token_request)
+    if config.allow_origins:
+        for path, method in CORS_ROUTES.items():
+            app.router.add_route("OPTIONS", path, _preflight(method))
+        app.on_response_prepare.append(_cors(config.allow_origins))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.handler)

@@ -7,6 +7,8 @@ import asyncio
 import json
 import logging
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,14 @@ def register(sub: Any) -> None:
         "--public-url",
         default=_env("PUBLIC_URL"),
         help="absolute base URL clients reach the issuer at (for issuer-request-uri)",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="CORS: let web pages from ORIGIN (scheme://host[:port], or * for any) fetch the "
+        "directory and request tokens (repeatable; env OPENPCC_ISSUER_ALLOW_ORIGIN, comma- "
+        "or space-separated; default: no CORS headers)",
     )
     serve.add_argument("--directory-max-age", type=int, default=300, metavar="SECONDS")
     serve.add_argument("--max-batch", type=int, default=1000, help="tokens per batch request")
@@ -207,9 +217,15 @@ def _keys_list(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from tokens.app import IssuerConfig, create_app
+    from tokens.app import IssuerConfig, create_app, parse_origins
     from tokens.keys import ensure_key
 
+    try:
+        env_origins = [o for o in re.split(r"[,\s]+", _env("ALLOW_ORIGIN") or "") if o]
+        origins = parse_origins(args.allow_origin or env_origins)
+    except ValueError as exc:
+        print(f"openpcc issuer: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     ring = ensure_key(args.state)
@@ -218,6 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         directory_max_age=args.directory_max_age,
         public_url=args.public_url,
+        allow_origins=origins,
     )
     app = create_app(_store(args), ring, config, audit_log=args.audit_log)
     logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", args.host, args.port)
