@@ -117,6 +117,28 @@ def test_real_staging_bundle_verifies_offline():
     assert sig.signed_at == datetime.fromtimestamp(1712085616, UTC)
 
 
+def test_real_staging_rekor_v2_bundle_verifies_offline():
+    """Rekor v2: hashedrekord 0.0.2, no inclusion promise, the TSA is the only signed time."""
+    artifact = (V / "staging-rekor-v2.txt").read_bytes()
+    bundle = (V / "staging-rekor-v2.txt.sigstore.json").read_bytes()
+    signer = SignerIdentity("jku@goto.fi", GITHUB)
+    sig = verify_blob(artifact, bundle, signer, STAGING_ROOT, now=NOW)
+    assert sig.time_sources == ("timestamp_authority",) and sig.log_index == 645
+    assert sig.signed_at == datetime(2025, 6, 9, 11, 57, 38, tzinfo=UTC)
+    with pytest.raises(SigstoreVerificationError):
+        verify_blob(artifact[:-1] + b"?", bundle, signer, STAGING_ROOT, now=NOW)
+
+    def bad_tsa(o: dict) -> None:
+        ts = o["verificationMaterial"]["timestampVerificationData"]["rfc3161Timestamps"][0]
+        ts["signedTimestamp"] = flip_b64(ts["signedTimestamp"], -40)
+
+    with pytest.raises(SigstoreVerificationError, match="verified time"):
+        verify_blob(artifact, edit(bundle, bad_tsa), signer, STAGING_ROOT, now=NOW)
+    no_tsa = _root(lambda o: o.update(timestampAuthorities=[]), STAGING_ROOT)
+    with pytest.raises(SigstoreVerificationError, match="Timestamp Authorities"):
+        verify_blob(artifact, bundle, signer, no_tsa, now=NOW)
+
+
 @pytest.mark.parametrize("at", [0, 17, -1])
 def test_real_bundle_flipped_artifact_byte(at):
     artifact, bundle = prod()
@@ -176,7 +198,7 @@ def _tamper_checkpoint(o: dict) -> None:
 
 def _tamper_cert(o: dict) -> None:
     cert = o["verificationMaterial"]["certificate"]
-    cert["rawBytes"] = flip_b64(cert["rawBytes"], 600)  # inside the CA's signature
+    cert["rawBytes"] = flip_b64(cert["rawBytes"], 600)  # the CA's signature no longer matches
 
 
 def _tamper_time(o: dict) -> None:
@@ -185,12 +207,19 @@ def _tamper_time(o: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "tamper",
-    [_tamper_sig, _tamper_set, _tamper_proof, _tamper_checkpoint, _tamper_cert, _tamper_time],
+    "tamper, match",
+    [
+        (_tamper_sig, "Signature is invalid"),
+        (_tamper_set, "SET: invalid inclusion promise"),
+        (_tamper_proof, "inclusion proof contains invalid root hash"),
+        (_tamper_checkpoint, "checkpoint: invalid signature"),
+        (_tamper_cert, "certificate chain"),
+        (_tamper_time, "SET: invalid inclusion promise"),  # the log signed the old time
+    ],
 )
-def test_real_bundle_tampered(tamper):
+def test_real_bundle_tampered(tamper, match):
     artifact, bundle = prod()
-    with pytest.raises(SigstoreVerificationError):
+    with pytest.raises(SigstoreVerificationError, match=match):
         verify_blob(artifact, edit(bundle, tamper), PROD, PROD_ROOT, now=NOW)
 
 
@@ -217,7 +246,7 @@ def test_real_bundle_trust_root_without_the_right_ca():
 def test_real_bundle_trust_root_without_log_or_ct_key():
     artifact, bundle = prod()
     no_rekor_v1 = _root(lambda o: o["tlogs"].pop(0))
-    with pytest.raises(SigstoreVerificationError):
+    with pytest.raises(SigstoreVerificationError, match="checkpoint"):
         verify_blob(artifact, bundle, PROD, no_rekor_v1, now=NOW)
     no_ct = _root(lambda o: o["ctlogs"].pop(1))
     with pytest.raises(SigstoreVerificationError, match="SCT"):

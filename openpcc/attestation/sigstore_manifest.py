@@ -19,6 +19,9 @@ for the Ed25519 path), that the verified signing time is not after ``now`` (+ sk
 that the trust root's certificate authority was in force at the signing time. One check
 inside sigstore-python reads the wall clock and cannot be injected: trust-root keys
 whose ``validFor.start`` lies after the real current time are ignored.
+
+A few private sigstore-python attributes are read (the verified times, the trust root's
+CA list, the log index); the extra pins ``sigstore>=4.5,<5`` for that reason.
 """
 
 from __future__ import annotations
