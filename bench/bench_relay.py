@@ -5,9 +5,12 @@
   at once), for a fixed time; requests/s and the ratio python/nginx (goal >= 0.5).
 - Per-chunk latency: the fake gateway streams 16-byte records, each stamped with
   CLOCK_MONOTONIC when sent; the client stamps arrival. Direct-to-gateway is the floor.
+- Ceiling: a bare aiohttp server answering 64 bytes itself (no upstream hop), same load:
+  what the framework allows at all; the relay does two HTTP exchanges per request.
 - Memory: the Python relay's RSS after the load (and its high-water mark).
 
-Both relays run one worker (one core), so the ratio compares like with like.
+Where uvloop is installed (extra `openpcc[uvloop]`), the Python relay runs a second time
+with `--uvloop`. Both relays run one worker (one core), so the ratio compares like with like.
 Loopback only, bounded loops.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import importlib.util
 import json
 import os
 import struct
@@ -41,6 +45,7 @@ from tests.relay_support.procs import (  # noqa: E402
     wait_http,
 )
 
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 DURATION = 3.0
 CONCURRENCY = 32
 BODY = os.urandom(256)
@@ -86,6 +91,42 @@ def start_fast_upstream(workdir: Path) -> Proc:
         )
     wait_http(port, "/healthz", proc)
     return Proc("upstream", port, proc, log, workdir=prefix)
+
+
+# A bare aiohttp server answering 64 bytes with no upstream hop: the framework's own ceiling
+# on this machine, so the relay's ratio can be read against what aiohttp allows at all.
+BARE_AIOHTTP = """
+import sys
+from aiohttp import web
+async def answer(request):
+    await request.read()
+    return web.Response(body=b"x" * 64, content_type="message/ohttp-res")
+app = web.Application()
+app.router.add_post("/", answer)
+async def healthz(_request):
+    return web.Response(text="ok")
+app.router.add_get("/healthz", healthz)
+if sys.argv[2] == "uvloop":
+    import uvloop
+    uvloop.install()
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def aiohttp_floor_rps(workdir: Path, loop: str) -> float:
+    port = free_port()
+    log = workdir / f"bare-aiohttp-{loop}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BARE_AIOHTTP, str(port), loop], stdout=out, stderr=out
+        )
+    bare = Proc("bare-aiohttp", port, proc, log)
+    try:
+        wait_http(port, "/healthz", proc)
+        load(port, duration=0.5)
+        return load(port)["rps"]
+    finally:
+        bare.stop()
 
 
 # -- load generator (runs in its own process) ------------------------------------------------
@@ -198,7 +239,8 @@ def run() -> dict[str, Any]:
         gateway = start_gateway(workdir)
         procs += [upstream, gateway]
         results: dict[str, Any] = {}
-        for kind in ("python", "nginx"):
+        kinds = ["python", *(["python-uvloop"] if HAVE_UVLOOP else []), "nginx"]
+        for kind in kinds:
             settings = RelaySettings(
                 upstream.port,
                 max_body="8m",
@@ -211,8 +253,11 @@ def run() -> dict[str, Any]:
             lat_settings = RelaySettings(
                 gateway.port, max_body="8m", max_concurrency=4096, rate=1_000_000, burst=1_000_000
             )
-            if kind == "python":
+            if kind.startswith("python"):
                 settings.extra_args = ["--rate-limit", "0"]
+                if kind == "python-uvloop":
+                    settings.extra_args.append("--uvloop")
+                    lat_settings.extra_args = ["--uvloop"]
                 relay = start_python_relay(settings, workdir, access_log=False)
                 lat_relay = start_python_relay(lat_settings, workdir, access_log=False)
             else:
@@ -229,11 +274,15 @@ def run() -> dict[str, Any]:
                 "chunk_latency_ms_p99": _pct(delays, 0.99),
                 "chunks": len(delays),
             }
-            if kind == "python":
+            if kind.startswith("python"):
                 entry["rss_kib"] = rss_kib(relay.proc.pid)
             results[kind] = entry
             relay.stop()
             lat_relay.stop()
+        floors = {"asyncio": aiohttp_floor_rps(workdir, "asyncio")}
+        if HAVE_UVLOOP:
+            floors["uvloop"] = aiohttp_floor_rps(workdir, "uvloop")
+        results["bare_aiohttp_rps"] = floors
         direct = chunk_latencies_ms(gateway.port, "/gateway")
         results["direct_chunk_latency_ms_p50"] = _pct(direct, 0.5)
         ratio = results["python"]["rps"] / max(results["nginx"]["rps"], 1e-9)
@@ -247,9 +296,22 @@ def run() -> dict[str, Any]:
             "direct_chunk_latency_ms_p50": results["direct_chunk_latency_ms_p50"],
             "python_chunk_latency_ms_p99": results["python"]["chunk_latency_ms_p99"],
             "nginx_chunk_latency_ms_p99": results["nginx"]["chunk_latency_ms_p99"],
+            "bare_aiohttp_no_upstream_over_nginx": round(
+                floors["asyncio"] / max(results["nginx"]["rps"], 1e-9), 3
+            ),
             "python_rss_mib_after_load": round(results["python"]["rss_kib"]["VmRSS"] / 1024, 1),
             "python_rss_mib_peak": round(results["python"]["rss_kib"]["VmHWM"] / 1024, 1),
         }
+        if HAVE_UVLOOP:  # the relay's opt-in --uvloop (extra openpcc[uvloop])
+            fast = results["python-uvloop"]
+            summary["python_uvloop_rps"] = fast["rps"]
+            summary["rps_ratio_python_uvloop_over_nginx"] = round(
+                fast["rps"] / max(results["nginx"]["rps"], 1e-9), 3
+            )
+            summary["python_uvloop_chunk_latency_ms_p50"] = fast["chunk_latency_ms_p50"]
+            summary["bare_aiohttp_uvloop_no_upstream_over_nginx"] = round(
+                floors["uvloop"] / max(results["nginx"]["rps"], 1e-9), 3
+            )
         return {
             "summary": summary,
             "details": results,

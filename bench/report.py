@@ -213,12 +213,30 @@ def _services() -> list[str]:
             f"| `cryptography` RSA-2048 PSS signs/s: {s['openssl_sign_per_s_one_core']:,} "
             f"| {s['ratio_batch100_vs_openssl']} |"
         )
+        if "ceiling_blind_sign_in_process_vs_openssl" in s:
+            lines.append(
+                f"| *ceiling:* our `blind_sign` in-process, signs/s "
+                f"| {issuer['blind_sign_in_process_per_s']:,} "
+                f"| {s['openssl_sign_per_s_one_core']:,} "
+                f"| {s['ceiling_blind_sign_in_process_vs_openssl']} |"
+            )
     if relay:
         s = relay["summary"]
         lines.append(
             f"| relay, OHTTP requests/s | {s['python_rps']:,} | nginx: {s['nginx_rps']:,} "
             f"| {s['rps_ratio_python_over_nginx']} |"
         )
+        if "python_uvloop_rps" in s:
+            lines.append(
+                f"| relay `--uvloop`, OHTTP requests/s | {s['python_uvloop_rps']:,} "
+                f"| nginx: {s['nginx_rps']:,} | {s['rps_ratio_python_uvloop_over_nginx']} |"
+            )
+        if "bare_aiohttp_no_upstream_over_nginx" in s:
+            bare = relay["details"]["bare_aiohttp_rps"]["asyncio"]
+            lines.append(
+                f"| *ceiling:* bare aiohttp answering by itself (no upstream hop) | {bare:,} "
+                f"| nginx relay: {s['nginx_rps']:,} | {s['bare_aiohttp_no_upstream_over_nginx']} |"
+            )
     if gateway:
         s = gateway["summary"]
         lines.append(

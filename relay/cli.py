@@ -131,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--uvloop",
         action=argparse.BooleanOptionalAction,
         default=str(_env("UVLOOP", "")).lower() in _TRUE,
-        help="run on uvloop's event loop (optional package, not installed with openpcc): "
+        help="run on uvloop's event loop (optional extra: pip install 'openpcc[uvloop]'): "
         "less CPU per request",
     )
     add(

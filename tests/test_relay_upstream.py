@@ -4,8 +4,8 @@ Every case runs a scripted ``asyncio`` server on 127.0.0.1 that reads the client
 request and answers with exact bytes, so framing, keep-alive reuse, timeouts and
 back-pressure are checked on the wire rather than through another HTTP library. The
 cases run on the default event loop and, where uvloop is installed, on uvloop too (the
-relay's ``--uvloop``); uvloop is optional and not installed by ``scripts/dev test``, so
-its half is skipped without it, even under ``OPENPCC_REQUIRE_ALL``.
+relay's ``--uvloop``); uvloop is an optional extra (``openpcc[uvloop]``, part of ``dev``, so
+CI runs both halves); without it its half is skipped, even under ``OPENPCC_REQUIRE_ALL``.
 
 The fuzz case at the end answers with random and mutated responses and holds the client
 to its module docstring: a result that an independent reading of RFC 9112 framing (strict
