@@ -45,7 +45,7 @@ PROMPT = (
 CLIENT_PROCS = int(os.environ.get("OPENPCC_BENCH_CLIENT_PROCS", "1"))
 LOADS = tuple(
     tuple(int(x) for x in pair.split(":"))
-    for pair in os.environ.get("OPENPCC_BENCH_LOADS", "1:12,4:24,16:48").split(",")
+    for pair in os.environ.get("OPENPCC_BENCH_LOADS", "1:12,8:32,16:48").split(",")
 )  # (concurrency, requests)
 
 
