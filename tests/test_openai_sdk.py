@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -145,3 +148,28 @@ def test_blocking_sdk_with_http_client(stack: LocalStack) -> None:
             oai.chat.completions.create(model="not-served", messages=MSGS)
     assert resp.choices[0].message.content == ANSWER
     assert "".join(pieces) == ANSWER
+
+
+def test_readme_three_lines_work(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's OpenAI-SDK example, run as written against a stack `openpcc up` made."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## OpenAI SDK, privately", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) == 3
+    monkeypatch.setenv("OPENPCC_CLIENT_CONFIG", str(stack.config_path))
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    with scope["client"] as oai:
+        resp = oai.chat.completions.create(model=MODEL, messages=MSGS)
+    assert resp.choices[0].message.content == ANSWER
+
+
+def test_openpcc_http_client_is_lazy() -> None:
+    """`openpcc.http_client` is the transport's, and `import openpcc` alone loads no httpx."""
+    code = (
+        "import sys, openpcc; assert 'httpx' not in sys.modules and 'openai' not in sys.modules;"
+        "from openpcc.client import openai_transport as t;"
+        "assert openpcc.http_client is t.http_client;"
+        "assert openpcc.async_http_client is t.async_http_client"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
