@@ -22,6 +22,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -98,7 +99,7 @@ def openpcc(*args: str | Path) -> tuple[int, dict]:
 # --- part 1: real bundles from the public Sigstore instances ---------------------------------
 
 
-def test_real_production_bundle_verifies_offline():
+def test_real_production_bundle_verifies_offline() -> None:
     artifact, bundle = prod()
     sig = verify_blob(artifact, bundle, PROD, PROD_ROOT, now=NOW)
     assert sig.identity == PROD.identity and sig.oidc_issuer == GITHUB
@@ -109,7 +110,7 @@ def test_real_production_bundle_verifies_offline():
     assert sig.trust_root_sha256 == hashlib.sha256(PROD_ROOT.read_bytes()).hexdigest()
 
 
-def test_real_staging_bundle_verifies_offline():
+def test_real_staging_bundle_verifies_offline() -> None:
     artifact = (V / "bundle_v3_alt.txt").read_bytes()
     bundle = (V / "bundle_v3_alt.txt.sigstore").read_bytes()
     sig = verify_blob(artifact, bundle, STAGING, OfflineTrustRoot.from_file(STAGING_ROOT), now=NOW)
@@ -117,7 +118,7 @@ def test_real_staging_bundle_verifies_offline():
     assert sig.signed_at == datetime.fromtimestamp(1712085616, UTC)
 
 
-def test_real_staging_rekor_v2_bundle_verifies_offline():
+def test_real_staging_rekor_v2_bundle_verifies_offline() -> None:
     """Rekor v2: hashedrekord 0.0.2, no inclusion promise, the TSA is the only signed time."""
     artifact = (V / "staging-rekor-v2.txt").read_bytes()
     bundle = (V / "staging-rekor-v2.txt.sigstore.json").read_bytes()
@@ -140,7 +141,7 @@ def test_real_staging_rekor_v2_bundle_verifies_offline():
 
 
 @pytest.mark.parametrize("at", [0, 17, -1])
-def test_real_bundle_flipped_artifact_byte(at):
+def test_real_bundle_flipped_artifact_byte(at: int) -> None:
     artifact, bundle = prod()
     bad = bytearray(artifact)
     bad[at] ^= 0x20
@@ -163,13 +164,13 @@ def test_real_bundle_flipped_artifact_byte(at):
         (SignerIdentity(PROD.identity, GITHUB + "/"), "OIDC issuer"),
     ],
 )
-def test_real_bundle_wrong_identity_or_issuer(signer, match):
+def test_real_bundle_wrong_identity_or_issuer(signer: SignerIdentity, match: str) -> None:
     artifact, bundle = prod()
     with pytest.raises(SigstoreVerificationError, match=match):
         verify_blob(artifact, bundle, signer, PROD_ROOT, now=NOW)
 
 
-def test_identity_pinning_is_mandatory():
+def test_identity_pinning_is_mandatory() -> None:
     with pytest.raises(ValueError):
         SignerIdentity("", GITHUB)
     with pytest.raises(ValueError):
@@ -217,7 +218,7 @@ def _tamper_time(o: dict) -> None:
         (_tamper_time, "SET: invalid inclusion promise"),  # the log signed the old time
     ],
 )
-def test_real_bundle_tampered(tamper, match):
+def test_real_bundle_tampered(tamper: Callable[[dict], None], match: str) -> None:
     artifact, bundle = prod()
     with pytest.raises(SigstoreVerificationError, match=match):
         verify_blob(artifact, edit(bundle, tamper), PROD, PROD_ROOT, now=NOW)
@@ -229,7 +230,7 @@ def _root(change: Any, base: Path = PROD_ROOT) -> OfflineTrustRoot:
     return OfflineTrustRoot(json.dumps(obj).encode(), "edited trusted_root.json")
 
 
-def test_real_bundle_trust_root_without_the_right_ca():
+def test_real_bundle_trust_root_without_the_right_ca() -> None:
     artifact, bundle = prod()
     # The staging instance's root: a different Fulcio CA, Rekor and CT keys.
     with pytest.raises(SigstoreVerificationError, match="certificate chain"):
@@ -243,7 +244,7 @@ def test_real_bundle_trust_root_without_the_right_ca():
         verify_blob(artifact, bundle, PROD, no_ca, now=NOW)
 
 
-def test_real_bundle_trust_root_without_log_or_ct_key():
+def test_real_bundle_trust_root_without_log_or_ct_key() -> None:
     artifact, bundle = prod()
     no_rekor_v1 = _root(lambda o: o["tlogs"].pop(0))
     with pytest.raises(SigstoreVerificationError, match="checkpoint"):
@@ -253,7 +254,7 @@ def test_real_bundle_trust_root_without_log_or_ct_key():
         verify_blob(artifact, bundle, PROD, no_ct, now=NOW)
 
 
-def test_real_bundle_retired_ca_refused_by_our_check():
+def test_real_bundle_retired_ca_refused_by_our_check() -> None:
     """sigstore-python accepts any CA listed in the root; we also require the issuing
     CA's validFor to cover the signing time (a retired CA must not sign new manifests)."""
     from sigstore.models import Bundle
@@ -270,7 +271,7 @@ def test_real_bundle_retired_ca_refused_by_our_check():
         verify_blob(artifact, bundle, PROD, retired, now=NOW)
 
 
-def test_real_bundle_signed_after_now():
+def test_real_bundle_signed_after_now() -> None:
     artifact, bundle = prod()
     before = PROD_SIGNED_AT - timedelta(minutes=6)
     with pytest.raises(SigstoreVerificationError, match="after now"):
@@ -278,7 +279,7 @@ def test_real_bundle_signed_after_now():
     verify_blob(artifact, bundle, PROD, PROD_ROOT, now=PROD_SIGNED_AT - timedelta(minutes=4))
 
 
-def test_real_bundle_manifest_layer_verifies_then_refuses_to_parse():
+def test_real_bundle_manifest_layer_verifies_then_refuses_to_parse() -> None:
     artifact, bundle = prod()
     with pytest.raises(DecodeError, match="signature verified, but the signed file is not"):
         verify_manifest(artifact, bundle, PROD, PROD_ROOT, NOW)
@@ -287,7 +288,7 @@ def test_real_bundle_manifest_layer_verifies_then_refuses_to_parse():
         verify_manifest(artifact, edit(bundle, _tamper_sig), PROD, PROD_ROOT, NOW)
 
 
-def test_unreadable_bundle_and_trust_root():
+def test_unreadable_bundle_and_trust_root() -> None:
     artifact, bundle = prod()
     with pytest.raises(DecodeError, match="not a Sigstore bundle"):
         verify_blob(artifact, b"{not json", PROD, PROD_ROOT, now=NOW)
@@ -300,7 +301,7 @@ def test_unreadable_bundle_and_trust_root():
         OfflineTrustRoot.from_file(V / "missing.json")
 
 
-def test_core_never_imports_sigstore():
+def test_core_never_imports_sigstore() -> None:
     code = (
         "import sys; import openpcc.attestation.policy, openpcc.attestation.sigstore_manifest,"
         " openpcc.attestation.cli, openpcc.cli; openpcc.cli.build_parser();"
@@ -309,7 +310,7 @@ def test_core_never_imports_sigstore():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_missing_extra_is_a_typed_error(monkeypatch):
+def test_missing_extra_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("sigstore", "sigstore.errors", "sigstore.models", "sigstore.verify"):
         monkeypatch.setitem(sys.modules, name, None)
     artifact, bundle = prod()
@@ -326,7 +327,7 @@ def test_missing_extra_is_a_typed_error(monkeypatch):
         )
 
 
-def test_cli_real_bundle(tmp_path):
+def test_cli_real_bundle(tmp_path: Path) -> None:
     art, bun = V / "new_bundle.txt", V / "new_bundle.txt.sigstore.json"
     pins = ("--identity", PROD.identity, "--oidc-issuer", GITHUB, "--trust-root", PROD_ROOT)
     args = ("release", "verify", art, "--sigstore-bundle", bun, *pins, "--at", "2026-11-01")
@@ -673,7 +674,9 @@ def instance() -> PrivateSigstore:
 
 
 @pytest.fixture(scope="module")
-def published(instance, tmp_path_factory) -> dict[str, Path]:
+def published(
+    instance: PrivateSigstore, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """What an operator publishes: manifest.json, its .sigstore.json, the trust root."""
     d = tmp_path_factory.mktemp("sigstore-release")
     manifest = release_manifest()
@@ -688,7 +691,9 @@ def published(instance, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def test_private_instance_manifest_end_to_end(instance, published):
+def test_private_instance_manifest_end_to_end(
+    instance: PrivateSigstore, published: dict[str, Path]
+) -> None:
     manifest, bundle = published["manifest"].read_bytes(), published["bundle"].read_bytes()
     got = verify_manifest(manifest, bundle, SIGNER, published["root"], AT)
     assert got.signature.time_sources == ("transparency_service",)
@@ -714,7 +719,7 @@ def test_private_instance_manifest_end_to_end(instance, published):
     assert again.manifest == got.policy.manifest
 
 
-def test_private_instance_manifest_window_and_serial(published):
+def test_private_instance_manifest_window_and_serial(published: dict[str, Path]) -> None:
     manifest, bundle = published["manifest"].read_bytes(), published["bundle"].read_bytes()
     root = published["root"]
     with pytest.raises(VerificationError, match="expired"):
@@ -727,7 +732,7 @@ def test_private_instance_manifest_window_and_serial(published):
         verify_manifest(manifest, bundle, SIGNER, root, T0 - timedelta(minutes=10))
 
 
-def test_private_instance_tampered_manifest(published):
+def test_private_instance_tampered_manifest(published: dict[str, Path]) -> None:
     manifest, bundle = published["manifest"].read_bytes(), published["bundle"].read_bytes()
     for bad in (
         manifest.replace(b'"serial": 3', b'"serial": 9'),
@@ -738,7 +743,7 @@ def test_private_instance_tampered_manifest(published):
             verify_manifest(bad, bundle, SIGNER, published["root"], AT)
 
 
-def test_private_instance_wrong_pins(published):
+def test_private_instance_wrong_pins(published: dict[str, Path]) -> None:
     manifest, bundle = published["manifest"].read_bytes(), published["bundle"].read_bytes()
     for signer in (
         SignerIdentity("attacker@openpcc.test", GITHUB),
@@ -758,7 +763,7 @@ def _refused(instance: PrivateSigstore, bundle: bytes, match: str, **root: Any) 
         verify_manifest(manifest, bundle, SIGNER, trust, AT)
 
 
-def test_private_instance_each_component_matters(instance):
+def test_private_instance_each_component_matters(instance: PrivateSigstore) -> None:
     manifest = release_manifest()
     stranger = ec.generate_private_key(ec.SECP256R1())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -784,7 +789,7 @@ def test_private_instance_each_component_matters(instance):
     _refused(instance, instance.bundle(manifest), "in force", ca_valid_for=retired)
 
 
-def test_private_instance_oidc_issuer_extensions(instance):
+def test_private_instance_oidc_issuer_extensions(instance: PrivateSigstore) -> None:
     """Fulcio writes the issuer twice (.1.1 raw, .1.8 DER UTF8String): either alone is
     accepted, disagreeing values or none are refused."""
     manifest, ok = release_manifest(), OfflineTrustRoot(instance.trusted_root())
@@ -805,7 +810,7 @@ def test_private_instance_oidc_issuer_extensions(instance):
                 verify_manifest(manifest, bundle, SIGNER, ok, AT)
 
 
-def test_private_instance_client_config(published):
+def test_private_instance_client_config(published: dict[str, Path]) -> None:
     cfg = {
         "policy": str(published["manifest"]),
         "sigstore": {
@@ -827,7 +832,7 @@ def test_private_instance_client_config(published):
         policy_from_client_config({**cfg, "sigstore": {"bundle": "b"}}, AT)
 
 
-def test_private_instance_cli(published, tmp_path):
+def test_private_instance_cli(published: dict[str, Path], tmp_path: Path) -> None:
     pins = ("--identity", SIGNER.identity, "--oidc-issuer", GITHUB, "--trust-root")
     args = ("release", "verify", published["manifest"], "--sigstore-bundle", published["bundle"])
     at = ("--at", AT.isoformat())
