@@ -21,6 +21,7 @@ error surfaces in exactly one place and the relay connection is not torn down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -36,6 +37,7 @@ from aiohttp import web
 
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.keys import OhttpKeyRing
+from gateway.nodestore import DEFAULT_PREFIX, RedisNodeStore, RegistryFullError
 from gateway.registry import (
     MAX_REGISTRATION_BYTES,
     NodeRegistry,
@@ -112,6 +114,7 @@ class GatewayConfig:
     node_read_timeout: float = 300.0
     client_timeout: float = 30.0
     max_plain_response: int = 32 * 1024 * 1024
+    registry_sync_interval: float = 1.0
 
 
 class _Refusal(Exception):
@@ -256,6 +259,8 @@ class Gateway:
     issuer: IssuerDirectoryCache
     registry: NodeRegistry
     audit_log: AuditLog | None = None
+    # With --redis: registrations go to Redis and every replica mirrors it (nodestore.py).
+    shared_nodes: RedisNodeStore | None = None
     metrics: Metrics = field(default_factory=lambda: Metrics("openpcc_gateway"))
     session: aiohttp.ClientSession | None = None
     trace: StageTrace = field(default_factory=lambda: StageTrace("gateway"))
@@ -272,6 +277,8 @@ class Gateway:
         m.describe("node_attempts_total", "forwarding attempts to nodes by outcome")
         m.describe("registrations_total", "node registrations by outcome")
         m.describe("nodes", "registered nodes by health")
+        m.describe("registry_syncs_total", "shared node registry syncs from Redis by outcome")
+        self._sync_task: asyncio.Task[None] | None = None
         m.describe("ohttp_keys", "published OHTTP key configs")
         m.describe("request_bytes_total", "encapsulated request bytes received")
         m.describe("response_bytes_total", "sealed node response bytes forwarded")
@@ -292,14 +299,43 @@ class Gateway:
             trust_env=False,
         )
         await self.registry.start()
+        if self.shared_nodes is not None:
+            await self._sync_nodes()  # best effort: a Redis outage must not stop the start
+            self._sync_task = asyncio.create_task(self._sync_loop())
         await self.issuer.start()
 
     async def stop(self) -> None:
         await self.issuer.stop()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
         await self.registry.stop()
+        if self.shared_nodes is not None:
+            await self.shared_nodes.close()
         if self.session is not None:
             await self.session.close()
         await self.spent.close()
+
+    async def _sync_nodes(self) -> None:
+        """Mirror the shared registry; on failure keep routing with the last copy.
+
+        Entries then run out on their own heartbeat expiry, as they would if the nodes
+        had stopped: no node is kept alive by a Redis outage.
+        """
+        assert self.shared_nodes is not None
+        try:
+            await self.shared_nodes.sync(self.registry)
+        except Exception as exc:  # redis errors, timeouts: logged by type only
+            self.metrics.inc("registry_syncs_total", outcome="error")
+            log.warning("node registry sync from Redis failed: %s", type(exc).__name__)
+        else:
+            self.metrics.inc("registry_syncs_total", outcome="ok")
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.registry_sync_interval)
+            await self._sync_nodes()
 
     def keys(self) -> OhttpKeyRing:
         """The key ring, reloaded when ``gateway keys rotate`` changed the folder."""
@@ -705,6 +741,18 @@ class Gateway:
             except RegistrationError as exc:
                 outcome = "bad_request"
                 return problem(400, "Bad Request", str(exc))
+            if self.shared_nodes is not None:
+                # Redis first: a registration only this replica knew would not reach
+                # the others, and the node would not know to retry.
+                try:
+                    await self.shared_nodes.put(reg, body, self.registry.ttl)
+                except RegistryFullError:
+                    outcome = "full"
+                    return problem(503, "Service Unavailable", "node registry is full")
+                except Exception as exc:
+                    outcome = "unavailable"
+                    log.warning("node registry write to Redis failed: %s", type(exc).__name__)
+                    return problem(503, "Service Unavailable", "node registry unavailable")
             if not self.registry.register(reg):
                 outcome = "full"
                 return problem(503, "Service Unavailable", "node registry is full")
@@ -741,6 +789,7 @@ def build_gateway(
     issuer_url: str,
     issuer_name: str,
     redis_url: str | None = None,
+    redis_prefix: str = DEFAULT_PREFIX,
     node_ttl: float = 30.0,
     health_interval: float = 5.0,
     audit_path: Path | None = None,
@@ -751,8 +800,9 @@ def build_gateway(
     return Gateway(
         config=config,
         ring=ensure_key(config.state_dir),
-        spent=open_spent_store(config.state_dir, redis_url),
+        spent=open_spent_store(config.state_dir, redis_url, redis_prefix),
         issuer=IssuerDirectoryCache(issuer_url, issuer_name),
         registry=NodeRegistry(ttl=node_ttl, health_interval=health_interval),
         audit_log=AuditLog(audit_path, "gateway") if audit_path else None,
+        shared_nodes=RedisNodeStore(redis_url, redis_prefix) if redis_url else None,
     )

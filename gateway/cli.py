@@ -62,7 +62,22 @@ def register(sub: Any) -> None:
         "--redis",
         default=_env("REDIS"),
         metavar="URL",
-        help="spent-token store in Redis, shared by replicas (env OPENPCC_GATEWAY_REDIS)",
+        help="spent tokens and the node registry in Redis, shared by replicas "
+        "(env OPENPCC_GATEWAY_REDIS)",
+    )
+    serve.add_argument(
+        "--redis-prefix",
+        default=_env("REDIS_PREFIX", "openpcc:gateway:"),
+        metavar="PREFIX",
+        help="prefix of this deployment's Redis keys (two deployments sharing a Redis "
+        "need different ones)",
+    )
+    serve.add_argument(
+        "--registry-sync",
+        type=float,
+        default=float(_env("REGISTRY_SYNC", "1") or 1),
+        metavar="SECONDS",
+        help="with --redis: how often to copy the shared node registry from Redis",
     )
     serve.add_argument(
         "--registration-secret",
@@ -213,12 +228,14 @@ async def _run(args: argparse.Namespace, issuer_name: str) -> None:
         max_body=args.max_body or DEFAULT_MAX_BODY,
         spent_ttl=args.spent_ttl,
         node_first_byte_timeout=args.node_timeout,
+        registry_sync_interval=args.registry_sync,
     )
     gw = build_gateway(
         config,
         issuer_url=args.issuer,
         issuer_name=issuer_name,
         redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
         node_ttl=args.node_ttl,
         health_interval=args.health_interval,
         audit_path=args.audit_log,

@@ -150,6 +150,11 @@ class NodeRegistry:
         """Record a registration or heartbeat; False if the registry is full."""
         t = time.monotonic() if now is None else now
         self._expire(t)
+        return self.heard(reg, t)
+
+    def heard(self, reg: Registration, last_seen: float) -> bool:
+        """As ``register``, for a heartbeat heard earlier (or by another replica)."""
+        t = last_seen
         entry = self._nodes.get(reg.node_id)
         if entry is None:
             if len(self._nodes) >= MAX_NODES:
@@ -164,6 +169,15 @@ class NodeRegistry:
             entry.healthy = False  # new endpoint or key: prove it before routing to it
             self._check_soon(entry)
         return True
+
+    def ids(self) -> set[bytes]:
+        return set(self._nodes)
+
+    def forget(self, node_id: bytes) -> None:
+        """Drop a node at once (the shared registry no longer has it)."""
+        entry = self._nodes.pop(node_id, None)
+        if entry is not None and entry.check is not None:
+            entry.check.cancel()
 
     def _check_soon(self, entry: NodeEntry) -> None:
         if self._session is not None and (entry.check is None or entry.check.done()):

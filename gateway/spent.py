@@ -90,9 +90,11 @@ class RedisSpentStore(SpentStore):
         await self._r.aclose()
 
 
-def open_spent_store(state_dir: Path, redis_url: str | None = None) -> SpentStore:
+def open_spent_store(
+    state_dir: Path, redis_url: str | None = None, redis_prefix: str = "openpcc:gateway:"
+) -> SpentStore:
     """The backend for this configuration (Redis when given, else SQLite in the state dir)."""
     if redis_url:
-        return RedisSpentStore(redis_url)
+        return RedisSpentStore(redis_url, redis_prefix + "spent:")
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return SQLiteSpentStore(state_dir / "spent.sqlite3")

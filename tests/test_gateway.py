@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.registry import RegistrationError, parse_registration
+from gateway import nodestore
+from gateway.nodestore import RedisNodeStore, RegistryFullError
+from gateway.registry import NodeRegistry, Registration, RegistrationError, parse_registration
 from gateway.spent import RedisSpentStore, SpentStore, SQLiteSpentStore
 from openpcc.errors import TruncatedError
 from openpcc.privacypass import issuance
@@ -55,6 +58,7 @@ from tests.gateway_support.procs import (
     start_gateway,
     start_issuer,
     start_node,
+    start_redis,
 )
 
 NODE_IDS = [bytes([i]) * 16 for i in (0xA1, 0xB2, 0xC3)]
@@ -711,3 +715,236 @@ def test_parse_registration_only_ever_raises_registration_error(body: bytes):
     except RegistrationError:
         return
     assert len(reg.node_id) == 16 and len(reg.public_key) == 32 and reg.models
+
+
+# -- shared node registry (Redis): the sync logic ----------------------------------------------
+
+
+def _reg_body(node_id: str, *, url: str = "http://127.0.0.1:9", pk: str = "cd" * 32) -> bytes:
+    doc = {"node_id": node_id, "url": url, "public_key": pk, "models": ["tiny"], "bundle": {}}
+    return json.dumps(doc).encode()
+
+
+@pytest.fixture
+async def node_stores(redis_url: str) -> Iterator[list[RedisNodeStore]]:
+    """Two replicas' views of one shared registry, under a prefix of this test's own."""
+    url, prefix = redis_url.rsplit("/", 1)[0] + "/9", f"test:{os.urandom(4).hex()}:"
+    stores = [RedisNodeStore(url, prefix) for _ in range(2)]
+    yield stores
+    for s in stores:
+        await s.close()
+
+
+async def put(store: RedisNodeStore, body: bytes, ttl: float = 30) -> Registration:
+    reg = parse_registration(body)
+    await store.put(reg, body, ttl)
+    return reg
+
+
+async def test_shared_registry_sync_follows_redis_heartbeat_time(node_stores):
+    a, b = node_stores
+    local = NodeRegistry(ttl=30)  # not started: no health checks, entries stay unhealthy
+    reg = await put(a, _reg_body("a1" * 16))
+    beat = time.monotonic()
+    await asyncio.sleep(0.5)
+    await b.sync(local)
+    assert local.ids() == {reg.node_id}
+    entry = local._nodes[reg.node_id]
+    # Last seen at the heartbeat, not at the sync half a second later.
+    assert abs(entry.last_seen - beat) < 0.2 and entry.reg == reg
+    assert local.live() == []  # listed only after this replica's own check
+    # A changed key or URL is a changed body: fetched again and marked for a new check.
+    entry.healthy = True
+    reg2 = await put(a, _reg_body("a1" * 16, pk="ef" * 32))
+    await b.sync(local)
+    entry = local._nodes[reg.node_id]
+    assert entry.reg == reg2 and entry.healthy is False
+
+
+async def test_shared_registry_entries_expire_everywhere(node_stores):
+    a, b = node_stores
+    local = NodeRegistry(ttl=0.5)
+    keep, gone = "b1" * 16, "b2" * 16
+    await put(a, _reg_body(keep), ttl=30)
+    await put(a, _reg_body(gone), ttl=0.5)
+    await b.sync(local)
+    assert local.ids() == {bytes.fromhex(keep), bytes.fromhex(gone)}
+    await asyncio.sleep(0.7)
+    await b.sync(local)
+    assert local.ids() == {bytes.fromhex(keep)}
+    # Removed from Redis too (atomically, by the script), bodies included.
+    assert await b._r.zrange(b._keys[0], 0, -1) == [keep.encode()]
+    assert await b._r.hkeys(b._keys[1]) == [keep.encode()]
+
+
+async def test_shared_registry_skips_bad_entries_planted_in_redis(node_stores, caplog):
+    a, b = node_stores
+    local = NodeRegistry(ttl=30)
+    good = await put(a, _reg_body("c1" * 16))
+    r, (zset, bodies, digests) = a._r, a._keys
+    far = time.time() + 3600  # the scores are Redis TIME; the local clock is close enough here
+    planted = {
+        "c2" * 16: b"{secret-not-json",  # not JSON
+        "c3" * 16: _reg_body("c4" * 16),  # valid body under another node's id
+        "c5" * 16: _reg_body("c5" * 16, url="http://user:pw@host"),  # fails validation
+    }
+    for nid, body in planted.items():
+        await r.zadd(zset, {nid: far})
+        await r.hset(bodies, nid, body)
+        await r.hset(digests, nid, "x")
+    await r.zadd(zset, {"not-hex\xff": far, "c6" * 16: far})  # no body or digest at all
+    with caplog.at_level("WARNING", logger="openpcc.gateway"):
+        await b.sync(local)
+        await b.sync(local)  # unchanged bad entries are not fetched or logged again
+    assert local.ids() == {good.node_id}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 5, warnings
+    assert not any("secret" in w or "c2c2" in w or "user" in w for w in warnings)
+
+
+async def test_shared_registry_enforces_max_nodes(node_stores, monkeypatch):
+    a, _ = node_stores
+    monkeypatch.setattr(nodestore, "MAX_NODES", 2)
+    await put(a, _reg_body("d1" * 16))
+    await put(a, _reg_body("d2" * 16))
+    with pytest.raises(RegistryFullError):
+        await put(a, _reg_body("d3" * 16))
+    await put(a, _reg_body("d1" * 16))  # a heartbeat of a known node still passes
+
+
+# -- shared node registry: replicas as processes -----------------------------------------------
+
+SHARED_NODE = bytes([0xD4]) * 16
+SHARED_FLAGS = ["--node-ttl", "2", "--health-interval", "0.3", "--registry-sync", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def shared(workdir: Path, issuer: Proc) -> Iterator[dict]:
+    """Two replicas on a Redis of their own (stopped by one test), one node registered
+    with replica 0 only."""
+    redis = start_redis(workdir)
+    extra = ["--redis", redis.url, "--node-timeout", "3", *SHARED_FLAGS]
+    gws = [start_gateway(workdir, issuer.url, name=f"shared{i}", extra=extra) for i in range(2)]
+    node = start_node(workdir, gws[0].extra["internal"], SHARED_NODE)
+    state = {"redis": redis, "gateways": gws, "node": node}
+    yield state
+    node.stop()
+    for g in gws:
+        g.stop()
+        assert "Traceback" not in g.output(), g.output()
+    state["redis"].stop()
+
+
+@pytest.fixture
+def shared_ready(shared: dict) -> dict:
+    control(shared["node"], "set", {"mode": "ok", "healthy": True, "heartbeat": True})
+    for g in shared["gateways"]:
+        wait_listed(g, {SHARED_NODE.hex()})
+    return shared
+
+
+def gauge(gw: Proc, series: str) -> float | None:
+    text = urllib.request.urlopen(gw.url + "/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+async def register_raw(session: aiohttp.ClientSession, gw: Proc, body: bytes) -> int:
+    headers = {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"}
+    async with session.post(
+        gw.extra["internal"] + "/internal/nodes", data=body, headers=headers
+    ) as r:
+        return r.status
+
+
+async def test_node_registered_with_one_replica_is_listed_and_served_by_both(
+    shared_ready: dict, issuer: Proc, session: aiohttp.ClientSession
+):
+    g0, g1 = shared_ready["gateways"]
+    # Only replica 0 ever heard from the node.
+    assert gauge(g0, 'openpcc_gateway_registrations_total{outcome="ok"}')
+    assert gauge(g1, 'openpcc_gateway_registrations_total{outcome="ok"}') is None
+    tokens = await mint(session, issuer.url, issuer.extra["api_key"], 2)
+    for g, token in zip((g0, g1), tokens, strict=True):
+        sr = seal_chat([node_key(shared_ready["node"])])
+        status, body = await read_sealed(
+            await infer(session, g.url, token, sr.envelope), sr.response_opener()
+        )
+        assert status == 200 and body.endswith(b"second\nlast\n")
+
+
+async def test_shared_heartbeat_expiry_removes_the_node_from_both(shared_ready: dict):
+    node, gws = shared_ready["node"], shared_ready["gateways"]
+    control(node, "set", {"heartbeat": False})
+    for g in gws:
+        await asyncio.to_thread(wait_listed, g, set())
+    control(node, "set", {"heartbeat": True})
+    for g in gws:
+        await asyncio.to_thread(wait_listed, g, {SHARED_NODE.hex()})
+
+
+async def test_shared_re_registration_with_a_new_key_and_url_is_checked_again(
+    shared_ready: dict, session: aiohttp.ClientSession
+):
+    node, (g0, g1) = shared_ready["node"], shared_ready["gateways"]
+    control(node, "set", {"heartbeat": False})
+    moved = _reg_body(SHARED_NODE.hex(), url="http://127.0.0.1:9", pk="ef" * 32)
+    # Heartbeat the moved registration through replica 1 for longer than the TTL: the
+    # entry stays, but no replica lists it, as nothing answers /healthz at the new URL.
+    for _ in range(12):
+        assert await register_raw(session, g1, moved) == 200
+        await asyncio.sleep(0.25)
+    for g in (g0, g1):
+        assert await asyncio.to_thread(nodes_listed, g) == set()
+        assert gauge(g, 'openpcc_gateway_nodes{health="unhealthy"}') == 1
+    # Back to its real URL and key (through replica 0): checked again, listed again.
+    control(node, "set", {"heartbeat": True})
+    for g in (g0, g1):
+        await asyncio.to_thread(wait_listed, g, {SHARED_NODE.hex()})
+
+
+def test_shared_registry_skips_an_entry_planted_in_redis(shared_ready: dict):
+    import redis
+
+    r = redis.Redis.from_url(shared_ready["redis"].url)
+    nid = "e7" * 16
+    try:
+        r.zadd("openpcc:gateway:nodes", {nid: time.time() + 3600})
+        r.hset("openpcc:gateway:nodes:body", nid, b'{"planted": "PLANTED-CONTENT"}')
+        r.hset("openpcc:gateway:nodes:digest", nid, "planted")
+        time.sleep(1.0)  # five syncs
+        for g in shared_ready["gateways"]:
+            assert g.alive()
+            assert nodes_listed(g) == {SHARED_NODE.hex()}
+            out = g.output()
+            assert "skipping an invalid node registration stored in Redis" in out
+            assert "PLANTED" not in out and nid not in out
+    finally:
+        r.zrem("openpcc:gateway:nodes", nid)
+        r.hdel("openpcc:gateway:nodes:body", nid)
+        r.hdel("openpcc:gateway:nodes:digest", nid)
+        r.close()
+
+
+async def test_shared_registry_redis_down_then_back(
+    shared_ready: dict, workdir: Path, session: aiohttp.ClientSession
+):
+    gws, redis = shared_ready["gateways"], shared_ready["redis"]
+    redis.stop()
+    other = _reg_body("f8" * 16)
+    for g in gws:
+        assert await register_raw(session, g, other) == 503
+        # Routing goes on with the last synced copy until the entries' TTL runs out ...
+        assert await asyncio.to_thread(nodes_listed, g) == {SHARED_NODE.hex()}
+        async with session.get(g.url + "/readyz") as r:
+            assert r.status == 503
+    for g in gws:  # ... which it does, as the node's heartbeats are refused meanwhile.
+        await asyncio.to_thread(wait_listed, g, set())
+    shared_ready["redis"] = start_redis(workdir, redis.extra["port"])
+    for g in gws:
+        await asyncio.to_thread(wait_listed, g, {SHARED_NODE.hex()}, 20)
+        assert await register_raw(session, g, other) == 200
+        async with session.get(g.url + "/readyz") as r:
+            assert r.status == 200

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +65,30 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def start_redis(workdir: Path, port: int | None = None) -> Proc:
+    """A redis-server of one test's own, so it can be stopped and started again on ``port``."""
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is not installed"
+    port = port or free_port()
+    log = workdir / f"redis-{port}.log"
+    proc = _spawn(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        log,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"redis-server did not start:\n{log.read_text()}") from None
+            time.sleep(0.05)
+    return Proc(proc, log, f"redis://127.0.0.1:{port}/0", {"port": port})
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
