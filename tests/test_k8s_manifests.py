@@ -198,7 +198,7 @@ def test_key_folders_are_shared_read_only_in_production() -> None:
     docs = RENDERED["overlays/prod"]
     for kind, name, vol, secret in (
         ("Deployment", "issuer", "token-keys", "openpcc-issuer-keys"),
-        ("StatefulSet", "gateway", "ohttp-keys", "openpcc-gateway-ohttp-keys"),
+        ("Deployment", "gateway", "ohttp-keys", "openpcc-gateway-ohttp-keys"),
     ):
         spec = _find(docs, kind, name)["spec"]["template"]["spec"]
         (v,) = [v for v in spec["volumes"] if v["name"] == vol]
@@ -250,6 +250,46 @@ def test_services_and_pdbs_select_pods(name: str) -> None:
                 <= d["spec"]["template"]["metadata"]["labels"].items()
             ]
             assert pdbs, f"{name}: no PodDisruptionBudget for {d['metadata']['name']}"
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/dev", "overlays/prod"])
+def test_gateway_is_one_deployment_with_one_internal_service(name: str) -> None:
+    """The node registry is shared through Redis: replicas are interchangeable, so nodes
+    register through one Service and scaling is ``kubectl scale deployment/gateway``."""
+    docs = RENDERED[name]
+    gw = _find(docs, "Deployment", "gateway")
+    assert not [
+        d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "gateway"
+    ]
+    # The shared registry (and spent store) is on: every replica points at the same Redis.
+    config = _find(docs, "ConfigMap", "openpcc-gateway")["data"]
+    assert config["OPENPCC_GATEWAY_REDIS"].startswith("redis://redis:")
+    (env_from,) = gw["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert env_from["configMapRef"]["name"] == "openpcc-gateway"
+    # Exactly one Service reaches the internal listener, and it selects every replica.
+    internal = [
+        d
+        for d in docs
+        if d["kind"] == "Service" and any(p["targetPort"] == "internal" for p in d["spec"]["ports"])
+    ]
+    assert [d["metadata"]["name"] for d in internal] == ["gateway-internal"]
+    for d in docs:
+        if d["kind"] == "Service":
+            assert "statefulset.kubernetes.io/pod-name" not in d["spec"]["selector"]
+    (svc,) = internal
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/name": "gateway"}
+    if name == "overlays/prod":
+        # Internal LoadBalancer, open to the node subnet only, source address kept so
+        # the NetworkPolicy's ipBlock sees the node.
+        assert svc["spec"]["type"] == "LoadBalancer"
+        assert svc["spec"]["loadBalancerSourceRanges"] == ["10.20.0.0/16"]
+        assert svc["spec"]["externalTrafficPolicy"] == "Local"
+        assert svc["metadata"]["annotations"]["networking.gke.io/load-balancer-type"] == "Internal"
+        assert gw["spec"]["replicas"] >= 2
+        # A rollout never drops below the replicas the PDB protects.
+        assert gw["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        pdb = _find(docs, "PodDisruptionBudget", "gateway")
+        assert pdb["spec"]["maxUnavailable"] < gw["spec"]["replicas"]
 
 
 def _egress_peers(policy: dict[str, Any]) -> set[str]:
