@@ -334,7 +334,7 @@ class Gateway:
 
     async def _sync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.registry_sync_interval)
+            await asyncio.sleep(max(0.05, self.config.registry_sync_interval))
             await self._sync_nodes()
 
     def keys(self) -> OhttpKeyRing:
