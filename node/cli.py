@@ -70,6 +70,10 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 NODE_ENV = "OPENPCC_NODE_"
+# node.evidence's TEE_CHOICES / GPU_CHOICES, repeated so `openpcc --help` imports no
+# attestation code (tests/test_node_evidence.py keeps them equal).
+TEE_CHOICES = ("simulated", "auto", "configfs-tsm", "sev-guest")
+GPU_CHOICES = ("none", "nvml")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -174,23 +178,58 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
     add("--vllm-log", type=Path, default=_env("VLLM_LOG"), help="file for vLLM's own output")
     add(
         "--tee",
-        choices=["simulated"],
+        choices=TEE_CHOICES,
         default=_env("TEE", "simulated"),
-        help="where evidence comes from (simulated: development only)",
+        help="where TEE evidence comes from: auto (configfs-tsm, else /dev/sev-guest; "
+        "fails without TEE hardware), configfs-tsm, sev-guest, or simulated "
+        "(development only)",
     )
     add(
         "--tee-dir",
         type=Path,
         default=_env("TEE_DIR"),
         metavar="DIR",
-        help="simulated TEE keys (created if missing; default: STATE/simulated-tee)",
+        help="simulated TEE keys (created if missing; default: STATE/simulated-tee); "
+        "--tee simulated only",
     )
     add(
         "--tee-measurement",
         default=_env("TEE_MEASUREMENT"),
         metavar="HEX96",
         help="launch measurement the simulated TEE reports (default: SHA-384 over a label "
-        "and the release id; see docs/node.md)",
+        "and the release id; see docs/node.md); --tee simulated only",
+    )
+    add(
+        "--gpu",
+        choices=GPU_CHOICES,
+        default=_env("GPU", "none"),
+        help="GPU evidence: nvml (every GPU via nvidia-ml-py, CC mode required) or none",
+    )
+    add(
+        "--gpu-rim",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a cached NVIDIA RIM attached to every GPU's evidence (repeatable; env: "
+        "comma-separated); re-read for each bundle",
+    )
+    add(
+        "--gpu-ocsp",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a cached OCSP response (DER) attached to every GPU's evidence (repeatable; "
+        "env: comma-separated); re-read for each bundle",
+    )
+    add(
+        "--endorsements",
+        type=Path,
+        default=_env("ENDORSEMENTS"),
+        metavar="FILE",
+        help='JSON object merged into the bundle\'s endorsements: SNP {"vcek"|"vlek": PEM, '
+        '"ask_ark": PEM}, TDX {"collateral": {...}}; re-read for each bundle',
     )
     add("--release-id", default=_env("RELEASE_ID", "dev"), help="release id in the claims")
     add(
@@ -294,18 +333,24 @@ def _setup_node_logging() -> None:
 
 
 def _cmd_node_serve(args: argparse.Namespace) -> int:
+    from openpcc.attestation.providers import ProviderError
+
     try:
         return _node_serve(args)
     except ValueError as exc:
         print(f"openpcc node serve: {exc}", file=sys.stderr)
         return 2
+    except ProviderError as exc:  # no TEE/GPU, or evidence the node cannot collect
+        reason = " ".join(str(exc).split())
+        print(f"openpcc node serve: evidence: {reason}", file=sys.stderr)
+        return 1
 
 
 def _node_serve(args: argparse.Namespace) -> int:
     import hashlib
 
     from node.engine import ExternalEngine, VLLMEngine, default_served_name
-    from node.evidence import open_source
+    from node.evidence import check_source, open_source
     from node.policy import RequestLimits
     from node.register import RegistrationConfig
     from node.server import NodeConfig, NodeService, run
@@ -318,9 +363,31 @@ def _node_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--gateway-internal needs --registration-secret ({NODE_ENV}...)")
     if args.heartbeat <= 0:
         raise ValueError("--heartbeat must be positive")
-    tee_dir = args.tee_dir or (args.state / "simulated-tee" if args.state else None)
-    if tee_dir is None:
-        raise ValueError("give --tee-dir or --state for the simulated TEE")
+    tee_dir = None
+    if args.tee == "simulated":
+        tee_dir = args.tee_dir or (args.state / "simulated-tee" if args.state else None)
+        if tee_dir is None:
+            raise ValueError("give --tee-dir or --state for the simulated TEE")
+    elif args.tee_dir or args.tee_measurement:
+        raise ValueError(
+            f"--tee-dir and --tee-measurement ({NODE_ENV}TEE_DIR, {NODE_ENV}TEE_MEASUREMENT) "
+            f"apply only to --tee simulated, not --tee {args.tee}"
+        )
+    if args.gpu_rim is None:
+        args.gpu_rim = [Path(p) for p in (_env("GPU_RIM") or "").split(",") if p]
+    if args.gpu_ocsp is None:
+        args.gpu_ocsp = [Path(p) for p in (_env("GPU_OCSP") or "").split(",") if p]
+    measurement = bytes.fromhex(args.tee_measurement) if args.tee_measurement else None
+    evidence = open_source(
+        args.tee,
+        tee_dir,
+        release_id=args.release_id,
+        measurement=measurement,
+        gpu=args.gpu,
+        gpu_rims=args.gpu_rim,
+        gpu_ocsp=args.gpu_ocsp,
+        endorsements=args.endorsements,
+    )
     _setup_node_logging()
     node_id = _node_id(args)
 
@@ -376,8 +443,9 @@ def _node_serve(args: argparse.Namespace) -> int:
         )
         for gateway in args.gateway_internal
     ]
-    measurement = bytes.fromhex(args.tee_measurement) if args.tee_measurement else None
-    evidence = open_source(args.tee, tee_dir, release_id=args.release_id, measurement=measurement)
+    # One throwaway bundle now: no TEE, GPU CC off or missing endorsements end the start
+    # here, in one line, before vLLM is launched.
+    check_source(evidence, node_id=node_id.hex(), model_digest=digest, release_id=args.release_id)
     service = NodeService(
         config,
         engine,
