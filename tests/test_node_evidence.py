@@ -375,3 +375,16 @@ def test_cli_refuses_simulated_flags_with_hardware_tee(tmp_path):
     assert "apply only to --tee simulated, not --tee auto" in r.stderr
     r = _serve(tmp_path, "--tee", "sev-guest", "--tee-measurement", "00" * 48)
     assert r.returncode == 2 and "apply only to --tee simulated" in r.stderr
+
+
+def test_release_image_starts_the_node_on_hardware_evidence():
+    root = Path(__file__).resolve().parent.parent / "infra" / "node" / "mkosi.extra"
+    dropin = root / "usr/lib/systemd/system/openpcc-node.service.d/10-evidence.conf"
+    lines = [line for line in dropin.read_text().splitlines() if not line.startswith("#")]
+    starts = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStart=")]
+    assert starts[0] == ""  # resets the shared unit's command line
+    assert starts[1:] == ["/opt/openpcc/bin/openpcc node serve --tee auto --gpu nvml"]
+    assert "simulated" not in dropin.read_text().replace("never the simulator", "")
+    pre = next(line for line in lines if line.startswith("ExecStartPre=+"))
+    compile(pre.split(' -c "', 1)[1].rstrip('"'), "ExecStartPre", "exec")
+    assert "ReadWritePaths=-/sys/kernel/config/tsm/report" in lines
