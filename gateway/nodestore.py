@@ -37,9 +37,8 @@ from gateway.registry import (
 log = logging.getLogger("openpcc.gateway")
 
 DEFAULT_PREFIX = "openpcc:gateway:"
-# Drop expired members, then refuse a new member once the set is full; a heartbeat of a
-# known node always passes. The body is written only when its digest changed.
-_PUT = """
+# Both scripts start here: server time, and expired members dropped with their body/digest.
+_EXPIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -48,6 +47,12 @@ if #gone > 0 then
   redis.call('HDEL', KEYS[3], unpack(gone))
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 end
+"""
+# Drop expired members, then refuse a new member once the set is full; a heartbeat of a
+# known node always passes. The body is written only when its digest changed.
+_PUT = (
+    _EXPIRE
+    + """
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
   return 0
@@ -59,16 +64,11 @@ if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[4] then
 end
 return 1
 """
+)
 # One consistent view: server time, then members with expiry scores and digests.
-_SNAPSHOT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-if #gone > 0 then
-  redis.call('HDEL', KEYS[2], unpack(gone))
-  redis.call('HDEL', KEYS[3], unpack(gone))
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-end
+_SNAPSHOT = (
+    _EXPIRE
+    + """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local digests = {}
 if #members > 0 then
@@ -78,6 +78,7 @@ if #members > 0 then
 end
 return {tostring(now), members, digests}
 """
+)
 
 
 class RegistryFullError(Exception):
