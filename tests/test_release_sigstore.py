@@ -51,6 +51,7 @@ from openpcc.attestation.sigstore_manifest import (
 )
 from openpcc.errors import DecodeError, VerificationError
 from tests.conftest import ROOT, require_module
+from tests.test_attestation_cli import openpcc  # the CLI as a subprocess, JSON out
 
 V = ROOT / "tests" / "vectors" / "sigstore"
 PROD_ROOT, STAGING_ROOT = V / "trusted_root.production.json", V / "trusted_root.staging.json"
@@ -84,16 +85,6 @@ def flip_b64(value: str, at: int = 10) -> str:
     raw = bytearray(base64.b64decode(value))
     raw[at % len(raw)] ^= 0x01
     return base64.b64encode(bytes(raw)).decode()
-
-
-def openpcc(*args: str | Path) -> tuple[int, dict]:
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "openpcc.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
 
 
 # --- part 1: real bundles from the public Sigstore instances ---------------------------------
