@@ -1,1 +1,1 @@
-"""gateway party (see ../shared/DESIGN.md)."""
+"""gateway party (see docs/DESIGN.md)."""

@@ -1,1 +1,1 @@
-"""node party (see ../shared/DESIGN.md)."""
+"""node party (see docs/DESIGN.md)."""

@@ -140,7 +140,12 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="directory for the node id and the simulated TEE (never the HPKE key)",
     )
-    add("--model-name", default=_env("MODEL_NAME"), help="the served model name")
+    add(
+        "--model-name",
+        default=_env("MODEL_NAME"),
+        help="the served model name (with --engine-url: default the one model the engine "
+        "lists; an engine listing several needs this)",
+    )
     engine = serve.add_mutually_exclusive_group()
     engine.add_argument(
         "--engine-url",
@@ -346,6 +351,22 @@ def _cmd_node_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _engine_model(engine_url: str) -> str:
+    """The one model the engine lists (waits while it does not answer or lists none).
+
+    Several models and no --model-name ends the start with one line naming them.
+    """
+    from openpcc.engine_models import AmbiguousModelError, discover_model
+
+    node_log = logging.getLogger("openpcc.node")
+    try:
+        name = discover_model(engine_url, report=lambda line: node_log.warning("%s", line))
+    except AmbiguousModelError as exc:
+        raise ValueError(str(exc)) from None
+    node_log.info("engine at %s lists one model, %r: serving it", engine_url, name)
+    return name
+
+
 def _node_serve(args: argparse.Namespace) -> int:
     import hashlib
 
@@ -407,9 +428,7 @@ def _node_serve(args: argparse.Namespace) -> int:
             log_path=args.vllm_log,
         )
     else:
-        if not args.model_name:
-            raise ValueError("--engine-url needs --model-name")
-        model_name = args.model_name
+        model_name = args.model_name or _engine_model(args.engine_url)
         if args.model_digest:
             digest = bytes.fromhex(args.model_digest)
         else:

@@ -26,6 +26,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self
 
+from openpcc.engine_models import (
+    REPORT_EVERY,
+    EngineModelError,
+    base_url,
+    not_listed_line,
+    parse_model_list,
+)
+
 log = logging.getLogger(__name__)
 
 LABEL_FILE = "OPENPCC_TEST_MODEL.txt"  # same name as node.tinymodel.LABEL_FILE
@@ -91,24 +99,29 @@ def default_served_name(model_dir: Path | str) -> str:
     return model_dir.resolve().name
 
 
-async def _probe(url: str, served_name: str | None, timeout: float = 5.0) -> bool:
-    """True when ``/health`` answers 200 and ``/v1/models`` lists ``served_name``."""
+async def _probe(url: str, served_name: str | None, timeout: float = 5.0) -> str | None:
+    """None when ``/health`` answers 200 and ``/v1/models`` lists ``served_name``;
+    otherwise one line saying why not (the same line `openpcc up` prints)."""
     import aiohttp
 
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
             async with s.get(url + "/health") as r:
                 if r.status != 200:
-                    return False
+                    return f"engine at {url} answered /health with HTTP {r.status}"
             async with s.get(url + "/v1/models") as r:
                 if r.status != 200:
-                    return False
-                body = await r.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return False
-    if served_name is None:
-        return True
-    return any(m.get("id") == served_name for m in body.get("data", []))
+                    return f"engine at {url} answered /v1/models with HTTP {r.status}"
+                body = await r.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"engine at {url} does not answer: {exc or type(exc).__name__}"
+    try:
+        models = parse_model_list(body)
+    except EngineModelError as exc:
+        return f"engine at {url}: {exc}"
+    if served_name is None or served_name in models:
+        return None
+    return not_listed_line(url, models, served_name)
 
 
 class VLLMEngine:
@@ -257,7 +270,7 @@ class VLLMEngine:
 
     async def healthy(self) -> bool:
         """One readiness probe (``/health`` and ``/v1/models``)."""
-        return await _probe(self.url, self.served_model_name)
+        return await _probe(self.url, self.served_model_name) is None
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the server is ready (e.g. after a restart); raise if it gave up."""
@@ -468,13 +481,15 @@ class ExternalEngine:
         url: str,
         *,
         served_model_name: str | None = None,
-        startup_timeout: float = 60.0,
+        startup_timeout: float | None = None,
     ) -> None:
-        self._url = url.rstrip("/").removesuffix("/v1")
+        self._url = base_url(url)
         self.served_model_name = served_model_name
         self.startup_timeout = startup_timeout
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
+        # Why the engine is not ready (None while it is): /healthz shows it, `up` prints it.
+        self.problem: str | None = "not checked yet"
 
     @property
     def url(self) -> str:
@@ -485,11 +500,20 @@ class ExternalEngine:
         return 0
 
     async def start(self) -> None:
-        """Wait until the external server answers (``/health`` and ``/v1/models``)."""
-        deadline = time.monotonic() + self.startup_timeout
+        """Wait until the external server answers and lists our model.
+
+        Until then the reason is logged every REPORT_EVERY seconds; with a
+        ``startup_timeout`` the wait ends in EngineError carrying that reason.
+        """
+        t0 = time.monotonic()
+        reported: float | None = None
         while not await self.healthy():
-            if time.monotonic() > deadline:
-                raise EngineError(f"engine at {self._url} not ready")
+            now = time.monotonic()
+            if self.startup_timeout is not None and now - t0 > self.startup_timeout:
+                raise EngineError(f"engine not ready: {self.problem}")
+            if reported is None or now - reported >= REPORT_EVERY:
+                log.warning("%s", self.problem)
+                reported = now
             await asyncio.sleep(0.5)
         self.ready.set()
 
@@ -497,7 +521,8 @@ class ExternalEngine:
         self.ready.clear()
 
     async def healthy(self) -> bool:
-        return await _probe(self._url, self.served_model_name)
+        self.problem = await _probe(self._url, self.served_model_name)
+        return self.problem is None
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self.ready.wait(), timeout)

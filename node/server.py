@@ -217,7 +217,11 @@ class NodeService:
     async def healthz(self, _request: web.Request) -> web.Response:
         if self.engine_ready():
             return web.json_response({"status": "ok", "engine": "ready"})
-        return web.json_response({"status": "unavailable", "engine": "not ready"}, status=503)
+        body = {"status": "unavailable", "engine": "not ready"}
+        problem = getattr(self.engine, "problem", None)
+        if problem:
+            body["reason"] = problem  # e.g. "engine at URL lists [...], not 'NAME'"
+        return web.json_response(body, status=503)
 
     async def readyz(self, _request: web.Request) -> web.Response:
         """Readiness: the engine answers and the node registered at least once with every

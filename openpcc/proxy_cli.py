@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from openpcc.local import CLIENT_CONFIG, DEFAULT_STATE
+from openpcc.local import CLIENT_CONFIG, DEFAULT_STATE, wait_arg, wait_for_config
 
 DEFAULT_PORT = 8080
 
@@ -54,6 +54,7 @@ def register(sub: Any) -> None:
         help="allow a non-loopback --host (anyone who reaches it spends your tokens; "
         "requires OPENPCC_PROXY_API_KEY)",
     )
+    wait_arg(p)
     p.set_defaults(func=_proxy)
 
 
@@ -76,8 +77,7 @@ def _proxy(args: argparse.Namespace) -> int:
             print("--allow-remote requires OPENPCC_PROXY_API_KEY (clients send it as their "
                   "OpenAI api_key)", file=sys.stderr)  # fmt: skip
             return 2
-    if not args.config.exists():
-        print(f"no client config at {args.config}: start `openpcc up` first", file=sys.stderr)
+    if not wait_for_config(args.config, args.wait, "proxy"):
         return 2
 
     async def make_app() -> web.Application:

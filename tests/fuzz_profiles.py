@@ -1,7 +1,7 @@
 """Hypothesis profiles for the hardening fuzz tests (issue 9), picked by ``OPENPCC_FUZZ``.
 
-``ci`` (default) runs each parser and HTTP-endpoint fuzz case 10 000 times, ``long``
-100 000 times:
+``dev`` (the default of a plain ``pytest``) runs each parser and HTTP-endpoint fuzz case
+300 times, ``ci`` (what ``scripts/dev test`` and CI run) 10 000 times, ``long`` 100 000:
 
     OPENPCC_FUZZ=long python -m pytest -m fuzz
 
@@ -16,9 +16,10 @@ import os
 
 from hypothesis import HealthCheck, Phase, settings
 
-PROFILE = os.environ.get("OPENPCC_FUZZ", "ci")
-if PROFILE not in ("ci", "long"):
-    raise RuntimeError(f"OPENPCC_FUZZ must be 'ci' or 'long', not {PROFILE!r}")
+VOLUME = {"dev": 300, "ci": 10_000, "long": 100_000}
+PROFILE = os.environ.get("OPENPCC_FUZZ") or "dev"
+if PROFILE not in VOLUME:
+    raise RuntimeError(f"OPENPCC_FUZZ must be one of {sorted(VOLUME)}, not {PROFILE!r}")
 
 _COMMON = {
     "deadline": None,
@@ -26,11 +27,10 @@ _COMMON = {
     "suppress_health_check": list(HealthCheck),
     "phases": [Phase.explicit, Phase.generate, Phase.shrink],
 }
-settings.register_profile("openpcc-parser-ci", max_examples=10_000, **_COMMON)
-settings.register_profile("openpcc-parser-long", max_examples=100_000, **_COMMON)
-# Over HTTP every case is a real request to a real process (~1 ms each on loopback).
-settings.register_profile("openpcc-http-ci", max_examples=10_000, **_COMMON)
-settings.register_profile("openpcc-http-long", max_examples=100_000, **_COMMON)
+for name, volume in VOLUME.items():
+    settings.register_profile(f"openpcc-parser-{name}", max_examples=volume, **_COMMON)
+    # Over HTTP every case is a real request to a real process (~1 ms each on loopback).
+    settings.register_profile(f"openpcc-http-{name}", max_examples=volume, **_COMMON)
 
 PARSER = settings.get_profile(f"openpcc-parser-{PROFILE}")
 HTTP = settings.get_profile(f"openpcc-http-{PROFILE}")

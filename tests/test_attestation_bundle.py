@@ -22,7 +22,7 @@ from openpcc.attestation.claims import Claims, gpu_evidence_digest_for, gpu_nonc
 from openpcc.attestation.policy import MANIFEST_FORMAT, TrustPolicy
 from openpcc.attestation.simulated import SimulatedTEE
 from openpcc.errors import DecodeError, EncodeError, LimitExceededError
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 T0 = int(NOW.timestamp())
@@ -30,9 +30,9 @@ MEAS = bytes(range(48))
 MODEL = b"\x4d" * 32
 NODE_KEY = b"\x11" * 32
 REL = "openpcc-dev"
-SNP = SHARED / "attestation-samples" / "sev-snp"
-TDX = SHARED / "attestation-samples" / "tdx"
-GPU = SHARED / "attestation-samples" / "nvidia-gpu" / "h100-nvtrust-sample"
+SNP = SAMPLES / "sev-snp"
+TDX = SAMPLES / "tdx"
+GPU = SAMPLES / "nvidia-gpu" / "h100-nvtrust-sample"
 
 
 def claims_at(t: int, tee: str = "simulated-snp", **kw) -> Claims:

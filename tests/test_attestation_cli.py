@@ -14,9 +14,9 @@ from openpcc.attestation.bundle import make_simulated_bundle
 from openpcc.attestation.claims import Claims
 from openpcc.attestation.policy import MANIFEST_FORMAT
 from openpcc.attestation.simulated import SimulatedTEE
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 
-S = SHARED / "attestation-samples"
+S = SAMPLES
 MILAN = S / "sev-snp" / "milan-vcek-virtee"
 MILAN_MEAS = (
     "7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d"

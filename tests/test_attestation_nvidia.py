@@ -24,9 +24,9 @@ from openpcc.attestation.nvidia import (
     verify_gpu,
 )
 from openpcc.errors import DecodeError, OpenPCCError
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 
-NV = SHARED / "attestation-samples" / "nvidia-gpu"
+NV = SAMPLES / "nvidia-gpu"
 H100 = NV / "h100-nvtrust-sample"
 DEVICE_NOW = datetime(2025, 8, 21, 12, tzinfo=UTC)
 RIM_NOW = datetime(2025, 10, 24, 12, tzinfo=UTC)

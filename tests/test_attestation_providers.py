@@ -22,12 +22,12 @@ from openpcc.attestation.claims import Claims, report_data_for
 from openpcc.attestation.policy import MANIFEST_FORMAT, TrustPolicy
 from openpcc.attestation.simulated import SimulatedTEE
 from openpcc.attestation.snp import AttestationReport, verify_snp
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 T0 = int(NOW.timestamp())
 RD = bytes(range(64))
-H100 = SHARED / "attestation-samples" / "nvidia-gpu" / "h100-nvtrust-sample"
+H100 = SAMPLES / "nvidia-gpu" / "h100-nvtrust-sample"
 H100_NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")
 
 

@@ -11,7 +11,7 @@ from openpcc.attestation import amd
 from openpcc.attestation.claims import Claims, check_claims, report_data_for
 from openpcc.attestation.simulated import KEY_FILE, LEAF_FILE, ROOT_FILE, SimulatedTEE
 from openpcc.attestation.snp import AttestationReport, SnpPolicy, verify_snp
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 MEASUREMENT = bytes(range(48))
@@ -94,7 +94,7 @@ def test_dev_root_cannot_pose_as_amd_product(tee):
 
 
 def test_real_report_under_dev_root_fails(tee):
-    report = SHARED / "attestation-samples/sev-snp/genoa-vcek-azure-hcl/snp-report.bin"
+    report = SAMPLES / "sev-snp/genoa-vcek-azure-hcl/snp-report.bin"
     v = trusted(tee, report.read_bytes())
     assert {"signature", "tcb"} <= failed(v)
 

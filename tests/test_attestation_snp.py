@@ -26,9 +26,9 @@ from openpcc.attestation.snp import (
     verify_snp,
 )
 from openpcc.errors import DecodeError, OpenPCCError, UnsupportedError
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 
-SNP = SHARED / "attestation-samples" / "sev-snp"
+SNP = SAMPLES / "sev-snp"
 ROOTS = SNP / "amd-roots"
 AT = datetime(2025, 6, 1, tzinfo=UTC)  # README: inside every certificate's window
 TODAY = datetime(2026, 11, 25, tzinfo=UTC)  # README's "today": the AWS VLEK has expired
@@ -37,7 +37,7 @@ TODAY = datetime(2026, 11, 25, tzinfo=UTC)  # README's "today": the AWS VLEK has
 def read(rel: str) -> bytes:
     path = SNP / rel
     if not path.exists():
-        pytest.fail(f"sample missing: {path} (set OPENPCC_SHARED?)")
+        pytest.fail(f"sample missing: {path}")
     return path.read_bytes()
 
 

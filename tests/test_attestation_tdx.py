@@ -1,4 +1,4 @@
-"""TDX quote parsing and verification against the real samples in ../shared."""
+"""TDX quote parsing and verification against the real samples in tests/attestation-samples."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from openpcc.attestation.tdx import TdxPolicy, TdxQuote, intel_sgx_root_ca, verify_tdx
 from openpcc.errors import DecodeError, OpenPCCError, UnsupportedError
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 
-TDX = SHARED / "attestation-samples" / "tdx"
+TDX = SAMPLES / "tdx"
 T2025 = datetime(2025, 7, 1, tzinfo=UTC)
 T2026 = datetime(2026, 3, 1, tzinfo=UTC)
 T2023 = datetime(2023, 7, 1, tzinfo=UTC)

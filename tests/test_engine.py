@@ -196,8 +196,9 @@ async def test_external_engine(tmp_path: Path, fake_python: Path) -> None:
         assert not ext.ready.is_set()
         assert await eng.healthy()  # stopping an external engine leaves it alone
         wrong = ExternalEngine(eng.url, served_model_name="other", startup_timeout=1)
-        with pytest.raises(EngineError, match="not ready"):
+        with pytest.raises(EngineError, match=r"not ready: .* lists \['m'\], not 'other'"):
             await wrong.start()
+        assert wrong.problem == f"engine at {eng.url} lists ['m'], not 'other'"
 
 
 # ------------------------------------------------------------------------------------

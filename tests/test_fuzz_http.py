@@ -4,7 +4,8 @@ One local stack (separate processes, fake engine). For each POST endpoint a hypo
 run sends random bytes or a valid body mutated a few times, with the right or a wrong
 content type, and requires: a 4xx (a 2xx only where a mutation left the body valid),
 never a 5xx, an answer within a few seconds, and the service healthy afterwards.
-Examples per endpoint: tests/fuzz_profiles.py (``HTTP``: 10 000 in CI, 100 000 long).
+Examples per endpoint: tests/fuzz_profiles.py (``HTTP``: 300 by default, 10 000 in CI,
+100 000 long).
 """
 
 from __future__ import annotations

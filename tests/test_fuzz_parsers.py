@@ -7,7 +7,7 @@ gateway's registration body): never ``IndexError``, ``struct.error``, ``KeyError
 ``RecursionError`` or a hang. The module-level tests next to each parser keep their
 specific properties (round trips, truncation detection); this file is the volume run.
 
-Examples per parser: 10 000 (``ci``) or 100 000 (``OPENPCC_FUZZ=long``), see
+Examples per parser: 300 by default, 10 000 (``ci``) or 100 000 (``OPENPCC_FUZZ=long``), see
 tests/fuzz_profiles.py. One command: ``OPENPCC_FUZZ=long python -m pytest -m fuzz``.
 """
 
@@ -48,12 +48,11 @@ from openpcc.privacypass.directory import IssuerDirectory, TokenKeyEntry
 from openpcc.wire import bhttp, hpke, ohttp, sealed
 from openpcc.wire.bhttp_stream import ResponseStreamDecoder, ResponseStreamEncoder
 from openpcc.wire.chunked import ChunkedRequestReceiver, ChunkedRequestSender
-from tests.conftest import SHARED
+from tests.conftest import SAMPLES
 from tests.fuzz_profiles import PARSER
 
 pytestmark = pytest.mark.fuzz
 
-SAMPLES = SHARED / "attestation-samples"
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 
 

@@ -11,7 +11,7 @@ The fuzz case at the end answers with random and mutated responses and holds the
 to its module docstring: a result that an independent reading of RFC 9112 framing (strict
 about line ends) agrees with, or ``UpstreamError``; no other exception, no hang, and no
 reuse of a connection after anything but a cleanly framed keep-alive response. Examples:
-tests/fuzz_profiles.py (``HTTP``: 2 500 per loop in CI, 100 000 with ``OPENPCC_FUZZ=long``),
+tests/fuzz_profiles.py (``HTTP``: 300 per loop by default, 10 000 in CI, 100 000 with ``long``),
 each drawn from one 64-bit seed as in tests/test_fuzz_parsers.py (``hostile``).
 """
 

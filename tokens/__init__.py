@@ -1,1 +1,1 @@
-"""tokens party (see ../shared/DESIGN.md)."""
+"""tokens party (see docs/DESIGN.md)."""

@@ -317,7 +317,7 @@ def verify_chain(
 
 
 # --- Embedded AMD certificates (public; from AMD KDS cert_chain, byte-identical to
-# shared/attestation-samples/sev-snp/amd-roots/). Fingerprints in the comments. ---
+# tests/attestation-samples/sev-snp/amd-roots/). Fingerprints in the comments. ---
 
 _MILAN_ARK_PEM = """\
 -----BEGIN CERTIFICATE-----

@@ -1,6 +1,7 @@
 """A recording, OpenAI-compatible fake engine for the node tests (run as its own process).
 
-``python fake_engine.py PORT MODEL`` serves ``/health``, ``/v1/models``,
+``python fake_engine.py PORT MODEL[,MODEL...]`` serves ``/health``, ``/v1/models`` (listing
+every MODEL),
 ``/v1/chat/completions`` and ``/v1/completions`` on 127.0.0.1. It records every request
 (peer, method, path, headers, JSON body) for ``GET /_control/received``, and streams
 Server-Sent Events slowly. Prompt keywords steer it:
@@ -59,7 +60,8 @@ def build_app(model: str) -> web.Application:
 
     async def models(request: web.Request) -> web.Response:
         await record(request)
-        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
+        data = [{"id": name, "object": "model"} for name in model.split(",")]
+        return web.json_response({"object": "list", "data": data})
 
     async def generate(request: web.Request) -> web.StreamResponse:
         rec = await record(request)

@@ -106,7 +106,7 @@ def start_node(
     workdir: Path,
     *,
     engine_url: str,
-    model: str,
+    model: str | None,
     gateway_port: int | None,
     secret: str = "test-secret",
     extra: list[str] | None = None,
@@ -116,7 +116,7 @@ def start_node(
     cmd = [
         sys.executable, "-m", "openpcc.cli", "node", "serve",
         "--host", "127.0.0.1", "--port", str(port),
-        "--engine-url", engine_url, "--model-name", model,
+        "--engine-url", engine_url, *(["--model-name", model] if model else []),
         "--state", str(workdir / "state"),
         "--release-id", "test-release",
         "--heartbeat", "0.5",

@@ -1,4 +1,4 @@
-// Attestation: real SEV-SNP captures (../shared/attestation-samples) and simulated-TEE
+// Attestation: real SEV-SNP captures (tests/attestation-samples) and simulated-TEE
 // bundles made by the Python code, checked by the JS verifier.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { verifySnp, loadTrustPolicy, verifyNodeEntry, VerificationError } from '../src/index.js';
 import { REPO, readJson } from './helpers.js';
 
-const SAMPLES = path.resolve(REPO, '../shared/attestation-samples/sev-snp');
+const SAMPLES = path.resolve(REPO, 'tests/attestation-samples/sev-snp');
 const AT = Date.UTC(2025, 5, 1) / 1000; // inside every sample certificate's validity
 const byName = (checks) => Object.fromEntries(checks.map((c) => [c.name, c]));
 

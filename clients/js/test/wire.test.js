@@ -1,4 +1,4 @@
-// Binary HTTP, OHTTP and chunked OHTTP against the official vectors in ../shared/vectors.
+// Binary HTTP, OHTTP and chunked OHTTP against the official vectors in tests/vectors.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
@@ -6,11 +6,11 @@ import { x25519 } from '@noble/curves/ed25519';
 import { encodeRequest, decodeRequest, decodeResponse, ResponseStreamDecoder } from '../src/bhttp.js';
 import { parseKeyConfigs, parseKeyConfig, encapsulateRequest, ChunkedRequestSender } from '../src/ohttp.js';
 import { hpkeSuite } from '../src/crypto.js';
-import { SHARED_VECTORS, readJson, hex, toHex } from './helpers.js';
+import { VECTORS, readJson, hex, toHex } from './helpers.js';
 
-const BHTTP = readJson(path.join(SHARED_VECTORS, 'bhttp/rfc9292_examples.json')).examples;
-const OHTTP = readJson(path.join(SHARED_VECTORS, 'ohttp/rfc9458_appendix_a.json'));
-const CHUNKED = readJson(path.join(SHARED_VECTORS, 'chunked-ohttp/draft-ietf-ohai-chunked-ohttp-08_example.json'));
+const BHTTP = readJson(path.join(VECTORS, 'bhttp/rfc9292_examples.json')).examples;
+const OHTTP = readJson(path.join(VECTORS, 'ohttp/rfc9458_appendix_a.json'));
+const CHUNKED = readJson(path.join(VECTORS, 'chunked-ohttp/draft-ietf-ohai-chunked-ohttp-08_example.json'));
 const str = (b) => Buffer.from(b).toString();
 const fields = (fs) => fs.map(([n, v]) => [str(n), str(v)]);
 
