@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,23 +26,46 @@ from pathlib import Path
 from openpcc.errors import OpenPCCError
 
 _HANDED_OUT: set[int] = set()
+_RANDOM = random.Random()
+_LOW, _HIGH = 20000, 32768
 
 
 def free_port() -> int:
     """A loopback port nobody listens on, and not one this process handed out before.
 
     Why the memory: ports for a whole stack are picked before any service binds, and
-    the kernel may give the same free port twice in a row. Two services then race for
-    it, and the loser's health check is answered by the winner (seen in CI: the relay
-    exited on EADDRINUSE while the issuer answered its /healthz).
+    the same free port could come up twice. Two services then race for it, and the
+    loser's health check is answered by the winner (seen in CI: the relay exited on
+    EADDRINUSE while the issuer answered its /healthz). Why random and not bind(0): the
+    kernel hands bind(0) the same port again and again, and parallel test workers each
+    keep to their own residue class (``_partition``).
     """
+    index, count = _partition()
     while True:
+        # Below Linux's ephemeral range (32768-60999): no outgoing connection takes the
+        # port between this check and the service's bind.
+        port = _RANDOM.randrange(_LOW + index, _HIGH, count)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+
+
+def _partition() -> tuple[int, int]:
+    """``OPENPCC_PORT_PARTITION=i/n``: this process (and its children) take only ports
+    that are i modulo n, so n test workers running side by side never pick the same one."""
+    spec = os.environ.get("OPENPCC_PORT_PARTITION", "")
+    index, _, count = spec.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        return 0, 1
+    return (i, n) if 0 <= i < n else (0, 1)
 
 
 def openpcc_cmd(*args: str) -> list[str]:

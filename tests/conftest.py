@@ -20,6 +20,15 @@ SAMPLES = ROOT / "tests" / "attestation-samples"
 INTEROP = ROOT / "tests" / "interop"
 
 
+# Test workers side by side (pytest-xdist, `-n`): each takes its own residue class of
+# loopback ports (openpcc.stack.free_port), and so do the processes it starts.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ["OPENPCC_PORT_PARTITION"] = (
+        f"{int(os.environ['PYTEST_XDIST_WORKER'][2:])}/"
+        f"{int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))}"
+    )
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--run-slow",

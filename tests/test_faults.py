@@ -278,7 +278,7 @@ async def test_engine_crash_makes_the_node_unhealthy_until_restarted(tmp_path: P
     exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
     exe.chmod(0o755)
     eng = VLLMEngine(tmp_path, python=str(exe), startup_timeout=30, backoff_initial=1.0)
-    node = types.SimpleNamespace(engine_ready=lambda: eng.ready.is_set())
+    node = types.SimpleNamespace(engine_ready=lambda: eng.ready.is_set(), engine=eng)
 
     async def healthz() -> int:
         return (await NodeService.healthz(node, None)).status  # type: ignore[arg-type]

@@ -579,9 +579,8 @@ def test_healthz_and_metrics(stack: Stack) -> None:
 
 def test_cli_refuses_incomplete_configuration(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "openpcc.cli", "node", "serve", "--state", str(tmp_path)]
-    for extra in ([], ["--engine-url", "http://127.0.0.1:1"],
-                  ["--engine-url", "http://127.0.0.1:1", "--model-name", "m",
-                   "--gateway-internal", "http://127.0.0.1:2"]):  # fmt: skip
+    for extra in ([], ["--engine-url", "http://127.0.0.1:1", "--model-name", "m",
+                       "--gateway-internal", "http://127.0.0.1:2"]):  # fmt: skip
         r = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60,
                            env={k: v for k, v in os.environ.items()
                                 if not k.startswith("OPENPCC_NODE_")})  # fmt: skip

@@ -221,7 +221,7 @@ def test_chat_cli_streams_text_json_and_reads_stdin(stack: LocalStack) -> None:
     assert out.returncode == 0, out.stderr
     chunks = [json.loads(line) for line in out.stdout.splitlines()]
     assert chunks and all("choices" in c for c in chunks)
-    out = _cli("chat", "--config", str(stack.state / "missing.json"), "x")
+    out = _cli("chat", "--config", str(stack.state / "missing.json"), "--wait", "0", "x")
     assert out.returncode == 2 and "openpcc up" in out.stderr
 
 
