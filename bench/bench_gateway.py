@@ -317,7 +317,7 @@ class Stack:
             decoder = ResponseStreamDecoder()
             status, content = 0, bytearray()
             try:
-                plain = [*receiver.receive_data(item[4:]), receiver.end_of_input()]
+                plain = [*receiver.receive_data(item[4:]), *receiver.end_of_input()]
                 events = [ev for p in plain for ev in decoder.receive_data(p)]
                 events += decoder.end_of_input()
                 for ev in events:

@@ -53,7 +53,7 @@ from openpcc.errors import OpenPCCError, UnsupportedError
 from openpcc.privacypass import issuance
 from openpcc.privacypass.auth import parse_authorization_token
 from openpcc.privacypass.directory import MEDIA_TYPE as DIRECTORY_MEDIA_TYPE
-from openpcc.service import PROBLEM_JSON, Metrics, healthz, problem
+from openpcc.service.http import PROBLEM_JSON, Metrics, healthz, problem
 from openpcc.stagetrace import StageTrace
 from openpcc.wire import bhttp, sealed
 from openpcc.wire.bhttp_stream import ResponseStreamEncoder
@@ -486,7 +486,8 @@ class Gateway:
                 if len(inner) > MAX_INNER_REQUEST:
                     raise _Refusal(self._too_large(), "too_large")
             t = time.perf_counter()
-            inner += receiver.end_of_input()
+            for piece in receiver.end_of_input():
+                inner += piece
             spent += time.perf_counter() - t
         except OpenPCCError as exc:
             raise self._ohttp_error(exc) from None

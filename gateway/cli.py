@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import gc
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -141,6 +138,9 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="record what the gateway received (tests and demo only; never in production)",
     )
+    from openpcc.service.serve import add_connection_args
+
+    add_connection_args(serve, "OPENPCC_GATEWAY_")
     serve.set_defaults(func=_serve)
 
     keys = gsub.add_parser("keys", help="manage OHTTP key configs")
@@ -189,7 +189,15 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from openpcc.service.logs import setup_logging
+    from openpcc.service.serve import connection_limits
+
+    setup_logging()
+    try:
+        limits = connection_limits(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.issuer:
         print("error: --issuer URL is required (or OPENPCC_GATEWAY_ISSUER)", file=sys.stderr)
         return 2
@@ -204,14 +212,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not issuer_name:
         print("error: cannot derive --issuer-name from --issuer", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(args, issuer_name))
-    return 0
+    return _run(args, issuer_name, limits)
 
 
-async def _run(args: argparse.Namespace, issuer_name: str) -> None:
-    from aiohttp import web
-
+def _run(args: argparse.Namespace, issuer_name: str, limits: Any) -> int:
     from gateway.app import (
         DEFAULT_MAX_BODY,
         GatewayConfig,
@@ -219,6 +223,7 @@ async def _run(args: argparse.Namespace, issuer_name: str) -> None:
         create_internal_app,
         create_public_app,
     )
+    from openpcc.service.serve import Listener, serve
 
     args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     config = GatewayConfig(
@@ -240,50 +245,39 @@ async def _run(args: argparse.Namespace, issuer_name: str) -> None:
         health_interval=args.health_interval,
         audit_path=args.audit_log,
     )
-    await gw.start()
-    # access_log=None: the gateway must not keep a per-request record (peer = relay, but
-    # timing plus path is still more than an aggregate). handler_cancellation: a client
-    # that leaves cancels the node request too.
-    public = web.AppRunner(
-        create_public_app(gw),
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=args.shutdown_timeout,
-    )
-    internal = web.AppRunner(
-        create_internal_app(gw), access_log=None, shutdown_timeout=args.shutdown_timeout
-    )
-    await public.setup()
-    await internal.setup()
-    await web.TCPSite(public, args.host, args.port).start()
-    await web.TCPSite(internal, args.internal_host, args.internal_port).start()
-    # Garbage collector tuning, for throughput only. Everything loaded so far (modules,
-    # the app, keys) lives as long as the process: freeze it, so full passes skip it
-    # (~25 ms each before). Requests allocate many short-lived objects that refcounting
-    # frees anyway; a young-generation pass every 700 allocations (the default) cost ~5 %
-    # of the CPU under load, every 10,000 about 0.5 %.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
     log = logging.getLogger("openpcc.gateway")
-    log.info(
-        "gateway listening on %s:%d (internal %s:%d), issuer_name %r",
-        args.host,
-        args.port,
-        args.internal_host,
-        args.internal_port,
-        issuer_name,
+
+    def ready() -> None:
+        # Garbage collector tuning, for throughput only. Everything loaded so far
+        # (modules, the app, keys) lives as long as the process: freeze it, so full
+        # passes skip it (~25 ms each before). Requests allocate many short-lived
+        # objects that refcounting frees anyway; a young-generation pass every 700
+        # allocations (the default) cost ~5 % of the CPU under load, every 10,000
+        # about 0.5 %.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
+        log.info(
+            "gateway listening on %s:%d (internal %s:%d), issuer_name %r",
+            args.host,
+            args.port,
+            args.internal_host,
+            args.internal_port,
+            issuer_name,
+        )
+
+    # No access log: the gateway must not keep a per-request record (peer = relay, but
+    # timing plus path is still more than an aggregate). handler_cancellation: a client
+    # that leaves cancels the node request too. The internal listener gets the same.
+    return serve(
+        [
+            Listener(create_public_app(gw), args.host, args.port),
+            Listener(create_internal_app(gw), args.internal_host, args.internal_port, "internal"),
+        ],
+        limits=limits,
+        shutdown_timeout=args.shutdown_timeout,
+        on_start=gw.start,
+        on_stop=gw.stop,
+        ready=ready,
+        handler_cancellation=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        # Drain: close the listeners, let in-flight streams finish (up to
-        # --shutdown-timeout), and only then drop the node session and stores.
-        log.info("stopping: draining in-flight requests")
-        await asyncio.gather(public.cleanup(), internal.cleanup())
-        await gw.stop()

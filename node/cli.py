@@ -292,6 +292,9 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="record what the node received, incl. decrypted requests (tests/demo only)",
     )
+    from openpcc.service.serve import add_connection_args
+
+    add_connection_args(serve, NODE_ENV)
     serve.set_defaults(func=_cmd_node_serve)
 
 
@@ -316,25 +319,10 @@ def _node_id(args: argparse.Namespace) -> bytes:
 
 
 def _setup_node_logging() -> None:
-    """Level INFO; aiohttp's own records lose arguments and tracebacks (they may hold
-    addresses or request data), the node's own messages never contain content."""
+    """Level INFO, aiohttp's records redacted (the kit's one logging setup)."""
+    from openpcc.service.logs import setup_logging
 
-    class Redact(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.name.startswith("aiohttp"):
-                if record.args:
-                    record.msg = f"{record.msg} (details redacted)".replace("%s", "-")
-                    record.args = None
-                record.exc_info = None
-                record.exc_text = None
-            return True
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(Redact())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    setup_logging()
 
 
 def _cmd_node_serve(args: argparse.Namespace) -> int:
@@ -375,9 +363,11 @@ def _node_serve(args: argparse.Namespace) -> int:
     from node.policy import RequestLimits
     from node.register import RegistrationConfig
     from node.server import NodeConfig, NodeService, run
+    from openpcc.service.serve import connection_limits
 
     if not args.engine_url and not args.vllm_model:
         raise ValueError("give --engine-url URL or --vllm-model DIR")
+    limits = connection_limits(args)
     if not args.gateway_internal:
         args.gateway_internal = [u for u in (_env("GATEWAY_INTERNAL") or "").split(",") if u]
     if args.gateway_internal and not args.registration_secret:
@@ -486,6 +476,7 @@ def _node_serve(args: argparse.Namespace) -> int:
         service,
         host=args.host,
         port=args.port,
+        limits=limits,
         audit_log=args.audit_log,
         shutdown_timeout=args.shutdown_timeout,
     )

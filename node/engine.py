@@ -203,6 +203,15 @@ class VLLMEngine:
         return self._restarts
 
     @property
+    def problem(self) -> str | None:
+        """Why it is not ready, for /healthz and `openpcc up` (None while it is)."""
+        if self.ready.is_set():
+            return None
+        if self.failed is not None:
+            return "vLLM gave up restarting"
+        return "vLLM is starting" if self._restarts == 0 else "vLLM is restarting"
+
+    @property
     def pid(self) -> int | None:
         """PID of the API server process (its process group has the same id)."""
         return self._proc.pid if self._proc is not None else None

@@ -31,7 +31,8 @@ from node.register import Registrar, RegistrationConfig
 from openpcc import audit
 from openpcc.attestation.claims import Claims
 from openpcc.errors import OpenPCCError
-from openpcc.service import Metrics, problem
+from openpcc.service.http import Metrics, problem
+from openpcc.service.serve import ConnectionLimits, Listener, serve
 from openpcc.stagetrace import StageTrace
 from openpcc.wire import bhttp, hpke, sealed
 
@@ -424,6 +425,7 @@ def run(
     *,
     host: str,
     port: int,
+    limits: ConnectionLimits | None = None,
     audit_log: Path | None = None,
     shutdown_timeout: float = 30.0,
 ) -> int:
@@ -432,13 +434,10 @@ def run(
     On SIGTERM the listener closes first and in-flight sealed streams get
     ``shutdown_timeout`` seconds to finish before the engine is stopped.
     """
-    web.run_app(
-        build_app(service, audit_log=audit_log),
-        host=host,
-        port=port,
-        access_log=None,  # no per-request lines at all: nothing to redact
-        print=None,
+    return serve(
+        [Listener(build_app(service, audit_log=audit_log), host, port)],
+        limits=limits or ConnectionLimits(),
         shutdown_timeout=shutdown_timeout,
+        exit_code=lambda: service.exit_code,
         handler_cancellation=True,  # a gateway that leaves aborts the engine request
     )
-    return service.exit_code

@@ -173,7 +173,7 @@ def wait_healthy(
             why = f": {reason}" if reason else f" (log {svc.log})"
             raise StackStartError(f"{svc.name} not ready after {timeout:.0f} s{why}")
         if progress is not None and reason and now - reported >= REPORT_EVERY:
-            progress(f"{svc.name}: {reason}")
+            progress(f"{svc.name}: {reason} ({now - t0:.0f} s)")
             reported = now
         time.sleep(0.2)
 

@@ -12,13 +12,14 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from relay.config import RelayConfig, parse_gateways, parse_origins, parse_size, split_list
+from openpcc.service.values import parse_bool, parse_origins, parse_size, split_list
+from relay.config import RelayConfig, parse_gateways
 
 if TYPE_CHECKING:
     from aiohttp import web
 
 ENV = "OPENPCC_RELAY_"
-_TRUE = {"1", "true", "yes", "on"}
+MAX_PER_CLIENT = 64  # open connections per client address: nginx's limit_conn, in spirit
 
 
 def _env(name: str, default: Any) -> Any:
@@ -124,13 +125,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add(
         "--access-log",
         action=argparse.BooleanOptionalAction,
-        default=str(_env("ACCESS_LOG", "")).lower() in _TRUE,
+        default=parse_bool(_env("ACCESS_LOG", "")),
         help="log one line per request (method, route, status, bytes, seconds; never addresses)",
     )
     add(
         "--uvloop",
         action=argparse.BooleanOptionalAction,
-        default=str(_env("UVLOOP", "")).lower() in _TRUE,
+        default=parse_bool(_env("UVLOOP", "")),
         help="run on uvloop's event loop (optional extra: pip install 'openpcc[uvloop]'): "
         "less CPU per request",
     )
@@ -140,6 +141,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="TESTS AND DEMO ONLY: record every request received, client address included",
     )
+    from openpcc.service.serve import add_connection_args
+
+    add_connection_args(serve, ENV, max_per_client=MAX_PER_CLIENT)
     serve.set_defaults(func=serve_command)
 
 
@@ -165,29 +169,6 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
     )
 
 
-class RedactFilter(logging.Filter):
-    """aiohttp's own messages interpolate the peer address ("... from %s"): drop the
-    arguments and tracebacks of every aiohttp record before it is written."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("aiohttp"):
-            if record.args:
-                record.msg = f"{record.msg} (details redacted)".replace("%s", "-")
-                record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-
-
 def _access_logger_class() -> type:
     from aiohttp.abc import AbstractAccessLogger
 
@@ -209,36 +190,35 @@ def _access_logger_class() -> type:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    from openpcc.service.serve import connection_limits
+
     try:
         config = config_from_args(args)
+        limits = connection_limits(args)
     except ValueError as exc:
         print(f"openpcc relay: {exc}", file=sys.stderr)
         return 2
-    loop = None
     if args.uvloop:
         try:
-            import uvloop
+            import uvloop  # noqa: F401
         except ImportError:
             print("openpcc relay: --uvloop needs the uvloop package", file=sys.stderr)
             return 2
-        loop = uvloop.new_event_loop()
+    from openpcc.service.logs import setup_logging
+
     setup_logging()
 
-    from aiohttp import web
-
+    from openpcc.service.serve import Listener, serve
     from relay.app import build_app
 
     routes = ", ".join(f"{g.post_path} -> {g.url}" for g in config.gateways)
     logging.getLogger("openpcc.relay").info("relay on %s:%d; %s", config.host, config.port, routes)
-    web.run_app(
-        build_app(config),
-        host=config.host,
-        port=config.port,
+    return serve(
+        [Listener(build_app(config), config.host, config.port)],
+        limits=limits,
+        shutdown_timeout=args.shutdown_timeout,
+        use_uvloop=args.uvloop,
         access_log=logging.getLogger("openpcc.relay.access") if config.access_log else None,
         access_log_class=_access_logger_class(),
         handler_cancellation=True,  # a client that leaves cancels the upstream request
-        print=None,
-        shutdown_timeout=args.shutdown_timeout,
-        loop=loop,  # None: asyncio's own
     )
-    return 0

@@ -12,8 +12,6 @@ from urllib.parse import urlsplit, urlunsplit
 KEYS_WELL_KNOWN = "/.well-known/ohttp-gateway"  # RFC 9540 section 3
 RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", ".well-known"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*$")
-_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@\s]+$")
 
 
 @dataclass(frozen=True)
@@ -109,31 +107,3 @@ def parse_gateways(specs: list[str], keys_specs: list[str] | None = None) -> tup
     if keys:
         raise ValueError(f"--keys-url names no gateway: {sorted(keys)}")
     return tuple(out)
-
-
-def parse_origins(specs: list[str]) -> tuple[str, ...]:
-    """``--allow-origin`` values as a browser serializes them (lower case, no path); a
-    browser compares Access-Control-Allow-Origin with its origin byte for byte."""
-    out = []
-    for spec in specs:
-        origin = spec.strip().rstrip("/").lower()
-        if origin != "*" and not _ORIGIN.match(origin):
-            raise ValueError(f"bad origin {spec!r} (scheme://host[:port], or *)")
-        out.append(origin)
-    return ("*",) if "*" in out else tuple(dict.fromkeys(out))
-
-
-def parse_size(text: str | int) -> int:
-    """``"8m"``, ``"64KiB"`` or ``1048576`` -> bytes (powers of 1024, as nginx does)."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"bad size {text!r} (e.g. 65536, 64k, 8m)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
-    return int(match.group(1)) * scale
-
-
-def split_list(text: str | None) -> list[str]:
-    """Environment lists are separated by commas or whitespace."""
-    return [item for item in re.split(r"[,\s]+", text or "") if item]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from openpcc.privacypass.directory import (
     IssuerDirectory,
     TokenKeyEntry,
 )
-from openpcc.service import Metrics, healthz, problem
+from openpcc.service.http import Metrics, healthz, problem
 from tokens.keys import KeyRing, StoredKey
 from tokens.store import IssuerStore, hash_api_key
 
@@ -45,7 +44,6 @@ MAX_BATCH = 1000
 # Never Allow-Credentials: the API key is an Authorization header the page sets, no cookie.
 CORS_ROUTES = {WELL_KNOWN_PATH: "GET", REQUEST_PATH: "POST"}
 CORS_ALLOW_HEADERS = "authorization, content-type, accept"
-_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@\s]+$")
 
 
 @dataclass
@@ -55,18 +53,6 @@ class IssuerConfig:
     directory_max_age: int = 300
     public_url: str | None = None  # absolute issuer-request-uri base; relative if None
     allow_origins: tuple[str, ...] = ()  # CORS: web origins allowed to call us; "*" any
-
-
-def parse_origins(specs: list[str]) -> tuple[str, ...]:
-    """``--allow-origin`` values as a browser serializes them (lower case, no path): it
-    compares Access-Control-Allow-Origin with its origin byte for byte."""
-    out = []
-    for spec in specs:
-        origin = spec.strip().rstrip("/").lower()
-        if origin != "*" and not _ORIGIN.match(origin):
-            raise ValueError(f"bad origin {spec!r} (scheme://host[:port], or *)")
-        out.append(origin)
-    return ("*",) if "*" in out else tuple(dict.fromkeys(out))
 
 
 STORE = web.AppKey("store", IssuerStore)

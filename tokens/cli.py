@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +68,9 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="TESTS AND DEMO ONLY: record every request received (addresses, bodies)",
     )
+    from openpcc.service.serve import add_connection_args
+
+    add_connection_args(serve, "OPENPCC_ISSUER_")
     serve.set_defaults(func=_serve)
 
     account = isub.add_parser("account", help="manage accounts and quotas")
@@ -215,18 +217,19 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from tokens.app import IssuerConfig, create_app, parse_origins
+    from openpcc.service.logs import setup_logging
+    from openpcc.service.serve import Listener, connection_limits, serve
+    from openpcc.service.values import parse_origins, split_list
+    from tokens.app import IssuerConfig, create_app
     from tokens.keys import ensure_key
 
     try:
-        env_origins = [o for o in re.split(r"[,\s]+", _env("ALLOW_ORIGIN") or "") if o]
-        origins = parse_origins(args.allow_origin or env_origins)
+        origins = parse_origins(args.allow_origin or split_list(_env("ALLOW_ORIGIN")))
+        limits = connection_limits(args)
     except ValueError as exc:
         print(f"openpcc issuer: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     ring = ensure_key(args.state)
     config = IssuerConfig(
@@ -238,13 +241,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     app = create_app(_store(args), ring, config, audit_log=args.audit_log)
     logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", args.host, args.port)
-    # access_log=None: an access log would record client addresses next to accounts.
-    web.run_app(
-        app,
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
+    # No access log: it would record client addresses next to accounts.
+    return serve(
+        [Listener(app, args.host, args.port)],
+        limits=limits,
         shutdown_timeout=args.shutdown_timeout,
     )
-    return 0

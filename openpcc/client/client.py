@@ -32,11 +32,18 @@ from openpcc.client.errors import (
     TruncatedResponseError,
 )
 from openpcc.client.sse import DONE, SSEParser
+from openpcc.client.unwrap import (
+    Event,
+    GatewayBody,
+    NodeData,
+    NodeHead,
+    NodeTruncatedError,
+    ResponseUnwrapper,
+)
 from openpcc.errors import OpenPCCError, TruncatedError, VerificationError
 from openpcc.privacypass import auth
 from openpcc.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
-from openpcc.wire.bhttp_stream import ResponseStreamDecoder, StreamHead
 from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
 
 GATEWAY_AUTHORITY = b"gateway"  # the inner requests' authority; the gateway ignores it
@@ -315,15 +322,29 @@ class Client:
         sender = ChunkedRequestSender(await self.key_config())
         wire = sender.seal_chunk(outer, final=True)
         trace.record("seal", (t1 - t0) + (time.perf_counter() - t2))
-        receiver = sender.response_receiver()
-        stream = ResponseStreamDecoder()
-        opener = sreq.response_opener()
+        unwrap = ResponseUnwrapper(sender.response_receiver(), sreq.response_opener())
         sse = SSEParser()
         streaming = bool(body.get("stream"))
-        gateway_status: int | None = None
         error_body = bytearray()
         node_status: int | None = None
         node_body = bytearray()
+
+        def take(events: list[Event]) -> list[bytes]:
+            """Sort one batch of events; return the node's streamed bytes to parse."""
+            nonlocal node_status
+            out: list[bytes] = []
+            for ev in events:
+                if isinstance(ev, NodeData):
+                    if node_status != 200 or not streaming:
+                        node_body.extend(ev.data)
+                    else:
+                        out.append(ev.data)
+                elif isinstance(ev, NodeHead):
+                    node_status = ev.status
+                elif isinstance(ev, GatewayBody):
+                    error_body.extend(ev.data)
+            return out
+
         t_send = time.perf_counter()
         try:
             async with self._http().post(
@@ -338,22 +359,7 @@ class Client:
                     if first:
                         trace.record("upstream_wait", time.perf_counter() - t_send)
                     t, c = time.perf_counter(), trace.cpu()
-                    events: list[bytes] = []  # opened SSE bytes, parsed after the timing
-                    for plain in receiver.receive_data(piece):
-                        for ev in stream.receive_data(plain):
-                            if isinstance(ev, StreamHead):
-                                gateway_status = ev.status
-                            elif isinstance(ev, bytes):
-                                if gateway_status != 200:
-                                    error_body += ev
-                                    continue
-                                for item in opener.receive_data(ev):
-                                    if isinstance(item, sealed.ResponseHead):
-                                        node_status = item.status
-                                    elif node_status != 200 or not streaming:
-                                        node_body += item
-                                    else:
-                                        events.append(item)
+                    events = take(unwrap.receive_data(piece))  # opened, parsed after timing
                     # OpenPCC's own work per piece (both layers opened); SSE and JSON
                     # parsing, which any OpenAI client does, and the consumer's time
                     # between yields are not counted.
@@ -362,31 +368,31 @@ class Client:
                     trace.record("chunk_cpu", cpu)
                     first = False
                     for item in events:
-                        for obj in sse.feed(item):
+                        for obj in sse.receive_data(item):
                             if obj is not DONE:
                                 yield obj
-                stream.receive_data(receiver.end_of_input())
-                stream.end_of_input()
+                # The end may still carry content (a final chunk with data): same path.
+                for item in take(unwrap.end_of_input()):
+                    for obj in sse.receive_data(item):
+                        if obj is not DONE:
+                            yield obj
+                sse.end_of_input()
         except aiohttp.ClientError as exc:
-            if gateway_status == 200 and node_status is not None:
+            if unwrap.gateway_status == 200 and node_status is not None:
                 raise TruncatedResponseError(f"connection lost mid-answer: {exc}") from exc
             raise RelayError(f"transport failed: {exc}") from exc
+        except NodeTruncatedError as exc:
+            raise TruncatedResponseError(str(exc)) from exc
         except TruncatedError as exc:
             raise TruncatedResponseError(f"the answer was cut off: {exc}") from exc
-        if gateway_status != 200:
+        if unwrap.gateway_status != 200:
             problem = _problem(bytes(error_body))
-            status = gateway_status or 502
+            status = unwrap.gateway_status or 502
             if status == 401:
                 raise TokenRejectedError(status, problem)
             if status == 503:
                 raise NoCapacityError(status, problem)
             raise GatewayError(status, problem)
-        try:
-            opener.end_of_input()
-        except TruncatedError as exc:
-            raise TruncatedResponseError(
-                "the node's authenticated end of stream never arrived"
-            ) from exc
         if node_status != 200:
             raise NodeError(node_status or 0, bytes(node_body))
         if not streaming:

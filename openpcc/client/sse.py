@@ -11,13 +11,22 @@ DONE = object()
 
 
 class SSEParser:
-    """Feed bytes, get decoded ``data:`` payloads (JSON objects, or DONE for ``[DONE]``)."""
+    """Feed bytes, get decoded ``data:`` payloads (JSON objects, or DONE for ``[DONE]``).
+
+    The sans-IO contract of every decoder here: ``receive_data`` and ``end_of_input``
+    both return the list of what completed.
+    """
 
     def __init__(self, max_event: int = 1 << 20) -> None:
         self._buf = bytearray()
         self._max = max_event
 
-    def feed(self, data: bytes) -> list[Any]:
+    def end_of_input(self) -> list[Any]:
+        """An event cut off before its blank line is not dispatched (WHATWG HTML §9.2.6)."""
+        self._buf.clear()
+        return []
+
+    def receive_data(self, data: bytes) -> list[Any]:
         self._buf += data
         out: list[Any] = []
         while True:

@@ -238,8 +238,11 @@ class _ChunkReceiver:
             self._fail()
             raise
 
-    def end_of_input(self) -> bytes:
-        """The transport ended: open and return the final chunk's plaintext.
+    def end_of_input(self) -> list[bytes]:
+        """The transport ended: open the final chunk; its plaintext, if any, as a list.
+
+        Same contract as ``receive_data`` (and every sans-IO decoder here): a list of what
+        completed, so a caller handles the final chunk's content like any other chunk's.
 
         TruncatedError if the stream stopped anywhere before a final chunk,
         DecryptError if the final chunk does not authenticate (e.g. cut short).
@@ -262,7 +265,7 @@ class _ChunkReceiver:
             self._fail()
             raise
         self._state = _DONE
-        return pt
+        return [pt] if pt else []
 
     close = end_of_input
 

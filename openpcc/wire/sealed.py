@@ -427,8 +427,9 @@ class ResponseOpener:
     """Client side: feed sealed response bytes, get the head then body pieces.
 
     ``receive_data`` returns a list whose first item (once) is a ResponseHead and
-    whose other items are body bytes; ``end_of_input`` raises TruncatedError unless
-    the final chunk arrived.
+    whose other items are body bytes; ``end_of_input`` returns the same (always empty:
+    a sealed chunk is opened as soon as it is whole) or raises TruncatedError unless the
+    final chunk arrived.
     """
 
     def __init__(self, dk: bytes, request_nonce: bytes, context: bytes) -> None:
@@ -484,7 +485,8 @@ class ResponseOpener:
             raise DecodeError("response ended without a head")
         return events
 
-    def end_of_input(self) -> None:
+    def end_of_input(self) -> list[ResponseHead | bytes]:
         if self._cipher is None:
             raise TruncatedError("sealed response ended before its nonce")
         self._reader.check_complete()
+        return []

@@ -129,8 +129,9 @@ class ChunkedCall:
             for pt in receiver.receive_data(chunk):
                 for ev in decoder.receive_data(pt):
                     yield ev
-        for ev in decoder.receive_data(receiver.end_of_input()):
-            yield ev
+        for pt in receiver.end_of_input():  # the final chunk may carry content too
+            for ev in decoder.receive_data(pt):
+                yield ev
         for ev in decoder.end_of_input():
             yield ev
 

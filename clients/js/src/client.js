@@ -4,7 +4,7 @@
 // sealed to them; wrapped with the token in chunked OHTTP; POSTed to the relay; the
 // answer streamed back, each layer opened incrementally, the node's authenticated end of
 // stream required. Runs in browsers and Node >= 20 (fetch, WebCrypto, streams only).
-import { ResponseStreamDecoder, decodeResponse, encodeRequest } from './bhttp.js';
+import { decodeResponse, encodeRequest } from './bhttp.js';
 import { fromHex, randomBytes, te, toHex } from './bytes.js';
 import { loadTrustPolicy, verifyNodeEntry } from './attestation.js';
 import {
@@ -14,6 +14,7 @@ import {
 import { ChunkedRequestSender, MEDIA_TYPE_CHUNKED_REQUEST, MEDIA_TYPE_REQUEST, encapsulateRequest, parseKeyConfigs } from './ohttp.js';
 import { TokenWallet, formatAuthorization, selectTokenKey } from './privacypass.js';
 import { MAX_CANDIDATES, REQUEST_MEDIA_TYPE, sealRequest } from './sealed.js';
+import { NodeTruncatedError, ResponseUnwrapper } from './unwrap.js';
 
 const GATEWAY_AUTHORITY = 'gateway';
 const KEYS_PATH = '/.well-known/ohttp-gateway';
@@ -22,7 +23,9 @@ const KEYS_PATH = '/.well-known/ohttp-gateway';
 export const DONE = Symbol('DONE');
 export class SSEParser {
   constructor() { this.buf = ''; this.dec = new TextDecoder(); }
-  feed(bytes) {
+  /** An event cut off before its blank line is not dispatched (WHATWG HTML 9.2.6). */
+  endOfInput() { this.buf = ''; return []; }
+  receiveData(bytes) {
     this.buf += this.dec.decode(bytes, { stream: true });
     const out = [];
     let i;
@@ -209,28 +212,21 @@ export class OpenPCCClient {
     });
     const sender = await ChunkedRequestSender.create(await this.keyConfig());
     const wire = await sender.sealChunk(outer, true);
-    const receiver = sender.responseReceiver();
-    const stream = new ResponseStreamDecoder();
-    const opener = sreq.responseOpener();
+    const unwrap = new ResponseUnwrapper(sender.responseReceiver(), sreq.responseOpener());
     const sse = new SSEParser();
     const streaming = Boolean(body.stream);
-    let gatewayStatus = null;
     const errorBody = [];
     let nodeStatus = null;
     const nodeBody = [];
     const resp = await this.#post(wire, MEDIA_TYPE_CHUNKED_REQUEST, { Incremental: '?1' });
     if (resp.status !== 200) throw new RelayError(`relay answered ${resp.status}`);
-    const handle = async function* (bhttpEvents) {
-      for (const ev of bhttpEvents) {
-        if (ev.type === 'head') gatewayStatus = ev.status;
-        else if (ev.type === 'data') {
-          if (gatewayStatus !== 200) { errorBody.push(ev.data); continue; }
-          for (const item of await opener.receiveData(ev.data)) {
-            if (item.type === 'head') nodeStatus = item.status;
-            else if (nodeStatus !== 200 || !streaming) nodeBody.push(item.data);
-            else for (const obj of sse.feed(item.data)) if (obj !== DONE) yield obj;
-          }
-        }
+    const handle = function* (events) {
+      for (const ev of events) {
+        if (ev.type === 'node-head') nodeStatus = ev.status;
+        else if (ev.type === 'node-data') {
+          if (nodeStatus !== 200 || !streaming) nodeBody.push(ev.data);
+          else for (const obj of sse.receiveData(ev.data)) if (obj !== DONE) yield obj;
+        } else if (ev.type === 'gateway-body') errorBody.push(ev.data);
       }
     };
     try {
@@ -240,31 +236,27 @@ export class OpenPCCClient {
         try {
           chunk = await reader.read();
         } catch (e) {
-          if (gatewayStatus === 200 && nodeStatus !== null) throw new TruncatedResponseError(`connection lost mid-answer: ${e.message}`);
+          if (unwrap.gatewayStatus === 200 && nodeStatus !== null) throw new TruncatedResponseError(`connection lost mid-answer: ${e.message}`);
           throw new RelayError(`transport failed: ${e.message}`);
         }
         if (chunk.done) break;
-        for (const plain of await receiver.receiveData(chunk.value)) yield* handle(stream.receiveData(plain));
+        yield* handle(await unwrap.receiveData(chunk.value));
       }
-      yield* handle(stream.receiveData(await receiver.endOfInput()));
-      stream.endOfInput();
+      // The end may still carry content (a final chunk with data): same path.
+      yield* handle(await unwrap.endOfInput());
+      sse.endOfInput();
     } catch (e) {
+      if (e instanceof NodeTruncatedError) throw new TruncatedResponseError(e.message);
       if (e instanceof TruncatedError) throw new TruncatedResponseError(`the answer was cut off: ${e.message}`);
       throw e;
     }
-    if (gatewayStatus !== 200) {
+    if (unwrap.gatewayStatus !== 200) {
       const concatAll = (xs) => { const n = xs.reduce((a, x) => a + x.length, 0); const o = new Uint8Array(n); let p = 0; for (const x of xs) { o.set(x, p); p += x.length; } return o; };
       const problem = problemOf(concatAll(errorBody));
-      const status = gatewayStatus ?? 502;
+      const status = unwrap.gatewayStatus ?? 502;
       if (status === 401) throw new TokenRejectedError(status, problem);
       if (status === 503) throw new NoCapacityError(status, problem);
       throw new GatewayError(status, problem);
-    }
-    try {
-      opener.endOfInput();
-    } catch (e) {
-      if (e instanceof TruncatedError) throw new TruncatedResponseError("the node's authenticated end of stream never arrived");
-      throw e;
     }
     const bodyBytes = new Uint8Array(nodeBody.reduce((a, x) => a + x.length, 0));
     { let p = 0; for (const x of nodeBody) { bodyBytes.set(x, p); p += x.length; } }

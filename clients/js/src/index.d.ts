@@ -159,7 +159,7 @@ export class ResponseOpener {
   constructor(dataKey: Uint8Array, requestNonce: Uint8Array, context: Uint8Array);
   readonly complete: boolean;
   receiveData(data: Uint8Array): Promise<SealedEvent[]>;
-  endOfInput(): void;
+  endOfInput(): SealedEvent[];
 }
 export function keyIdFor(publicKey: Uint8Array): Promise<Uint8Array>;
 
@@ -213,10 +213,22 @@ export class ChunkedRequestSender {
 }
 export class ChunkedResponseReceiver {
   receiveData(data: Uint8Array): Promise<Uint8Array[]>;
-  endOfInput(): Promise<Uint8Array>;
+  endOfInput(): Promise<Uint8Array[]>;
+}
+export type UnwrapEvent =
+  | { type: 'gateway-head'; status: number }
+  | { type: 'gateway-body'; data: Uint8Array }
+  | { type: 'node-head'; status: number; headers: Field[] }
+  | { type: 'node-data'; data: Uint8Array };
+export class ResponseUnwrapper {
+  constructor(receiver: ChunkedResponseReceiver, opener: ResponseOpener);
+  readonly gatewayStatus: number | null;
+  receiveData(data: Uint8Array): Promise<UnwrapEvent[]>;
+  endOfInput(): Promise<UnwrapEvent[]>;
 }
 
 export class SSEParser {
-  feed(bytes: Uint8Array): Array<Record<string, unknown> | typeof DONE>;
+  receiveData(bytes: Uint8Array): Array<Record<string, unknown> | typeof DONE>;
+  endOfInput(): Array<Record<string, unknown> | typeof DONE>;
 }
 export const DONE: unique symbol;

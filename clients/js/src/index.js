@@ -5,4 +5,5 @@ export { loadTrustPolicy, TrustPolicy, verifyNodeEntry, verifySnp, parseSnpRepor
 export { sealRequest, ResponseOpener, keyIdFor } from './sealed.js';
 export { encodeRequest, decodeRequest, decodeResponse, ResponseStreamDecoder } from './bhttp.js';
 export { parseKeyConfigs, encapsulateRequest, ChunkedRequestSender, ChunkedResponseReceiver } from './ohttp.js';
+export { ResponseUnwrapper, NodeTruncatedError } from './unwrap.js';
 export * from './errors.js';

@@ -112,7 +112,8 @@ export class ChunkedRequestSender {
   responseReceiver(opts) { return new ChunkedResponseReceiver(this.ctx, this.enc, opts); }
 }
 
-/** Chunked OHTTP response receiver: receiveData -> plaintext chunks; endOfInput -> final. */
+/** Chunked OHTTP response receiver: receiveData and endOfInput both -> the plaintext of every
+ *  chunk that completed (endOfInput: the final chunk's, when it has any). */
 export class ChunkedResponseReceiver {
   constructor(ctx, enc, { maxChunkSize = MAX_CHUNK_SIZE } = {}) {
     this.ctx = ctx;
@@ -182,7 +183,7 @@ export class ChunkedResponseReceiver {
     try {
       const pt = await this.#open(this.finalBuf, FINAL_AAD);
       this.done = true;
-      return pt;
+      return pt.length ? [pt] : [];
     } catch (e) {
       this.failed = true;
       throw e instanceof DecryptError ? e : e;

@@ -170,5 +170,6 @@ export class ResponseOpener {
   endOfInput() {
     if (!this.cipher) throw new TruncatedError('sealed response ended before its nonce');
     if (!this.reader.finalSeen) throw new TruncatedError('sealed stream ended before its final chunk');
+    return [];
   }
 }

@@ -1,0 +1,330 @@
+"""One serve loop for every party, and the connection hygiene that comes with it.
+
+aiohttp alone keeps a connection that never finishes its request head for its keep-alive
+timeout (about an hour), puts no deadline or minimum rate on a request body, and lets
+one address open as many connections as it likes: a handful of slow or idle sockets can
+hold a service's slots or file descriptors. nginx's twin has ``client_header_timeout``,
+``keepalive_timeout``, ``client_body_timeout`` and ``limit_conn``; this module gives every
+party the same, with flags and ``OPENPCC_<PARTY>_*`` variables (``add_connection_args``):
+
+- request head (line and headers) complete within ``head_timeout`` of the connection's
+  start or of its first byte after an answer, else the connection is closed;
+- an idle keep-alive connection is closed after ``keepalive_timeout``;
+- a request body must arrive within ``body_timeout`` and, after ``body_grace``, at no
+  less than ``body_min_rate`` bytes/s on average, else its reader gets
+  ``BodyTooSlowError`` (a ``TimeoutError``, so the parties' existing read-timeout paths
+  answer 408) and the guard answers 408 if the handler did not;
+- at most ``max_per_client`` open connections per client address (0: no cap), for the
+  relay, the one party whose peer address is a client's.
+
+``serve`` runs listeners until SIGINT/SIGTERM, then closes them, lets in-flight requests
+finish for ``shutdown_timeout`` seconds, and runs ``on_stop``. The hygiene lives in the
+accept path and one middleware; nothing is added to the handlers' hot loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from openpcc.service.http import problem
+
+
+class BodyTooSlowError(TimeoutError):
+    """The request body missed its total deadline or its minimum rate."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    head_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 300.0
+    body_min_rate: float = 1024.0
+    body_grace: float = 10.0
+    max_per_client: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("head_timeout", "keepalive_timeout", "body_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive")
+        if self.body_min_rate < 0 or self.body_grace < 0:
+            raise ValueError("body-min-rate and body-grace must be >= 0")
+        if self.max_per_client < 0:
+            raise ValueError("max-per-client must be >= 0 (0: no cap)")
+
+
+def add_connection_args(
+    parser: argparse.ArgumentParser, env_prefix: str, *, max_per_client: int = 0
+) -> None:
+    """The hygiene flags, each with its ``<env_prefix><FLAG>`` variable (flags win)."""
+    d = ConnectionLimits(max_per_client=max_per_client)
+    env = os.environ.get
+
+    def add(flag: str, kind: type, default: float, text: str) -> None:
+        var = env_prefix + flag.upper().replace("-", "_")
+        parser.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=kind(env(var, default)),
+            help=f"{text} (env {var})",
+        )
+
+    add("head-timeout", float, d.head_timeout, "seconds a request head may take to arrive")
+    add("keepalive-timeout", float, d.keepalive_timeout, "seconds an idle connection is kept")
+    add("body-timeout", float, d.body_timeout, "seconds a whole request body may take")
+    add("body-min-rate", float, d.body_min_rate, "bytes/s a request body must average")
+    add("body-grace", float, d.body_grace, "seconds before the body rate is enforced")
+    add(
+        "max-per-client",
+        int,
+        d.max_per_client,
+        "open connections per client address (0: no cap)",
+    )
+
+
+def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    return ConnectionLimits(
+        head_timeout=args.head_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        body_timeout=args.body_timeout,
+        body_min_rate=args.body_min_rate,
+        body_grace=args.body_grace,
+        max_per_client=args.max_per_client,
+    )
+
+
+@dataclass(frozen=True)
+class Listener:
+    app: web.Application
+    host: str
+    port: int
+    name: str = "public"
+
+
+# ------------------------------------------------------------------ accept path
+
+
+class _Guard:
+    """Shared by every connection of one listener: the limits and per-address counts."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.per_client: Counter[str] = Counter()
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's connection handler plus the request-head deadline and address cap."""
+
+    def __init__(self, guard: _Guard, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+        self._peer: str | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        guard = self._guard
+        cap = guard.limits.max_per_client
+        if cap:
+            peer = transport.get_extra_info("peername")
+            address = peer[0] if isinstance(peer, tuple) and peer else None
+            if address is not None:
+                if guard.per_client[address] >= cap:
+                    self.force_close()
+                    return
+                guard.per_client[address] += 1
+                self._peer = address
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        if self._peer is not None:
+            counts = self._guard.per_client
+            counts[self._peer] -= 1
+            if counts[self._peer] <= 0:
+                del counts[self._peer]
+            self._peer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._cancel_head_timer()  # a whole head arrived
+        elif self._head_timer is None and not self._request_in_progress and not self._messages:
+            self._arm_head_timer()  # the first bytes of the next head on a kept connection
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(
+            self._guard.limits.head_timeout, self._head_expired
+        )
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self._request_in_progress and not self._messages:
+            self.force_close()
+
+
+class _GuardedSite(web.TCPSite):
+    """A TCP site whose connections get ``_GuardedHandler``.
+
+    aiohttp builds its handlers in ``web.Server.__call__`` from private fields; the
+    factory below does the same with the guarded class (tests/test_service_kit.py fails
+    if an aiohttp release changes that).
+    """
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: _Guard) -> None:
+        super().__init__(runner, host, port)
+        self._guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        guard = self._guard
+
+        def factory() -> _GuardedHandler:
+            return _GuardedHandler(guard, server, loop=server._loop, **server._kwargs)
+
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, self._host, self._port, reuse_address=True
+        )
+
+
+# ------------------------------------------------------------------ request bodies
+
+
+def body_guard(limits: ConnectionLimits) -> Any:
+    """Middleware: a body still arriving gets a watchdog (one timer a second, only while
+    it arrives); a body that is too slow ends its reads with BodyTooSlowError."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        content = request.content
+        if not request.body_exists or content.at_eof():
+            return await handler(request)
+        watch = _BodyWatch(content, limits)
+        try:
+            return await handler(request)
+        except BodyTooSlowError as exc:
+            return problem(408, "Request Timeout", str(exc))
+        finally:
+            watch.cancel()
+
+    return guard
+
+
+class _BodyWatch:
+    def __init__(self, content: Any, limits: ConnectionLimits) -> None:
+        self._content = content
+        self._limits = limits
+        self._loop = asyncio.get_running_loop()
+        self._start = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(1.0, self._check)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        content, limits = self._content, self._limits
+        if content.at_eof() or content.exception() is not None:
+            return
+        elapsed = self._loop.time() - self._start
+        if elapsed >= limits.body_timeout:
+            why = f"request body not complete after {limits.body_timeout:g} s"
+        elif elapsed >= limits.body_grace and content.total_bytes < limits.body_min_rate * elapsed:
+            why = f"request body slower than {limits.body_min_rate:g} bytes/s"
+        else:
+            self._timer = self._loop.call_later(1.0, self._check)
+            return
+        content.set_exception(BodyTooSlowError(why))
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def serve(
+    listeners: Sequence[Listener],
+    *,
+    limits: ConnectionLimits,
+    shutdown_timeout: float = 30.0,
+    use_uvloop: bool = False,
+    on_start: Callable[[], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    ready: Callable[[], None] | None = None,
+    exit_code: Callable[[], int] | None = None,
+    **runner_kwargs: Any,
+) -> int:
+    """Run ``listeners`` until SIGINT/SIGTERM; the exit status is ``exit_code()`` or 0.
+
+    ``runner_kwargs`` go to every ``web.AppRunner`` (``access_log``, ``handler_cancellation``
+    ...); ``access_log`` defaults to None: no party keeps a per-request record by default.
+    """
+    main = _serve(listeners, limits, shutdown_timeout, on_start, on_stop, ready, runner_kwargs)
+    if use_uvloop:
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+    return exit_code() if exit_code is not None else 0
+
+
+async def _serve(
+    listeners: Sequence[Listener],
+    limits: ConnectionLimits,
+    shutdown_timeout: float,
+    on_start: Callable[[], Awaitable[None]] | None,
+    on_stop: Callable[[], Awaitable[None]] | None,
+    ready: Callable[[], None] | None,
+    runner_kwargs: dict[str, Any],
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    kwargs = {"access_log": None, **runner_kwargs}
+    runners: list[web.AppRunner] = []
+    try:
+        if on_start is not None:
+            await on_start()
+        for listener in listeners:
+            listener.app.middlewares.insert(0, body_guard(limits))
+            runner = web.AppRunner(
+                listener.app,
+                handle_signals=False,
+                keepalive_timeout=limits.keepalive_timeout,
+                shutdown_timeout=shutdown_timeout,
+                **kwargs,
+            )
+            await runner.setup()
+            runners.append(runner)
+            await _GuardedSite(runner, listener.host, listener.port, _Guard(limits)).start()
+        if ready is not None:
+            ready()
+        await stop.wait()
+    finally:
+        # Drain: close the listeners, let in-flight streams finish (up to
+        # shutdown_timeout), and only then stop what the handlers use.
+        await asyncio.gather(*(r.cleanup() for r in runners))
+        if on_stop is not None:
+            await on_stop()

@@ -1,0 +1,218 @@
+"""The service kit's connection hygiene, on all four parties as real processes.
+
+One local stack (fake engine) runs with short limits set through each party's
+``OPENPCC_<PARTY>_*`` variables. For every party: idle sockets and half-sent request heads
+are closed after the head timeout while a normal request is answered at once; a request
+body trickled below the minimum rate gets 408 (or its connection closed) soon after the
+grace period. The relay also caps open connections per client address, and a client at
+another address is still served. Timing asserts have at least 5x headroom.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from openpcc.local import LocalStack, start_local_stack
+from openpcc.service.serve import ConnectionLimits
+from openpcc.wire import ohttp, sealed
+from openpcc.wire.chunked import ChunkedRequestSender
+from tests.conftest import FAKE_MODEL
+
+HEAD_TIMEOUT = 1.0
+BODY_GRACE = 1.0
+MAX_PER_CLIENT = 6
+PARTY_ENV = {
+    "relay": "OPENPCC_RELAY_",
+    "gateway": "OPENPCC_GATEWAY_",
+    "issuer": "OPENPCC_ISSUER_",
+    "node": "OPENPCC_NODE_",
+}
+# A body-reading route of each party, with what makes it read the body.
+BODY_ROUTE = {
+    "relay": ("/", {"Content-Type": "message/ohttp-chunked-req"}),
+    "gateway": ("/gateway", {"Content-Type": "message/ohttp-chunked-req"}),
+    "issuer": ("/token-request", {"Content-Type": "application/private-token-request"}),
+    "node": ("/v1/sealed", {"Content-Type": sealed.REQUEST_MEDIA_TYPE}),
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, fake_engine: str) -> Iterator[LocalStack]:
+    mp = pytest.MonkeyPatch()
+    for prefix in PARTY_ENV.values():
+        mp.setenv(prefix + "HEAD_TIMEOUT", str(HEAD_TIMEOUT))
+        mp.setenv(prefix + "BODY_GRACE", str(BODY_GRACE))
+        mp.setenv(prefix + "BODY_MIN_RATE", "1000")
+        mp.setenv(prefix + "KEEPALIVE_TIMEOUT", "30")
+    mp.setenv("OPENPCC_RELAY_MAX_PER_CLIENT", str(MAX_PER_CLIENT))
+    state = tmp_path_factory.mktemp("kit")
+    try:
+        s = start_local_stack(
+            state, engine_url=fake_engine, model_name=FAKE_MODEL, log=lambda *_: None
+        )
+    finally:
+        mp.undo()
+    yield s
+    s.procs.stop()
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _healthy(url: str) -> bool:
+    with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+        return r.status == 200
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the peer closed (EOF or reset), or None if it stayed open."""
+    t0 = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return time.monotonic() - t0
+    except (ConnectionResetError, BrokenPipeError):
+        return time.monotonic() - t0
+    except TimeoutError:
+        return None
+
+
+def _party_url(stack: LocalStack, party: str) -> str:
+    return stack.urls[party]
+
+
+@pytest.mark.parametrize("party", list(PARTY_ENV))
+def test_idle_and_half_sent_heads_are_closed_and_others_served(
+    stack: LocalStack, party: str
+) -> None:
+    url = _party_url(stack, party)
+    idle, partial = [], []
+    try:
+        for _ in range(2):  # 4 sockets: under the relay's per-address cap
+            idle.append(socket.create_connection(_address(url)))
+            s = socket.create_connection(_address(url))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            partial.append(s)
+        assert _healthy(url)  # served while the slow sockets are open
+        for s in idle + partial:
+            took = _closed_within(s, 10 * HEAD_TIMEOUT)
+            assert took is not None, f"{party} kept a socket without a whole request head"
+        assert _healthy(url)
+    finally:
+        for s in idle + partial:
+            s.close()
+
+
+@pytest.mark.parametrize("party", list(PARTY_ENV))
+def test_a_trickled_body_is_cut_off(stack: LocalStack, party: str) -> None:
+    url = _party_url(stack, party)
+    path, headers = BODY_ROUTE[party]
+    if party == "issuer":
+        key = (stack.state / "demo-api-key").read_text().strip()
+        headers = {**headers, "Authorization": f"Bearer {key}"}
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    start = b""
+    if party in ("relay", "gateway"):
+        # A real chunked-OHTTP prefix, then zero bytes (the final chunk's content until
+        # the end), so the gateway keeps reading instead of refusing the first bytes.
+        with urllib.request.urlopen(url + "/.well-known/ohttp-gateway", timeout=5) as r:
+            config = ohttp.parse_key_configs(r.read())[0]
+        start = ChunkedRequestSender(config).header() + b"\x00"
+    with socket.create_connection(_address(url)) as s:
+        s.sendall(head.encode() + start)
+        s.settimeout(0.2)
+        t0 = time.monotonic()
+        answer = b""
+        while time.monotonic() - t0 < 10 * (BODY_GRACE + 1):
+            try:
+                s.sendall(b"\x00" * 4)  # 20 bytes/s, far below 1000
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+                if b"\r\n\r\n" in answer:
+                    break
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                break
+        took = time.monotonic() - t0
+    assert took < 10 * (BODY_GRACE + 1), f"{party} kept reading a trickled body"
+    if answer:
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert _healthy(url)
+
+
+def test_relay_caps_connections_per_client_address(stack: LocalStack) -> None:
+    url = stack.urls["relay"]
+    host, port = _address(url)
+    held = [socket.create_connection((host, port)) for _ in range(MAX_PER_CLIENT)]
+    try:
+        time.sleep(0.2)
+        extra = socket.create_connection((host, port))
+        with extra:
+            assert _closed_within(extra, 5) is not None, "the cap let one more connection in"
+        # Another client address is not affected by this one's connections.
+        other = socket.create_connection((host, port), source_address=("127.0.0.2", 0))
+        with other:
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            other.settimeout(5)
+            assert other.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the slots come back once the sockets close
+        try:
+            if _healthy(url):
+                break
+        except OSError:
+            time.sleep(0.1)
+    assert _healthy(url)
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="head-timeout must be positive"):
+        ConnectionLimits(head_timeout=0)
+    with pytest.raises(ValueError, match="max-per-client"):
+        ConnectionLimits(max_per_client=-1)
+
+
+def test_every_party_takes_the_hygiene_flags(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for group in ("relay", "gateway", "issuer", "node"):
+        out = subprocess.run(
+            [sys.executable, "-m", "openpcc.cli", group, "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        for flag in ("--head-timeout", "--keepalive-timeout", "--body-timeout",
+                     "--body-min-rate", "--max-per-client"):  # fmt: skip
+            assert flag in out.stdout, (group, flag)
+        assert f"{PARTY_ENV[group]}HEAD_TIMEOUT" in out.stdout.replace("\n", "").replace(" ", "")
+
+
+def test_units_raise_the_descriptor_limit() -> None:
+    """Open connections cost descriptors: the units lift systemd's 1024 soft default."""
+    from tests.conftest import ROOT
+
+    for party in ("relay", "gateway", "issuer", "node"):
+        unit = (ROOT / "infra" / "systemd" / f"openpcc-{party}.service").read_text()
+        values = [int(line.split("=", 1)[1]) for line in unit.splitlines()
+                  if line.startswith("LimitNOFILE=")]  # fmt: skip
+        assert values and values[0] >= 65536, party
