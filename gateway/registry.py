@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from openpcc.bodies import read_at_most
+from openpcc.errors import DecodeError
 from openpcc.wire import sealed
 
 log = logging.getLogger("openpcc.gateway")
@@ -39,7 +40,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 FIELDS = frozenset({"node_id", "url", "public_key", "models", "bundle"})
 
 
-class RegistrationError(ValueError):
+class RegistrationError(DecodeError):
     """A registration body that does not meet the contract (answered 400)."""
 
 

@@ -33,6 +33,7 @@ from openpcc.engine_models import (
     not_listed_line,
     parse_model_list,
 )
+from openpcc.errors import OpenPCCError
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ _DEFAULT_ENV = {
 }
 
 
-class EngineError(RuntimeError):
+class EngineError(OpenPCCError, RuntimeError):
     """The engine could not be started, or gave up restarting."""
+
+    status_hint = 503
 
 
 class Engine(Protocol):

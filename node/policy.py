@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from openpcc.errors import OpenPCCError
 from openpcc.wire import bhttp
 
 CHAT_PATH = "/v1/chat/completions"
@@ -58,7 +59,7 @@ class RequestLimits:
     max_text_chars: int = 128 * 1024  # total characters of prompt / message content
 
 
-class Rejected(Exception):
+class Rejected(OpenPCCError):
     """The inner request is not allowed; ``status``/``title`` go into the sealed answer.
 
     ``title`` is generic and fixed per reason class (never the offending value), so
@@ -67,7 +68,7 @@ class Rejected(Exception):
 
     def __init__(self, status: int, title: str) -> None:
         super().__init__(title)
-        self.status = status
+        self.status = self.status_hint = status
         self.title = title
 
 

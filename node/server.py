@@ -33,7 +33,7 @@ from openpcc.attestation.claims import Claims
 from openpcc.errors import OpenPCCError
 from openpcc.service.http import Metrics, problem
 from openpcc.service.serve import ConnectionLimits, Listener, serve
-from openpcc.stagetrace import StageTrace
+from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, hpke, sealed
 
 log = logging.getLogger("openpcc.node")

@@ -16,7 +16,11 @@ from openpcc import __version__
 
 # (module, group) pairs; a module missing its optional extras is reported, not fatal.
 PARTY_COMMANDS: tuple[str, ...] = ("tokens.cli", "relay.cli", "gateway.cli", "node.cli")
-CORE_COMMANDS: tuple[str, ...] = ("openpcc.local", "openpcc.attestation.cli", "openpcc.proxy_cli")
+CORE_COMMANDS: tuple[str, ...] = (
+    "openpcc.devstack.local",
+    "openpcc.attestation.cli",
+    "openpcc.proxy_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 Parsers and protocol state machines raise only these, so a service can map any
 failure on hostile input to a typed, user-actionable error (and an HTTP status)
-without catching bare ``Exception``.
+without catching bare ``Exception``. Each type carries its one ``status_hint`` (as h11's
+``error_status_hint``): the HTTP status a service answers when this error ends a request,
+set once per type, never per call site (``openpcc.service.http.problem_for``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from __future__ import annotations
 class OpenPCCError(Exception):
     """Base class of every error the core raises on purpose."""
 
+    status_hint: int = 500
+
 
 class DecodeError(OpenPCCError, ValueError):
     """Bytes or text do not form a valid message of the expected format."""
+
+    status_hint = 400
 
 
 class TruncatedError(DecodeError):
@@ -22,6 +28,8 @@ class TruncatedError(DecodeError):
 
 class LimitExceededError(DecodeError):
     """Input is well-formed so far but exceeds a configured size or count limit."""
+
+    status_hint = 413
 
 
 class UnsupportedError(DecodeError):
@@ -39,6 +47,14 @@ class StateError(OpenPCCError):
 class DecryptError(OpenPCCError):
     """Authenticated decryption failed: wrong key, tampered or reordered ciphertext."""
 
+    status_hint = 400
+
 
 class VerificationError(OpenPCCError):
     """A signature, token or attestation did not verify."""
+
+    status_hint = 403
+
+
+class KeyStoreError(OpenPCCError):
+    """A party's key folder is unreadable, malformed or full (issuer and gateway)."""

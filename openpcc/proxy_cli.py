@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from openpcc.local import CLIENT_CONFIG, DEFAULT_STATE, wait_arg, wait_for_config
+from openpcc.client.profile import default_profile, wait_arg, wait_for_config
 
 DEFAULT_PORT = 8080
 
@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        default=Path(env("OPENPCC_CLIENT_CONFIG", str(DEFAULT_STATE / CLIENT_CONFIG))),
+        default=default_profile(),
         help="client profile written by `openpcc up` (env OPENPCC_CLIENT_CONFIG)",
     )
     p.add_argument(

@@ -17,43 +17,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from openpcc.service.stagetrace import StageTrace
 from relay.config import Gateway, RelayConfig
 from relay.ratelimit import RateLimiter
 from relay.upstream import Client, Endpoint, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-
-STAGE_TRACE_ENV = "OPENPCC_STAGE_TRACE"
-
-
-class _StageTrace:
-    """Benchmark-only stage durations (the format of openpcc/stagetrace.py, kept here so
-    the relay imports nothing from the rest of the project). Off unless the variable
-    names a directory; lines hold a stage name and a duration, nothing about a client."""
-
-    def __init__(self) -> None:
-        where = os.environ.get(STAGE_TRACE_ENV)
-        self._fh = (
-            open(  # noqa: SIM115 - lives as long as the process
-                os.path.join(where, f"relay-{os.getpid()}.tsv"), "a", buffering=1, encoding="ascii"
-            )
-            if where
-            else None
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self._fh is not None
-
-    def record(self, stage: str, seconds: float) -> None:
-        if self._fh is not None:
-            self._fh.write(f"{stage}\t{seconds:.9f}\n")
-
 
 log = logging.getLogger("openpcc.relay")
 
@@ -221,7 +194,7 @@ class Relay:
         self._keys: dict[str, _CachedKeys] = {}
         self._keys_locks = {g.keys_url: asyncio.Lock() for g in config.gateways}
         self.saw_body: Callable[[web.Request, bytes], None] | None = None  # audit (tests)
-        self.trace = _StageTrace()
+        self.trace = StageTrace("relay")
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:

@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit
 
+from openpcc.errors import OpenPCCError
+
 MAX_HEAD = 16 * 1024  # largest response head, status line and headers (nginx: 4-8 KiB)
 MAX_LINE = 4096  # largest chunk-size or trailer line
 HIGH_WATER = 256 * 1024  # response bytes buffered before the gateway is no longer read
@@ -44,8 +46,10 @@ _RESPONSE_HEAD = re.compile(
 )
 
 
-class UpstreamError(Exception):
+class UpstreamError(OpenPCCError):
     """The gateway broke, garbled or cut the exchange (502)."""
+
+    status_hint = 502
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -54,6 +58,8 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """The gateway did not connect, or stayed silent, for longer than allowed (504)."""
+
+    status_hint = 504
 
 
 # Where the parser is in the current response.

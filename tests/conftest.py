@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from openpcc.stack import free_port as stack_free_port
+from openpcc.devstack.processes import free_port as stack_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
@@ -21,7 +21,7 @@ INTEROP = ROOT / "tests" / "interop"
 
 
 # Test workers side by side (pytest-xdist, `-n`): each takes its own residue class of
-# loopback ports (openpcc.stack.free_port), and so do the processes it starts.
+# loopback ports (openpcc.devstack.processes.free_port), and so do the processes it starts.
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     os.environ["OPENPCC_PORT_PARTITION"] = (
         f"{int(os.environ['PYTEST_XDIST_WORKER'][2:])}/"

@@ -162,7 +162,7 @@ class Stack:
     def release(self, gateway: str, issuer: str) -> tuple[Path, Path]:
         """Sign a release manifest trusting the simulated TEE and these parties' keys."""
         from openpcc.attestation.simulated import SimulatedTEE
-        from openpcc.local import _publish_release
+        from openpcc.devstack.local import _publish_release
 
         tee_dir = self.dir / "tee"
         tee = SimulatedTEE.load(tee_dir)
@@ -192,7 +192,7 @@ class Stack:
 
 async def chat(config: Path, prompt: str, **params: Any) -> str:
     """One streamed private chat through the relay named in ``config``; the answer text."""
-    from openpcc.local import client_from_config
+    from openpcc.client.profile import client_from_config
 
     client, wallet, model, _ = client_from_config(config)
     try:

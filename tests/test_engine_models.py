@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from openpcc.devstack.local import CLIENT_CONFIG, start_local_stack
+from openpcc.devstack.processes import Processes, free_port, openpcc_cmd
 from openpcc.engine_models import (
     REPORT_EVERY,
     AmbiguousModelError,
@@ -26,8 +28,6 @@ from openpcc.engine_models import (
     list_models,
     parse_model_list,
 )
-from openpcc.local import CLIENT_CONFIG, start_local_stack
-from openpcc.stack import Processes, free_port, openpcc_cmd
 from tests.node_support.procs import http_json, start_engine, start_node, wait_until
 
 URL = "http://127.0.0.1:9"

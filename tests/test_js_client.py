@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from openpcc.audit import read_audit
-from openpcc.local import LocalStack, start_local_stack
-from openpcc.stack import free_port
+from openpcc.devstack.local import LocalStack, start_local_stack
+from openpcc.devstack.processes import free_port
 from tests.conftest import FAKE_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ import pytest
 
 from bench.fake_stack import FakeStack, fake_stack
 from openpcc.client.errors import TokenRejectedError
-from openpcc.demo_views import tokens_seen
-from openpcc.local import client_from_config
+from openpcc.client.profile import client_from_config
+from openpcc.devstack.views import tokens_seen
 
 CLIENT_ADDR = "127.0.0.2"
 PROMPT = f"my unique secret prompt {os.urandom(6).hex()}"

@@ -25,7 +25,7 @@ from openpcc.client.openai_transport import (
     frontend_from_config,
     http_client,
 )
-from openpcc.local import LocalStack
+from openpcc.devstack.local import LocalStack
 from tests import test_proxy
 from tests.test_proxy import ANSWER, MODEL, WORDS, release
 
@@ -46,7 +46,10 @@ async def oai(stack: LocalStack, httpx_mod: ModuleType) -> AsyncIterator[openai.
     frontend = frontend_from_config(stack.config_path)
     http = httpx_mod.AsyncClient(transport=OpenPCCTransport(frontend))
     client = openai.AsyncOpenAI(
-        base_url="http://openpcc.local/v1", api_key="unused", http_client=http, max_retries=0
+        base_url="http://openpcc.local/v1",
+        api_key="unused",
+        http_client=http,
+        max_retries=0,
     )
     yield client
     await client.close()

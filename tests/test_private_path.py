@@ -23,9 +23,10 @@ import pytest
 from openpcc.attestation.simulated import SimulatedTEE
 from openpcc.audit import read_audit
 from openpcc.client.errors import TokenRejectedError, TruncatedResponseError
-from openpcc.demo_views import ALLOWED, party_views
-from openpcc.local import DEMO_ACCOUNT, LocalStack, client_from_config, start_local_stack
-from openpcc.stack import free_port
+from openpcc.client.profile import client_from_config
+from openpcc.devstack.local import DEMO_ACCOUNT, LocalStack, start_local_stack
+from openpcc.devstack.processes import free_port
+from openpcc.devstack.views import ALLOWED, party_views
 from tests.conftest import FAKE_MODEL
 
 CLIENT_ADDR = "127.0.0.2"

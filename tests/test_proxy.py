@@ -18,8 +18,8 @@ import aiohttp
 import openai
 import pytest
 
-from openpcc.local import LocalStack, start_local_stack
-from openpcc.stack import Processes, free_port, run_cli
+from openpcc.devstack.local import LocalStack, start_local_stack
+from openpcc.devstack.processes import Processes, free_port, run_cli
 from tests.conftest import FAKE_MODEL
 
 MODEL = FAKE_MODEL

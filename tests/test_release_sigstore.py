@@ -39,16 +39,17 @@ from openpcc.attestation.policy import (
     Manifest,
     SignedManifest,
     TrustPolicy,
-    policy_from_client_config,
 )
 from openpcc.attestation.sigstore_manifest import (
     OfflineTrustRoot,
     SignerIdentity,
     SigstoreUnavailableError,
     SigstoreVerificationError,
+    policy_from_sigstore,
     verify_blob,
     verify_manifest,
 )
+from openpcc.client.profile import policy_from_client_config
 from openpcc.errors import DecodeError, VerificationError
 from tests.conftest import ROOT, require_module
 from tests.test_attestation_cli import openpcc  # the CLI as a subprocess, JSON out
@@ -308,7 +309,7 @@ def test_missing_extra_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(SigstoreUnavailableError, match=r"openpcc\[sigstore\]"):
         verify_blob(artifact, bundle, PROD, PROD_ROOT, now=NOW)
     with pytest.raises(SigstoreUnavailableError):
-        TrustPolicy.from_sigstore(
+        policy_from_sigstore(
             artifact,
             bundle,
             identity=PROD.identity,
@@ -699,7 +700,7 @@ def test_private_instance_manifest_end_to_end(
     assert got.policy.key_id == "sigstore:release@openpcc.test"
     assert got.policy.accepts_model("openpcc-2026.6.0", bytes.fromhex("11" * 32))
     assert got.policy.snp_policy("openpcc-2026.6.0").measurements == {bytes.fromhex("22" * 48)}
-    again = TrustPolicy.from_sigstore(
+    again = policy_from_sigstore(
         manifest,
         bundle,
         identity=SIGNER.identity,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from openpcc.local import LocalStack, start_local_stack
+from openpcc.devstack.local import LocalStack, start_local_stack
 from openpcc.service.serve import ConnectionLimits
 from openpcc.wire import ohttp, sealed
 from openpcc.wire.chunked import ChunkedRequestSender
@@ -216,3 +216,44 @@ def test_units_raise_the_descriptor_limit() -> None:
         values = [int(line.split("=", 1)[1]) for line in unit.splitlines()
                   if line.startswith("LimitNOFILE=")]  # fmt: skip
         assert values and values[0] >= 65536, party
+
+
+def test_one_status_per_error_type() -> None:
+    """As h11's error_status_hint: the status lives on the type, problem_for uses it."""
+    import json as _json
+
+    from openpcc import errors
+    from openpcc.service.http import problem_for
+
+    hints = {
+        errors.OpenPCCError: 500,
+        errors.DecodeError: 400,
+        errors.TruncatedError: 400,
+        errors.LimitExceededError: 413,
+        errors.DecryptError: 400,
+        errors.VerificationError: 403,
+        errors.KeyStoreError: 500,
+    }
+    for cls, status in hints.items():
+        assert cls.status_hint == status, cls
+    resp = problem_for(errors.LimitExceededError("secret input"), "at most 10 bytes")
+    assert resp.status == 413 and resp.content_type == "application/problem+json"
+    assert resp.body is not None
+    doc = _json.loads(bytes(resp.body))  # type: ignore[arg-type]
+    assert doc == {"type": "about:blank", "title": "Content Too Large", "status": 413,
+                   "detail": "at most 10 bytes"}  # fmt: skip
+    assert b"secret" not in bytes(resp.body)  # type: ignore[arg-type]
+
+
+def test_every_service_error_is_an_openpcc_error() -> None:
+    from gateway.nodestore import RegistryFullError
+    from gateway.registry import RegistrationError
+    from node.engine import EngineError
+    from node.policy import Rejected
+    from openpcc.errors import OpenPCCError
+    from relay.upstream import UpstreamError, UpstreamTimeout
+
+    for cls in (RegistrationError, RegistryFullError, EngineError, Rejected, UpstreamError):
+        assert issubclass(cls, OpenPCCError), cls
+    assert RegistryFullError.status_hint == 503 and UpstreamTimeout.status_hint == 504
+    assert Rejected(404, "Not Found").status_hint == 404

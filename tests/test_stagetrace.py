@@ -1,4 +1,4 @@
-"""Stage durations the parties record for the benchmarks (openpcc/stagetrace.py).
+"""Stage durations the parties record for the benchmarks (openpcc/service/stagetrace.py).
 
 Against a real local stack (separate processes, fake engine): with the variable set,
 every party writes the stages the benchmark's split needs, the files hold nothing but
@@ -16,8 +16,8 @@ import pytest
 
 from bench.bench_private_path import stage_split
 from bench.fake_stack import MODEL, fake_stack
-from openpcc.local import client_from_config
-from openpcc.stagetrace import ENV, StageTrace, TraceReader
+from openpcc.client.profile import client_from_config
+from openpcc.service.stagetrace import ENV, StageTrace, TraceReader
 
 PROMPT = f"stage trace prompt {os.urandom(6).hex()}"
 LINE = re.compile(rb"^[a-z_]+\t\d+\.\d{9}$")

@@ -17,17 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from openpcc.errors import OpenPCCError
+from openpcc.errors import KeyStoreError, OpenPCCError
 from openpcc.files import mtime_ns, write_private
 from openpcc.privacypass.blindrsa import PrivateKey
 from openpcc.privacypass.issuance import IssuerKey
 
 DEFAULT_LIFETIME = 30 * 24 * 3600
 DEFAULT_ROTATION_LEAD = 3600
-
-
-class KeyStoreError(OpenPCCError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ accepts no evidence of that kind. Signed form (``SignedManifest``)::
      "manifest": "<base64 of the exact manifest bytes>", "signature": "<base64 Ed25519>"}
 
 The signature covers ``SIGNING_LABEL || manifest bytes``. The alternative is a Sigstore
-bundle over the exact manifest bytes (``sigstore_manifest.py``, ``TrustPolicy.from_sigstore``).
+bundle over the exact manifest bytes (``sigstore_manifest.py``, ``policy_from_sigstore``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -474,33 +473,6 @@ class SignedManifest:
 # --- the policy a client applies ------------------------------------------------------------
 
 
-def policy_from_client_config(cfg: Mapping[str, Any], now: datetime) -> TrustPolicy:
-    """The trust policy a client profile (``client.json``) names, in either form:
-    ``{"policy": SIGNED.json, "release_pubkey": PUB.pem}`` (Ed25519), or
-    ``{"policy": manifest.json, "sigstore": {"bundle": B, "identity": ID,
-    "oidc_issuer": URL, "trust_root": trusted_root.json}}`` (Sigstore, offline)."""
-    sigstore = cfg.get("sigstore")
-    if sigstore is None:
-        return TrustPolicy.from_signed(
-            Path(cfg["policy"]).read_bytes(), [Path(cfg["release_pubkey"]).read_bytes()], now
-        )
-    if "release_pubkey" in cfg:
-        raise DecodeError("client config: give release_pubkey or sigstore, not both")
-    s = _obj(
-        sigstore, "client config sigstore", ("bundle", "identity", "oidc_issuer", "trust_root")
-    )
-    if not all(isinstance(v, str) and v for v in s.values()):
-        raise DecodeError("client config sigstore: every value must be a non-empty string")
-    return TrustPolicy.from_sigstore(
-        Path(cfg["policy"]).read_bytes(),
-        Path(s["bundle"]).read_bytes(),
-        identity=s["identity"],
-        oidc_issuer=s["oidc_issuer"],
-        trust_root=s["trust_root"],
-        now=now,
-    )
-
-
 def check_manifest_validity(
     manifest: Manifest,
     now: datetime,
@@ -549,36 +521,6 @@ class TrustPolicy:
         manifest = Manifest.parse(signed.manifest)
         check_manifest_validity(manifest, now, min_serial=min_serial, clock_skew=clock_skew)
         return cls(manifest, signed.key_id)
-
-    @classmethod
-    def from_sigstore(
-        cls,
-        manifest: bytes,
-        bundle: bytes,
-        *,
-        identity: str,
-        oidc_issuer: str,
-        trust_root: Any,
-        now: datetime,
-        min_serial: int = 0,
-        clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
-    ) -> TrustPolicy:
-        """The Sigstore alternative to :meth:`from_signed`: manifest bytes + a Sigstore
-        bundle, the pinned signer (SAN + OIDC issuer) and an offline ``trusted_root.json``
-        (path or ``OfflineTrustRoot``); see ``sigstore_manifest.py``. Same errors, plus
-        ``SigstoreUnavailableError`` without the ``sigstore`` extra."""
-        from openpcc.attestation.sigstore_manifest import SignerIdentity, verify_manifest
-
-        signer = SignerIdentity(identity, oidc_issuer)
-        return verify_manifest(
-            manifest,
-            bundle,
-            signer,
-            trust_root,
-            now,
-            min_serial=min_serial,
-            clock_skew=clock_skew,
-        ).policy
 
     @classmethod
     def unsigned_for_tests(cls, manifest: bytes | Manifest) -> TrustPolicy:

@@ -324,3 +324,25 @@ def verify_manifest(
         ) from e
     check_manifest_validity(parsed, now, min_serial=min_serial, clock_skew=clock_skew)
     return SigstoreManifest(TrustPolicy(parsed, f"sigstore:{signer.identity}"), sig)
+
+
+def policy_from_sigstore(
+    manifest: bytes,
+    bundle: bytes,
+    *,
+    identity: str,
+    oidc_issuer: str,
+    trust_root: Any,
+    now: datetime,
+    min_serial: int = 0,
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+) -> TrustPolicy:
+    """The Sigstore alternative to ``TrustPolicy.from_signed``: manifest bytes + a
+    Sigstore bundle, the pinned signer (SAN + OIDC issuer) and an offline
+    ``trusted_root.json`` (path or ``OfflineTrustRoot``). Same errors, plus
+    ``SigstoreUnavailableError`` without the ``sigstore`` extra. Here, not on
+    ``TrustPolicy``, so that policy.py never imports this module (no import cycle)."""
+    signer = SignerIdentity(identity, oidc_issuer)
+    return verify_manifest(
+        manifest, bundle, signer, trust_root, now, min_serial=min_serial, clock_skew=clock_skew
+    ).policy

@@ -11,25 +11,28 @@ stream never arrives.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import aiohttp
 
 from openpcc.client.errors import (
     GatewayError,
+    MalformedResponseError,
     NoCapacityError,
     NodeError,
     NoVerifiedNodeError,
     RelayError,
     TokenRejectedError,
     TruncatedResponseError,
+    client_errors,
 )
 from openpcc.client.sse import DONE, SSEParser
 from openpcc.client.unwrap import (
@@ -42,7 +45,7 @@ from openpcc.client.unwrap import (
 )
 from openpcc.errors import OpenPCCError, TruncatedError, VerificationError
 from openpcc.privacypass import auth
-from openpcc.stagetrace import StageTrace
+from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
 from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
 
@@ -57,6 +60,33 @@ class VerifiedNode:
     public_key: bytes
     models: tuple[str, ...]
     expires_at: float
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _typed(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Whatever fails inside reaches the caller as a ClientError (cause chained)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        with client_errors():
+            return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _typed_stream(fn: Callable[P, AsyncIterator[T]]) -> Callable[P, AsyncIterator[T]]:
+    """The same for a streamed answer."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
+        with client_errors():
+            async for item in fn(*args, **kwargs):
+                yield item
+
+    return wrapper
 
 
 class NodeVerifier(Protocol):
@@ -138,6 +168,7 @@ class Client:
 
     # ----------------------------------------------------------------- discovery
 
+    @_typed
     async def key_config(self) -> ohttp.KeyConfig:
         """The gateway's OHTTP key, fetched through the relay (RFC 9540)."""
         if self._key_config is None:
@@ -161,6 +192,7 @@ class Client:
             self._key_config = usable[0]
         return self._key_config
 
+    @_typed
     async def _inner_get(self, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
         """A small GET to the gateway inside plain OHTTP (no token: discovery only)."""
         cfg = await self.key_config()
@@ -274,6 +306,7 @@ class Client:
         nodes = await self.verified_nodes()
         return sorted({m for n in nodes for m in n.models})
 
+    @_typed_stream
     async def _request(
         self, model: str, path: str, body: dict[str, Any]
     ) -> AsyncIterator[dict[str, Any]]:
@@ -396,7 +429,11 @@ class Client:
         if node_status != 200:
             raise NodeError(node_status or 0, bytes(node_body))
         if not streaming:
-            yield json.loads(node_body)
+            try:
+                answer = json.loads(node_body)
+            except ValueError as exc:
+                raise MalformedResponseError("the node's answer is not JSON") from exc
+            yield answer
 
 
 def _problem(body: bytes) -> dict[str, Any] | None:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from openpcc.errors import OpenPCCError, TruncatedError
+from openpcc.errors import (
+    DecodeError,
+    DecryptError,
+    OpenPCCError,
+    TruncatedError,
+    VerificationError,
+)
 
 
 class ClientError(OpenPCCError):
@@ -55,3 +63,38 @@ class TruncatedResponseError(ClientError, TruncatedError):
 
 class RelayError(ClientError):
     """The relay or the transport failed before the gateway answered."""
+
+
+class TamperedResponseError(ClientError, DecryptError):
+    """An answer (or the discovery documents) failed authentication: altered on the way."""
+
+
+class MalformedResponseError(ClientError, DecodeError):
+    """An answer was not well-formed at some layer (OHTTP, Binary HTTP, sealed, JSON)."""
+
+
+class UntrustedError(ClientError, VerificationError):
+    """Something the release manifest pins did not match (a gateway key, a token key)."""
+
+
+@contextlib.contextmanager
+def client_errors() -> Iterator[None]:
+    """Every failure a caller of the client can see is a ClientError, the cause chained.
+
+    The core's own errors keep their meaning (a TamperedResponseError is still a
+    DecryptError), so ``except DecryptError`` goes on working.
+    """
+    try:
+        yield
+    except ClientError:
+        raise
+    except TruncatedError as exc:
+        raise TruncatedResponseError(f"the answer was cut off: {exc}") from exc
+    except DecryptError as exc:
+        raise TamperedResponseError(f"an answer failed authentication: {exc}") from exc
+    except VerificationError as exc:
+        raise UntrustedError(str(exc)) from exc
+    except DecodeError as exc:
+        raise MalformedResponseError(f"malformed answer: {exc}") from exc
+    except OpenPCCError as exc:
+        raise ClientError(str(exc)) from exc

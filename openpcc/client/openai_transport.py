@@ -206,7 +206,7 @@ def frontend_from_config(config_path: Path, *, default_model: str | None = None)
 
     Call inside a running event loop.
     """
-    from openpcc.local import client_from_config
+    from openpcc.client.profile import client_from_config
 
     client, wallet, model, session = client_from_config(config_path)
     closers = [wallet.aclose] + ([session.close] if session is not None else [])
@@ -225,10 +225,6 @@ def http_client(config_path: Path | str | None = None, **kwargs: Any) -> Any:
 
 
 def _config_path(config_path: Path | str | None) -> Path:
-    import os
+    from openpcc.client.profile import default_profile
 
-    from openpcc.local import CLIENT_CONFIG, DEFAULT_STATE
-
-    if config_path is None:
-        config_path = os.environ.get("OPENPCC_CLIENT_CONFIG", DEFAULT_STATE / CLIENT_CONFIG)
-    return Path(config_path)
+    return default_profile() if config_path is None else Path(config_path)

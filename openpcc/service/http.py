@@ -10,10 +10,27 @@ import json
 import threading
 from collections import defaultdict
 from collections.abc import Iterable
+from http import HTTPStatus
 
 from aiohttp import web
 
+from openpcc.errors import OpenPCCError
+
 PROBLEM_JSON = "application/problem+json"
+
+
+def problem_for(exc: OpenPCCError, detail: str | None = None, **extra: object) -> web.Response:
+    """The answer for an error that ends a request: its type's one ``status_hint``, the
+    standard reason phrase as title. ``detail`` is the caller's choice, never the
+    exception's text by default (it may name input)."""
+    status = exc.status_hint
+    return problem(
+        status, _RFC9110_TITLES.get(status) or HTTPStatus(status).phrase, detail, **extra
+    )
+
+
+# RFC 9110 renamed two reason phrases that Python before 3.13 still spells the old way.
+_RFC9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
 
 
 def problem(status: int, title: str, detail: str | None = None, **extra: object) -> web.Response:

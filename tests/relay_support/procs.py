@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openpcc.stack import free_port as stack_free_port
+from openpcc.devstack.processes import free_port as stack_free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_TEMPLATE = ROOT / "infra" / "relay" / "nginx.conf"

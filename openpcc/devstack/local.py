@@ -13,26 +13,31 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import secrets
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from openpcc.client.profile import (
+    DEFAULT_PROFILE,
+    client_from_config,
+    default_profile,
+    wait_arg,
+    wait_for_config,
+)
+from openpcc.devstack.processes import Processes, StackStartError, free_port, run_cli
 from openpcc.errors import OpenPCCError
 from openpcc.files import write_private
-from openpcc.stack import Processes, StackStartError, free_port, run_cli
 
-DEFAULT_STATE = Path(".state/local")
+DEFAULT_STATE = DEFAULT_PROFILE.parent
 DEMO_ACCOUNT = "local-demo-user"
 # The demo's client connects from its own loopback address, so the audit can tell the
 # client's address apart from the parties' own (127.0.0.1).
 DEMO_CLIENT_ADDR = "127.0.0.2"
-CLIENT_CONFIG = "client.json"
+CLIENT_CONFIG = DEFAULT_PROFILE.name
 
 
 @dataclass
@@ -87,49 +92,10 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        default=Path(os.environ.get("OPENPCC_CLIENT_CONFIG", DEFAULT_STATE / CLIENT_CONFIG)),
+        default=default_profile(),
         help="client profile written by `openpcc up` (env OPENPCC_CLIENT_CONFIG)",
     )
     wait_arg(p)
-
-
-def wait_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="wait this long for the client profile while `openpcc up` is still coming up "
-        "(0: do not wait)",
-    )
-
-
-def wait_for_config(path: Path, wait: float, command: str) -> bool:
-    """True once ``path`` exists; False (after saying so) when ``wait`` seconds pass.
-
-    `openpcc up` writes the profile last, atomically, once every party is ready, so a
-    command started beside it can simply wait for the file.
-    """
-    from openpcc.engine_models import REPORT_EVERY
-
-    if path.exists():
-        return True
-    t0 = time.monotonic()
-    if wait > 0:
-        print(f"waiting for the client profile {path} (written by `openpcc up` once the "
-              f"stack is ready; --wait {wait:g})…", file=sys.stderr, flush=True)  # fmt: skip
-    reported = t0
-    while not path.exists():
-        now = time.monotonic()
-        if now - t0 >= wait:
-            print(f"openpcc {command}: no client profile at {path} after {wait:g} s: start "
-                  "`openpcc up` first", file=sys.stderr)  # fmt: skip
-            return False
-        if now - reported >= REPORT_EVERY:
-            print(f"still waiting for {path} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
-            reported = now
-        time.sleep(0.2)
-    return True
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
@@ -391,54 +357,6 @@ def _publish_release(
 # -------------------------------------------------------------------------- client
 
 
-def client_from_config(
-    config_path: Path, *, local_addr: str | None = None
-) -> tuple[Any, Any, str, Any]:
-    """(Client, wallet, model, shared session or None) from `STATE/client.json`.
-
-    Call inside a running event loop; the caller closes all three.
-    """
-    from openpcc.attestation.policy import policy_from_client_config
-    from openpcc.client.attest import BundleVerifier
-    from openpcc.client.client import Client
-    from openpcc.client.wallet import TokenWallet
-
-    cfg = json.loads(config_path.read_text())
-    policy = policy_from_client_config(cfg, datetime.now(UTC))  # Ed25519 or Sigstore form
-    api_key = Path(cfg["api_key_file"]).read_text().strip()
-    client: Client | None = None
-    session = None
-    if local_addr is not None:
-        import aiohttp
-
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(local_addr=(local_addr, 0)),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
-        )
-
-    async def fetch_directory() -> bytes:
-        assert client is not None
-        return await client.issuer_directory()
-
-    wallet = TokenWallet(
-        cfg["issuer_url"],
-        api_key,
-        cfg["wallet"],
-        batch_size=20,
-        low_water=5,
-        directory_fetcher=fetch_directory,
-        session=session,
-    )
-    client = Client(
-        cfg["relay_url"],
-        tokens=wallet,
-        verifier=BundleVerifier(policy),
-        trust=policy,
-        session=session,
-    )
-    return client, wallet, cfg["model"], session
-
-
 async def stream_chat(
     config_path: Path,
     prompt: str,
@@ -613,7 +531,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from openpcc.demo_views import party_views, print_views
+    from openpcc.devstack.views import party_views, print_views
 
     print("OpenPCC demo: issuer, relay, gateway and an attested node (simulated TEE) as")
     print("separate processes; vLLM-CPU serves a tiny RANDOM-WEIGHTS model, so the")

@@ -1,0 +1,149 @@
+"""A client profile (`client.json`): relay, issuer, account key file, trust policy,
+wallet and model, as `openpcc up` writes it or an operator hands it out.
+
+``client_from_config`` builds the client the SDK, `chat`, `status` and `proxy` use from
+it; ``wait_for_config`` lets those commands start beside a stack that is still coming up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openpcc.errors import DecodeError
+
+if TYPE_CHECKING:
+    from openpcc.attestation.policy import TrustPolicy
+
+# Where `openpcc up` writes the profile (its --state, then client.json); env
+# OPENPCC_CLIENT_CONFIG points the client commands elsewhere.
+DEFAULT_PROFILE = Path(".state/local/client.json")
+
+
+def default_profile() -> Path:
+    import os
+
+    return Path(os.environ.get("OPENPCC_CLIENT_CONFIG") or DEFAULT_PROFILE)
+
+
+def policy_from_client_config(cfg: Mapping[str, Any], now: datetime) -> TrustPolicy:
+    """The trust policy a client profile (``client.json``) names, in either form:
+    ``{"policy": SIGNED.json, "release_pubkey": PUB.pem}`` (Ed25519), or
+    ``{"policy": manifest.json, "sigstore": {"bundle": B, "identity": ID,
+    "oidc_issuer": URL, "trust_root": trusted_root.json}}`` (Sigstore, offline)."""
+    from openpcc.attestation.policy import TrustPolicy
+    from openpcc.attestation.sigstore_manifest import policy_from_sigstore
+
+    sigstore = cfg.get("sigstore")
+    if sigstore is None:
+        return TrustPolicy.from_signed(
+            Path(cfg["policy"]).read_bytes(), [Path(cfg["release_pubkey"]).read_bytes()], now
+        )
+    if "release_pubkey" in cfg:
+        raise DecodeError("client config: give release_pubkey or sigstore, not both")
+    keys = {"bundle", "identity", "oidc_issuer", "trust_root"}
+    if not isinstance(sigstore, dict) or set(sigstore) != keys:
+        raise DecodeError(f"client config sigstore: an object with exactly {sorted(keys)}")
+    s = sigstore
+    if not all(isinstance(v, str) and v for v in s.values()):
+        raise DecodeError("client config sigstore: every value must be a non-empty string")
+    return policy_from_sigstore(
+        Path(cfg["policy"]).read_bytes(),
+        Path(s["bundle"]).read_bytes(),
+        identity=s["identity"],
+        oidc_issuer=s["oidc_issuer"],
+        trust_root=s["trust_root"],
+        now=now,
+    )
+
+
+def client_from_config(
+    config_path: Path, *, local_addr: str | None = None
+) -> tuple[Any, Any, str, Any]:
+    """(Client, wallet, model, shared session or None) from `STATE/client.json`.
+
+    Call inside a running event loop; the caller closes all three.
+    """
+    from openpcc.client.attest import BundleVerifier
+    from openpcc.client.client import Client
+    from openpcc.client.wallet import TokenWallet
+
+    cfg = json.loads(config_path.read_text())
+    policy = policy_from_client_config(cfg, datetime.now(UTC))  # Ed25519 or Sigstore form
+    api_key = Path(cfg["api_key_file"]).read_text().strip()
+    client: Client | None = None
+    session = None
+    if local_addr is not None:
+        import aiohttp
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(local_addr=(local_addr, 0)),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+        )
+
+    async def fetch_directory() -> bytes:
+        assert client is not None
+        return await client.issuer_directory()
+
+    wallet = TokenWallet(
+        cfg["issuer_url"],
+        api_key,
+        cfg["wallet"],
+        batch_size=20,
+        low_water=5,
+        directory_fetcher=fetch_directory,
+        session=session,
+    )
+    client = Client(
+        cfg["relay_url"],
+        tokens=wallet,
+        verifier=BundleVerifier(policy),
+        trust=policy,
+        session=session,
+    )
+    return client, wallet, cfg["model"], session
+
+
+def wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="wait this long for the client profile while `openpcc up` is still coming up "
+        "(0: do not wait)",
+    )
+
+
+def wait_for_config(path: Path, wait: float, command: str) -> bool:
+    """True once ``path`` exists; False (after saying so) when ``wait`` seconds pass.
+
+    `openpcc up` writes the profile last, atomically, once every party is ready, so a
+    command started beside it can simply wait for the file.
+    """
+    from openpcc.engine_models import REPORT_EVERY
+
+    if path.exists():
+        return True
+    t0 = time.monotonic()
+    if wait > 0:
+        print(f"waiting for the client profile {path} (written by `openpcc up` once the "
+              f"stack is ready; --wait {wait:g})…", file=sys.stderr, flush=True)  # fmt: skip
+    reported = t0
+    while not path.exists():
+        now = time.monotonic()
+        if now - t0 >= wait:
+            print(f"openpcc {command}: no client profile at {path} after {wait:g} s: start "
+                  "`openpcc up` first", file=sys.stderr)  # fmt: skip
+            return False
+        if now - reported >= REPORT_EVERY:
+            print(f"still waiting for {path} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
+            reported = now
+        time.sleep(0.2)
+    return True
