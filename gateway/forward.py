@@ -1,0 +1,161 @@
+"""Routing and forwarding: pick a usable candidate node, post it the sealed envelope, and
+stream its sealed answer back as it comes.
+
+Until a node's first byte the gateway may try the next candidate (the node has acted on
+nothing it can show); from then on every byte goes straight to the client, and a node that
+dies mid-stream ends the inner message cleanly but without the node's sealed final chunk,
+so the client's sealed layer reports the truncation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import aiohttp
+
+from gateway.outer import MAX_ENVELOPE, Exchange, NodeStreamError, Sink, inner_problem
+from gateway.redeem import Redeemer
+from gateway.registry import NodeRegistry, Registration
+from openpcc.errors import OpenPCCError
+from openpcc.service.http import Metrics
+from openpcc.service.stagetrace import StageTrace
+from openpcc.wire import bhttp, sealed
+
+log = logging.getLogger("openpcc.gateway")
+_RANDOM = random.SystemRandom()  # candidate order: os.urandom, one instance for all
+
+
+class Forwarder:
+    """``/v1/infer``: redeem, route, forward. ``session`` is set by the gateway's start."""
+
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        redeemer: Redeemer,
+        metrics: Metrics,
+        trace: StageTrace,
+        first_byte_timeout: float,
+    ) -> None:
+        self.registry = registry
+        self.redeemer = redeemer
+        self.metrics = metrics
+        self.trace = trace
+        self.first_byte_timeout = first_byte_timeout
+        self.session: aiohttp.ClientSession | None = None
+
+    async def infer(self, ex: Exchange, inner: bhttp.Request, sink: Sink) -> None:
+        ctypes = [v for k, v in inner.headers if k == b"content-type"]
+        if ctypes != [sealed.REQUEST_MEDIA_TYPE.encode()]:
+            await sink.respond(
+                *inner_problem(
+                    400, "Bad Request", "content-type must be " + sealed.REQUEST_MEDIA_TYPE
+                )
+            )
+            return
+        envelope = inner.content
+        if len(envelope) > MAX_ENVELOPE:
+            await sink.respond(
+                *inner_problem(413, "Content Too Large", f"envelope over {MAX_ENVELOPE} bytes")
+            )
+            return
+        t = time.perf_counter()
+        refused = await self.redeemer.redeem(inner)
+        self.trace.record("redeem", time.perf_counter() - t)
+        if refused is not None:
+            await sink.respond(*refused)
+            return
+        try:
+            header = sealed.parse_envelope_header(envelope)
+        except OpenPCCError:
+            await sink.respond(*inner_problem(400, "Bad Request", "malformed sealed envelope"))
+            return
+        wanted = [(c.node_id, c.key_id) for c in header.candidates]
+        note = ex.note
+        if note is not None:
+            note["model"] = header.model
+            note["candidates"] = [c.node_id.hex() for c in header.candidates]
+        usable = self.registry.candidates(header.model, wanted)
+        if len(usable) > 1:
+            _RANDOM.shuffle(usable)
+        for reg in usable:
+            if await self._forward(ex, reg, envelope, sink):
+                if note is not None:
+                    note["served_by"] = reg.node_id.hex()
+                return
+        self.metrics.inc("node_attempts_total", outcome="none_left")
+        await sink.respond(
+            *inner_problem(503, "Service Unavailable", "no usable candidate node for this request")
+        )
+
+    async def _forward(self, ex: Exchange, reg: Registration, envelope: bytes, sink: Sink) -> bool:
+        """Try one node. False if it failed before its first byte (the caller tries the next)."""
+        assert self.session is not None
+        self.trace.record("upstream_sent", time.perf_counter() - ex.t0)
+        try:
+            async with asyncio.timeout(self.first_byte_timeout):
+                resp = await self.session.post(
+                    reg.url + "/v1/sealed",
+                    data=envelope,
+                    headers={"Content-Type": sealed.REQUEST_MEDIA_TYPE},
+                    allow_redirects=False,
+                )
+                try:
+                    ok = resp.status == 200 and resp.content_type == sealed.RESPONSE_MEDIA_TYPE
+                    first = await resp.content.readany() if ok else b""
+                except BaseException:
+                    resp.close()
+                    raise
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+            self.registry.mark_unreachable(reg.node_id)
+            self.metrics.inc("node_attempts_total", outcome="unreachable")
+            return False
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self.metrics.inc("node_attempts_total", outcome="failed_before_first_byte")
+            return False
+        if not first:
+            resp.close()
+            self.metrics.inc("node_attempts_total", outcome=f"refused_{resp.status // 100}xx")
+            return False
+        # Committed: from here on every byte goes straight to the client.
+        self.metrics.inc("node_attempts_total", outcome="streaming")
+        trace, t0 = self.trace, ex.t0
+        t, c = time.perf_counter(), trace.cpu()
+        trace.record("upstream_wait", t - t0)
+        clean = False
+        try:
+            await sink.start(200, [(b"content-type", sealed.RESPONSE_MEDIA_TYPE.encode())])
+            chunk = first
+            while chunk:
+                self.metrics.inc("response_bytes_total", len(chunk))
+                # The node's answer is complete: its end follows without waiting.
+                await sink.write(chunk, more=resp.content.at_eof())
+                now = time.perf_counter()
+                if t0:
+                    trace.record("first_out", now - t0)
+                else:
+                    cpu = trace.cpu() - c  # read before either line is written
+                    trace.record("chunk", now - t)
+                    trace.record("chunk_cpu", cpu)
+                t0 = 0.0
+                try:
+                    chunk = await resp.content.readany()
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    break
+                t, c = time.perf_counter(), trace.cpu()
+            else:
+                clean = True
+        except NodeStreamError:
+            pass
+        finally:
+            resp.close()
+        if not clean:
+            self.metrics.inc("node_attempts_total", outcome="died_mid_stream")
+            log.info(
+                "node %s stopped mid-stream; client will see a truncated answer",
+                reg.node_id.hex()[:8],
+            )
+        await sink.end()
+        return True

@@ -1,0 +1,68 @@
+"""Token redemption: one Privacy Pass token (RFC 9577) checked and spent, or the inner
+problem that says why not. The spent-token store answers "first time?" atomically, so a
+token is accepted once across every gateway replica."""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.issuerdir import IssuerDirectoryCache
+from gateway.outer import inner_problem
+from gateway.spent import SpentStore
+from openpcc.errors import OpenPCCError
+from openpcc.privacypass import issuance
+from openpcc.privacypass.auth import parse_authorization_token
+from openpcc.service.http import Metrics
+from openpcc.wire import bhttp
+
+log = logging.getLogger("openpcc.gateway")
+
+
+class Redeemer:
+    def __init__(
+        self, issuer: IssuerDirectoryCache, spent: SpentStore, metrics: Metrics, spent_ttl: int
+    ) -> None:
+        self.issuer = issuer
+        self.spent = spent
+        self.metrics = metrics
+        self.spent_ttl = spent_ttl
+
+    def _unauthorized(self, detail: str) -> tuple[int, list[bhttp.Field], bytes]:
+        challenge = self.issuer.www_authenticate()
+        extra = [(b"www-authenticate", challenge.encode())] if challenge else []
+        return inner_problem(401, "Unauthorized", detail, extra)
+
+    async def redeem(self, inner: bhttp.Request) -> tuple[int, list[bhttp.Field], bytes] | None:
+        """Check and spend the token; None when accepted, else the inner error response."""
+        auth = [v for k, v in inner.headers if k == b"authorization"]
+        if len(auth) != 1:
+            self.metrics.inc("redemptions_total", outcome="missing")
+            return self._unauthorized("send exactly one Authorization: PrivateToken header")
+        if self.issuer.snapshot is None:
+            self.metrics.inc("redemptions_total", outcome="no_directory")
+            return inner_problem(503, "Service Unavailable", "issuer directory unavailable")
+        try:
+            token = parse_authorization_token(auth[0].decode("latin-1"))
+        except OpenPCCError:
+            self.metrics.inc("redemptions_total", outcome="malformed")
+            return self._unauthorized("malformed or unsupported PrivateToken")
+        key = await self.issuer.key_for(token.token_key_id)
+        if key is None:
+            self.metrics.inc("redemptions_total", outcome="unknown_key")
+            return self._unauthorized("token issued under a key the issuer does not list")
+        try:
+            issuance.verify_token(key, token, expected_challenge=self.issuer.challenge_bytes)
+        except OpenPCCError:
+            self.metrics.inc("redemptions_total", outcome="invalid")
+            return self._unauthorized("token is for another challenge or its signature is bad")
+        try:
+            fresh = await self.spent.mark_spent(token.token_key_id, token.nonce, self.spent_ttl)
+        except Exception as exc:  # the store is down: refuse rather than risk double spend
+            log.error("spent-token store failed: %s", type(exc).__name__)
+            self.metrics.inc("redemptions_total", outcome="store_error")
+            return inner_problem(503, "Service Unavailable", "token store unavailable")
+        if not fresh:
+            self.metrics.inc("redemptions_total", outcome="spent")
+            return self._unauthorized("token already spent")
+        self.metrics.inc("redemptions_total", outcome="ok")
+        return None
