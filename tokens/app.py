@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -31,6 +30,7 @@ from openpcc.privacypass.directory import (
     TokenKeyEntry,
 )
 from openpcc.service.http import Metrics, healthz, problem
+from tokens.config import MAX_BATCH, IssuerConfig
 from tokens.keys import KeyRing, StoredKey
 from tokens.store import IssuerStore, hash_api_key
 
@@ -39,20 +39,10 @@ log = logging.getLogger("openpcc.issuer")
 REQUEST_PATH = "/token-request"
 TOKEN_REQUEST_MEDIA_TYPE = "application/private-token-request"
 TOKEN_RESPONSE_MEDIA_TYPE = "application/private-token-response"
-MAX_BATCH = 1000
 # CORS, only with --allow-origin: the two routes a web page calls, by the method it uses.
 # Never Allow-Credentials: the API key is an Authorization header the page sets, no cookie.
 CORS_ROUTES = {WELL_KNOWN_PATH: "GET", REQUEST_PATH: "POST"}
 CORS_ALLOW_HEADERS = "authorization, content-type, accept"
-
-
-@dataclass
-class IssuerConfig:
-    state_dir: Path
-    max_batch: int = MAX_BATCH
-    directory_max_age: int = 300
-    public_url: str | None = None  # absolute issuer-request-uri base; relative if None
-    allow_origins: tuple[str, ...] = ()  # CORS: web origins allowed to call us; "*" any
 
 
 STORE = web.AppKey("store", IssuerStore)

@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -18,59 +17,28 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--state",
-        type=Path,
-        default=Path(_env("STATE", ".state/issuer") or ".state/issuer"),
-        help="state folder: SQLite database and token keys (env OPENPCC_ISSUER_STATE)",
-    )
-    p.add_argument(
-        "--redis",
-        default=_env("REDIS"),
-        metavar="URL",
-        help="share accounts and quotas through Redis (several replicas; env OPENPCC_ISSUER_REDIS)",
-    )
+    """--state and --redis for the admin commands: the same fields as `issuer serve`'s."""
+    from openpcc.service.config import add_config_args
+    from tokens.config import ENV_PREFIX, IssuerConfig
+
+    add_config_args(p, IssuerConfig, ENV_PREFIX, only=("state_dir", "redis"))
 
 
 def register(sub: Any) -> None:
     issuer = sub.add_parser("issuer", help="Privacy Pass token issuer (tokens/)")
     isub = issuer.add_subparsers(dest="issuer_command", metavar="COMMAND", required=True)
 
-    serve = isub.add_parser("serve", help="run the issuer HTTP service")
-    _common(serve)
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8401") or 8401))
-    serve.add_argument(
-        "--public-url",
-        default=_env("PUBLIC_URL"),
-        help="absolute base URL clients reach the issuer at (for issuer-request-uri)",
+    serve = isub.add_parser(
+        "serve",
+        help="run the issuer HTTP service",
+        description="Every flag can also be set as OPENPCC_ISSUER_<FLAG> (flags win).",
     )
-    serve.add_argument(
-        "--allow-origin",
-        action="append",
-        metavar="ORIGIN",
-        help="CORS: let web pages from ORIGIN (scheme://host[:port], or * for any) fetch the "
-        "directory and request tokens (repeatable; env OPENPCC_ISSUER_ALLOW_ORIGIN, comma- "
-        "or space-separated; default: no CORS headers)",
-    )
-    serve.add_argument("--directory-max-age", type=int, default=300, metavar="SECONDS")
-    serve.add_argument("--max-batch", type=int, default=1000, help="tokens per batch request")
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=float(_env("SHUTDOWN_TIMEOUT", "10") or 10),
-        metavar="SECONDS",
-        help="on SIGTERM, stop accepting and let in-flight requests finish this long",
-    )
-    serve.add_argument(
-        "--audit-log",
-        type=Path,
-        metavar="FILE",
-        help="TESTS AND DEMO ONLY: record every request received (addresses, bodies)",
-    )
+    from openpcc.service.config import add_config_args
     from openpcc.service.serve import add_connection_args
+    from tokens.config import ENV_PREFIX, IssuerConfig
 
-    add_connection_args(serve, "OPENPCC_ISSUER_")
+    add_config_args(serve, IssuerConfig, ENV_PREFIX)
+    add_connection_args(serve, ENV_PREFIX)
     serve.set_defaults(func=_serve)
 
     account = isub.add_parser("account", help="manage accounts and quotas")
@@ -112,7 +80,7 @@ def register(sub: Any) -> None:
 def _store(args: argparse.Namespace) -> Any:
     from tokens.store import open_store
 
-    return open_store(args.state, args.redis)
+    return open_store(args.state_dir, args.redis)
 
 
 def _run_store(args: argparse.Namespace, fn: Any) -> int:
@@ -187,7 +155,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     from tokens.keys import KeyRing
 
     now = time.time()
-    ring = KeyRing.load(args.state)
+    ring = KeyRing.load(args.state_dir)
     pruned = ring.prune(now)
     new = ring.generate(now=now, not_before=now + args.not_before_in, lifetime=args.lifetime)
     for kid in pruned:
@@ -200,7 +168,7 @@ def _keys_list(args: argparse.Namespace) -> int:
     from tokens.keys import KeyRing
 
     now = time.time()
-    for k in KeyRing.load(args.state).keys:
+    for k in KeyRing.load(args.state_dir).keys:
         state = "issuing" if k.issuable(now) else ("upcoming" if k.published(now) else "expired")
         print(
             json.dumps(
@@ -217,33 +185,27 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from openpcc.service.config import config_from_args
     from openpcc.service.logs import setup_logging
     from openpcc.service.serve import Listener, connection_limits, serve
-    from openpcc.service.values import parse_origins, split_list
-    from tokens.app import IssuerConfig, create_app
+    from tokens.app import create_app
+    from tokens.config import IssuerConfig
     from tokens.keys import ensure_key
 
     try:
-        origins = parse_origins(args.allow_origin or split_list(_env("ALLOW_ORIGIN")))
+        config = config_from_args(IssuerConfig, args)
         limits = connection_limits(args)
     except ValueError as exc:
         print(f"openpcc issuer: {exc}", file=sys.stderr)
         return 2
     setup_logging()
-    args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ring = ensure_key(args.state)
-    config = IssuerConfig(
-        state_dir=args.state,
-        max_batch=args.max_batch,
-        directory_max_age=args.directory_max_age,
-        public_url=args.public_url,
-        allow_origins=origins,
-    )
-    app = create_app(_store(args), ring, config, audit_log=args.audit_log)
-    logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", args.host, args.port)
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ring = ensure_key(config.state_dir)
+    app = create_app(_store(args), ring, config, audit_log=config.audit_log)
+    logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", config.host, config.port)
     # No access log: it would record client addresses next to accounts.
     return serve(
-        [Listener(app, args.host, args.port)],
+        [Listener(app, config.host, config.port)],
         limits=limits,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=config.shutdown_timeout,
     )

@@ -27,16 +27,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from openpcc.service.config import add_config_args, config_from_args, option
 from openpcc.service.http import problem
 
 
@@ -46,12 +46,34 @@ class BodyTooSlowError(TimeoutError):
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    head_timeout: float = 30.0
-    keepalive_timeout: float = 75.0
-    body_timeout: float = 300.0
-    body_min_rate: float = 1024.0
-    body_grace: float = 10.0
-    max_per_client: int = 0
+    head_timeout: float = field(
+        default=30.0,
+        metadata=option("seconds a request head may take to arrive", kind="float",
+                        metavar="SECONDS"),
+    )  # fmt: skip
+    keepalive_timeout: float = field(
+        default=75.0,
+        metadata=option("seconds an idle connection is kept", kind="float", metavar="SECONDS"),
+    )
+    body_timeout: float = field(
+        default=300.0,
+        metadata=option("seconds a whole request body may take", kind="float",
+                        metavar="SECONDS"),
+    )  # fmt: skip
+    body_min_rate: float = field(
+        default=1024.0,
+        metadata=option("bytes/s a request body must average", kind="float", metavar="BYTES"),
+    )
+    body_grace: float = field(
+        default=10.0,
+        metadata=option("seconds before the body rate is enforced", kind="float",
+                        metavar="SECONDS"),
+    )  # fmt: skip
+    max_per_client: int = field(
+        default=0,
+        metadata=option("open connections per client address (0: no cap)", kind="int",
+                        metavar="N"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("head_timeout", "keepalive_timeout", "body_timeout"):
@@ -67,40 +89,13 @@ def add_connection_args(
     parser: argparse.ArgumentParser, env_prefix: str, *, max_per_client: int = 0
 ) -> None:
     """The hygiene flags, each with its ``<env_prefix><FLAG>`` variable (flags win)."""
-    d = ConnectionLimits(max_per_client=max_per_client)
-    env = os.environ.get
-
-    def add(flag: str, kind: type, default: float, text: str) -> None:
-        var = env_prefix + flag.upper().replace("-", "_")
-        parser.add_argument(
-            f"--{flag}",
-            type=kind,
-            default=kind(env(var, default)),
-            help=f"{text} (env {var})",
-        )
-
-    add("head-timeout", float, d.head_timeout, "seconds a request head may take to arrive")
-    add("keepalive-timeout", float, d.keepalive_timeout, "seconds an idle connection is kept")
-    add("body-timeout", float, d.body_timeout, "seconds a whole request body may take")
-    add("body-min-rate", float, d.body_min_rate, "bytes/s a request body must average")
-    add("body-grace", float, d.body_grace, "seconds before the body rate is enforced")
-    add(
-        "max-per-client",
-        int,
-        d.max_per_client,
-        "open connections per client address (0: no cap)",
+    add_config_args(
+        parser, ConnectionLimits, env_prefix, defaults={"max_per_client": max_per_client}
     )
 
 
 def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
-    return ConnectionLimits(
-        head_timeout=args.head_timeout,
-        keepalive_timeout=args.keepalive_timeout,
-        body_timeout=args.body_timeout,
-        body_min_rate=args.body_min_rate,
-        body_grace=args.body_grace,
-        max_per_client=args.max_per_client,
-    )
+    return config_from_args(ConnectionLimits, args)
 
 
 @dataclass(frozen=True)

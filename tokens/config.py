@@ -1,0 +1,72 @@
+"""The issuer's configuration: one frozen dataclass; its flags and ``OPENPCC_ISSUER_*``
+variables are derived from it (openpcc/service/config.py). Free of aiohttp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openpcc.service.config import option
+
+ENV_PREFIX = "OPENPCC_ISSUER_"
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    state_dir: Path = field(
+        default=Path(".state/issuer"),
+        metadata=option("state folder: SQLite database and token keys", kind="path",
+                        flag="--state", metavar="DIR"),
+    )  # fmt: skip
+    redis: str | None = field(
+        default=None,
+        metadata=option("share accounts and quotas through Redis (several replicas)",
+                        metavar="URL"),
+    )  # fmt: skip
+    host: str = field(default="127.0.0.1", metadata=option("address to listen on"))
+    port: int = field(default=8401, metadata=option("port to listen on", kind="int"))
+    public_url: str | None = field(
+        default=None,
+        metadata=option("absolute base URL clients reach the issuer at (issuer-request-uri)"),
+    )
+    allow_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "CORS: let web pages from ORIGIN (scheme://host[:port], or * for any) fetch the "
+            "directory and request tokens (repeatable; default: no CORS headers)",
+            kind="origins",
+            flag="--allow-origin",
+            metavar="ORIGIN",
+        ),
+    )
+    directory_max_age: int = field(
+        default=300,
+        metadata=option("Cache-Control max-age of the issuer directory", kind="int",
+                        metavar="SECONDS"),
+    )  # fmt: skip
+    max_batch: int = field(
+        default=MAX_BATCH, metadata=option("tokens per batch request", kind="int")
+    )
+    shutdown_timeout: float = field(
+        default=10.0,
+        metadata=option("on SIGTERM, stop accepting and let in-flight requests finish this long",
+                        kind="float", metavar="SECONDS"),
+    )  # fmt: skip
+    audit_log: Path | None = field(
+        default=None,
+        metadata=option("TESTS AND DEMO ONLY: record every request received (addresses, "
+                        "bodies)", kind="path", metavar="FILE", env=False),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError("--port must be 1..65535")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ValueError(f"--max-batch must be 1..{MAX_BATCH}")
+        if self.directory_max_age < 0:
+            raise ValueError("--directory-max-age must be >= 0")
+        if self.shutdown_timeout < 0:
+            raise ValueError("--shutdown-timeout must be >= 0")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("--public-url must be an absolute http(s) URL")
