@@ -6,8 +6,10 @@ Kept free of aiohttp so ``--help`` and config errors never pay for the server.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
+
+from openpcc.service.config import option
 
 KEYS_WELL_KNOWN = "/.well-known/ohttp-gateway"  # RFC 9540 section 3
 RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", ".well-known"})
@@ -33,24 +35,80 @@ class Gateway:
 
 @dataclass(frozen=True)
 class RelayConfig:
-    """Everything the relay needs; defaults suit a public relay behind nothing else."""
+    """Everything the relay needs; defaults suit a public relay behind nothing else.
+
+    Every field with ``option`` metadata is a flag and an ``OPENPCC_RELAY_*`` variable
+    (openpcc/service/config.py); ``gateways`` comes from ``--gateway``/``--keys-url``.
+    """
 
     gateways: tuple[Gateway, ...]
-    host: str = "127.0.0.1"
-    port: int = 8081
-    max_body: int = 8 * 1024 * 1024
-    rate_limit: float = 10.0  # requests per second per client address; 0 disables
-    rate_burst: int = 40
-    rate_limit_clients: int = 65536  # buckets kept (LRU); bounds memory
-    max_concurrency: int = 1024
-    connect_timeout: float = 5.0
-    read_timeout: float = 120.0  # idle time between bytes from the gateway
-    client_timeout: float = 60.0  # idle time between bytes of a request body
-    keys_max_age: float = 3600.0  # cap on how long a key configuration is cached
-    keys_max_bytes: int = 64 * 1024
-    access_log: bool = False
-    audit_log: str | None = None  # tests/demo only: records what the relay received
-    allow_origins: tuple[str, ...] = ()  # CORS: web origins allowed to call the relay; "*" any
+    host: str = field(default="127.0.0.1", metadata=option("address to listen on"))
+    port: int = field(default=8081, metadata=option("port to listen on", kind="int"))
+    max_body: int = field(
+        default=8 * 1024 * 1024,
+        metadata=option("largest request body, e.g. 8m (413 above)", kind="size"),
+    )
+    rate_limit: float = field(
+        default=10.0,
+        metadata=option("requests per second per client address (0 disables); 429 above",
+                        kind="float"),
+    )  # fmt: skip
+    rate_burst: int = field(
+        default=40, metadata=option("requests a client may send back to back", kind="int")
+    )
+    rate_limit_clients: int = field(
+        default=65536,
+        metadata=option("client buckets kept in memory (least recently seen evicted)",
+                        kind="int"),
+    )  # fmt: skip
+    max_concurrency: int = field(
+        default=1024, metadata=option("requests relayed at once (503 above)", kind="int")
+    )
+    connect_timeout: float = field(
+        default=5.0,
+        metadata=option("seconds to connect to the gateway (502/504 after)", kind="float"),
+    )
+    read_timeout: float = field(
+        default=120.0,
+        metadata=option("seconds the gateway may stay silent (504, or a cut stream, after)",
+                        kind="float"),
+    )  # fmt: skip
+    client_timeout: float = field(
+        default=60.0,
+        metadata=option("seconds a client may stay silent while sending its body (408 after)",
+                        kind="float"),
+    )  # fmt: skip
+    keys_max_age: float = field(
+        default=3600.0,
+        metadata=option("cap, in seconds, on caching a key configuration", kind="float"),
+    )
+    keys_max_bytes: int = 64 * 1024  # largest key configuration answer accepted
+    access_log: bool = field(
+        default=False,
+        metadata=option("log one line per request (method, route, status, bytes, seconds; "
+                        "never addresses)", kind="bool"),
+    )  # fmt: skip
+    audit_log: str | None = field(
+        default=None,
+        metadata=option("TESTS AND DEMO ONLY: record every request received, client address "
+                        "included", metavar="FILE", env=False),
+    )  # fmt: skip
+    allow_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=option("CORS: let web pages from ORIGIN (scheme://host[:port], or * for any) "
+                        "call the gateway routes (repeatable)", kind="origins",
+                        flag="--allow-origin", metavar="ORIGIN"),
+    )  # fmt: skip
+    shutdown_timeout: float = field(
+        default=30.0,
+        metadata=option("on SIGTERM, stop accepting and let in-flight streams finish this "
+                        "many seconds", kind="float"),
+    )  # fmt: skip
+    uvloop: bool = field(
+        default=False,
+        metadata=option("run on uvloop's event loop (optional extra: pip install "
+                        "'openpcc[uvloop]'): less CPU per request", kind="bool"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.gateways:
@@ -58,14 +116,14 @@ class RelayConfig:
         names = [g.name for g in self.gateways]
         if len(set(names)) != len(names):
             raise ValueError("gateway names must be unique (at most one unnamed gateway)")
-        for field in ("max_body", "rate_burst", "rate_limit_clients", "max_concurrency"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1")
+        for name in ("max_body", "rate_burst", "rate_limit_clients", "max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if self.rate_limit < 0:
             raise ValueError("rate_limit must be >= 0")
-        for field in ("connect_timeout", "read_timeout", "client_timeout"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be positive")
+        for name in ("connect_timeout", "read_timeout", "client_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
 
 
 def _check_url(url: str) -> str:

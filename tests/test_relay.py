@@ -630,14 +630,18 @@ def test_allow_origin_parsing_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("app.example", "https://a.example/path", "https://u@a.example", "null"):
         with pytest.raises(ValueError):
             parse_origins([bad])
-    parser = argparse.ArgumentParser()
-    relay_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["relay", "serve", "--gateway", "http://gw/"])
+    def parser() -> argparse.ArgumentParser:  # reads the environment, as `openpcc` does
+        p = argparse.ArgumentParser()
+        relay_cli.register(p.add_subparsers())
+        return p
+
+    args = parser().parse_args(["relay", "serve", "--gateway", "http://gw/"])
     assert relay_cli.config_from_args(args).allow_origins == ()
     monkeypatch.setenv("OPENPCC_RELAY_ALLOW_ORIGIN", "https://a.example, http://b.example:8080")
+    args = parser().parse_args(["relay", "serve", "--gateway", "http://gw/"])
     config = relay_cli.config_from_args(args)
     assert config.allow_origins == ("https://a.example", "http://b.example:8080")
-    args = parser.parse_args(["relay", "serve", "--gateway", "http://gw/", "--allow-origin", "*"])
+    args = parser().parse_args(["relay", "serve", "--gateway", "http://gw/", "--allow-origin", "*"])
     assert relay_cli.config_from_args(args).allow_origins == ("*",)  # the flag wins
 
 
