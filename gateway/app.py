@@ -31,17 +31,16 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from gateway.config import DEFAULT_MAX_BODY, GatewayConfig
 from gateway.forward import Forwarder
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.keys import OhttpKeyRing
-from gateway.nodestore import DEFAULT_PREFIX, RedisNodeStore, RegistryFullError
+from gateway.nodestore import RedisNodeStore, RegistryFullError
 from gateway.outer import (
-    DEFAULT_MAX_BODY,
     Exchange,
     OuterLayer,
     OuterLimits,
@@ -55,7 +54,7 @@ from gateway.registry import (
     RegistrationError,
     parse_registration,
 )
-from gateway.spent import DEFAULT_TTL, SpentStore
+from gateway.spent import SpentStore
 from openpcc import audit
 from openpcc.audit import AuditLog
 from openpcc.bodies import read_at_most
@@ -72,21 +71,6 @@ WELL_KNOWN_KEYS = "/.well-known/ohttp-gateway"
 GATEWAY_PATH = "/gateway"
 REGISTER_PATH = "/internal/nodes"
 __all__ = ["DEFAULT_MAX_BODY", "Gateway", "GatewayConfig", "build_gateway"]
-
-
-@dataclass
-class GatewayConfig:
-    state_dir: Path
-    registration_secret: str
-    keys_max_age: int = 3600
-    max_body: int = DEFAULT_MAX_BODY
-    spent_ttl: int = DEFAULT_TTL
-    node_connect_timeout: float = 2.0
-    node_first_byte_timeout: float = 60.0
-    node_read_timeout: float = 300.0
-    client_timeout: float = 30.0
-    max_plain_response: int = 32 * 1024 * 1024
-    registry_sync_interval: float = 1.0
 
 
 @dataclass
@@ -298,7 +282,7 @@ class Gateway:
         try:
             value = request.headers.get("Authorization", "")
             scheme, _, secret = value.partition(" ")
-            expected = self.config.registration_secret.encode()
+            expected = (self.config.registration_secret or "").encode()
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 secret.strip().encode(), expected
             ):
@@ -360,26 +344,16 @@ def create_internal_app(gw: Gateway) -> web.Application:
     return app
 
 
-def build_gateway(
-    config: GatewayConfig,
-    *,
-    issuer_url: str,
-    issuer_name: str,
-    redis_url: str | None = None,
-    redis_prefix: str = DEFAULT_PREFIX,
-    node_ttl: float = 30.0,
-    health_interval: float = 5.0,
-    audit_path: Path | None = None,
-) -> Gateway:
+def build_gateway(config: GatewayConfig) -> Gateway:
     from gateway.keys import ensure_key
     from gateway.spent import open_spent_store
 
     return Gateway(
         config=config,
         ring=ensure_key(config.state_dir),
-        spent=open_spent_store(config.state_dir, redis_url, redis_prefix),
-        issuer=IssuerDirectoryCache(issuer_url, issuer_name),
-        registry=NodeRegistry(ttl=node_ttl, health_interval=health_interval),
-        audit_log=AuditLog(audit_path, "gateway") if audit_path else None,
-        shared_nodes=RedisNodeStore(redis_url, redis_prefix) if redis_url else None,
+        spent=open_spent_store(config.state_dir, config.redis, config.redis_prefix),
+        issuer=IssuerDirectoryCache(str(config.issuer), config.token_issuer_name),
+        registry=NodeRegistry(ttl=config.node_ttl, health_interval=config.health_interval),
+        audit_log=AuditLog(config.audit_log, "gateway") if config.audit_log else None,
+        shared_nodes=(RedisNodeStore(config.redis, config.redis_prefix) if config.redis else None),
     )

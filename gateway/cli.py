@@ -8,9 +8,7 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -18,13 +16,11 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _state(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--state",
-        type=Path,
-        default=Path(_env("STATE", ".state/gateway") or ".state/gateway"),
-        help="state folder: OHTTP keys (ohttp-keys/) and the SQLite spent-token store "
-        "(env OPENPCC_GATEWAY_STATE)",
-    )
+    """--state for the key commands: the same field as `gateway serve`'s."""
+    from gateway.config import ENV_PREFIX, GatewayConfig
+    from openpcc.service.config import add_config_args
+
+    add_config_args(p, GatewayConfig, ENV_PREFIX, only=("state_dir",))
 
 
 def register(sub: Any) -> None:
@@ -32,115 +28,12 @@ def register(sub: Any) -> None:
     gsub = gw.add_subparsers(dest="gateway_command", metavar="COMMAND", required=True)
 
     serve = gsub.add_parser("serve", help="run the gateway (public and internal listeners)")
-    _state(serve)
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="public listener")
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8403") or 8403))
-    serve.add_argument(
-        "--internal-host",
-        default=_env("INTERNAL_HOST", "127.0.0.1"),
-        help="node registration listener; bind it where only nodes reach it",
-    )
-    serve.add_argument(
-        "--internal-port", type=int, default=int(_env("INTERNAL_PORT", "8404") or 8404)
-    )
-    serve.add_argument(
-        "--issuer",
-        default=_env("ISSUER"),
-        metavar="URL",
-        help="issuer base URL; its directory lists the token keys we redeem "
-        "(env OPENPCC_GATEWAY_ISSUER)",
-    )
-    serve.add_argument(
-        "--issuer-name",
-        default=_env("ISSUER_NAME"),
-        help="issuer_name of the TokenChallenge tokens must be for (default: host of --issuer)",
-    )
-    serve.add_argument(
-        "--redis",
-        default=_env("REDIS"),
-        metavar="URL",
-        help="spent tokens and the node registry in Redis, shared by replicas "
-        "(env OPENPCC_GATEWAY_REDIS)",
-    )
-    serve.add_argument(
-        "--redis-prefix",
-        default=_env("REDIS_PREFIX", "openpcc:gateway:"),
-        metavar="PREFIX",
-        help="prefix of this deployment's Redis keys (two deployments sharing a Redis "
-        "need different ones)",
-    )
-    serve.add_argument(
-        "--registry-sync",
-        type=float,
-        default=float(_env("REGISTRY_SYNC", "1") or 1),
-        metavar="SECONDS",
-        help="with --redis: how often to copy the shared node registry from Redis",
-    )
-    serve.add_argument(
-        "--registration-secret",
-        default=_env("REGISTRATION_SECRET"),
-        help="bearer secret nodes register with (env OPENPCC_GATEWAY_REGISTRATION_SECRET; "
-        "prefer the env var: flags show up in ps)",
-    )
-    serve.add_argument(
-        "--node-ttl",
-        type=float,
-        default=float(_env("NODE_TTL", "30") or 30),
-        metavar="SECONDS",
-        help="drop a node after this long without a heartbeat (3 x its interval)",
-    )
-    serve.add_argument(
-        "--health-interval",
-        type=float,
-        default=float(_env("HEALTH_INTERVAL", "5") or 5),
-        metavar="SECONDS",
-        help="how often to GET each node's /healthz",
-    )
-    serve.add_argument(
-        "--spent-ttl",
-        type=int,
-        default=int(_env("SPENT_TTL", str(32 * 86400)) or 32 * 86400),
-        metavar="SECONDS",
-        help="how long a spent token is remembered; at least the issuer key lifetime",
-    )
-    serve.add_argument(
-        "--keys-max-age",
-        type=int,
-        default=int(_env("KEYS_MAX_AGE", "3600") or 3600),
-        metavar="SECONDS",
-        help="Cache-Control max-age of the key configs (keep below the rotation grace)",
-    )
-    serve.add_argument(
-        "--node-timeout",
-        type=float,
-        default=float(_env("NODE_TIMEOUT", "60") or 60),
-        metavar="SECONDS",
-        help="time a node has to start answering before the next candidate is tried",
-    )
-    serve.add_argument(
-        "--max-body",
-        type=int,
-        default=None,
-        metavar="BYTES",
-        help="largest encapsulated request (default fits the largest sealed envelope)",
-    )
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=float(_env("SHUTDOWN_TIMEOUT", "30") or 30),
-        metavar="SECONDS",
-        help="on SIGTERM, stop accepting and let in-flight streams finish this long",
-    )
-    serve.add_argument(
-        "--audit-log",
-        type=Path,
-        default=_env("AUDIT_LOG"),
-        metavar="FILE",
-        help="record what the gateway received (tests and demo only; never in production)",
-    )
+    from gateway.config import ENV_PREFIX, GatewayConfig
+    from openpcc.service.config import add_config_args
     from openpcc.service.serve import add_connection_args
 
-    add_connection_args(serve, "OPENPCC_GATEWAY_")
+    add_config_args(serve, GatewayConfig, ENV_PREFIX)
+    add_connection_args(serve, ENV_PREFIX)
     serve.set_defaults(func=_serve)
 
     keys = gsub.add_parser("keys", help="manage OHTTP key configs")
@@ -159,7 +52,7 @@ def register(sub: Any) -> None:
 def _keys_rotate(args: argparse.Namespace) -> int:
     from gateway.keys import OhttpKeyRing
 
-    ring = OhttpKeyRing.load(args.state)
+    ring = OhttpKeyRing.load(args.state_dir)
     new, pruned = ring.rotate(now=time.time(), grace=args.grace)
     for kid in pruned:
         print(f"removed expired key {kid}")
@@ -173,7 +66,7 @@ def _keys_list(args: argparse.Namespace) -> int:
     from gateway.keys import OhttpKeyRing
 
     now = time.time()
-    for k in OhttpKeyRing.load(args.state).keys:
+    for k in OhttpKeyRing.load(args.state_dir).keys:
         print(
             json.dumps(
                 {
@@ -189,62 +82,21 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from gateway.app import build_gateway, create_internal_app, create_public_app
+    from gateway.config import GatewayConfig
+    from openpcc.service.config import config_from_args
     from openpcc.service.logs import setup_logging
-    from openpcc.service.serve import connection_limits
+    from openpcc.service.serve import Listener, connection_limits, serve
 
-    setup_logging()
     try:
+        config = config_from_args(GatewayConfig, args)
         limits = connection_limits(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"openpcc gateway: {exc}", file=sys.stderr)
         return 2
-    if not args.issuer:
-        print("error: --issuer URL is required (or OPENPCC_GATEWAY_ISSUER)", file=sys.stderr)
-        return 2
-    if not args.registration_secret or len(args.registration_secret) < 16:
-        print(
-            "error: --registration-secret (or OPENPCC_GATEWAY_REGISTRATION_SECRET) of at "
-            "least 16 characters is required",
-            file=sys.stderr,
-        )
-        return 2
-    issuer_name = args.issuer_name or urlsplit(args.issuer).hostname
-    if not issuer_name:
-        print("error: cannot derive --issuer-name from --issuer", file=sys.stderr)
-        return 2
-    return _run(args, issuer_name, limits)
-
-
-def _run(args: argparse.Namespace, issuer_name: str, limits: Any) -> int:
-    from gateway.app import (
-        DEFAULT_MAX_BODY,
-        GatewayConfig,
-        build_gateway,
-        create_internal_app,
-        create_public_app,
-    )
-    from openpcc.service.serve import Listener, serve
-
-    args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config = GatewayConfig(
-        state_dir=args.state,
-        registration_secret=args.registration_secret,
-        keys_max_age=args.keys_max_age,
-        max_body=args.max_body or DEFAULT_MAX_BODY,
-        spent_ttl=args.spent_ttl,
-        node_first_byte_timeout=args.node_timeout,
-        registry_sync_interval=args.registry_sync,
-    )
-    gw = build_gateway(
-        config,
-        issuer_url=args.issuer,
-        issuer_name=issuer_name,
-        redis_url=args.redis,
-        redis_prefix=args.redis_prefix,
-        node_ttl=args.node_ttl,
-        health_interval=args.health_interval,
-        audit_path=args.audit_log,
-    )
+    setup_logging()
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    gw = build_gateway(config)
     log = logging.getLogger("openpcc.gateway")
 
     def ready() -> None:
@@ -259,11 +111,11 @@ def _run(args: argparse.Namespace, issuer_name: str, limits: Any) -> int:
         gc.set_threshold(10_000, 10, 10)
         log.info(
             "gateway listening on %s:%d (internal %s:%d), issuer_name %r",
-            args.host,
-            args.port,
-            args.internal_host,
-            args.internal_port,
-            issuer_name,
+            config.host,
+            config.port,
+            config.internal_host,
+            config.internal_port,
+            config.token_issuer_name,
         )
 
     # No access log: the gateway must not keep a per-request record (peer = relay, but
@@ -271,11 +123,13 @@ def _run(args: argparse.Namespace, issuer_name: str, limits: Any) -> int:
     # that leaves cancels the node request too. The internal listener gets the same.
     return serve(
         [
-            Listener(create_public_app(gw), args.host, args.port),
-            Listener(create_internal_app(gw), args.internal_host, args.internal_port, "internal"),
+            Listener(create_public_app(gw), config.host, config.port),
+            Listener(
+                create_internal_app(gw), config.internal_host, config.internal_port, "internal"
+            ),
         ],
         limits=limits,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=config.shutdown_timeout,
         on_start=gw.start,
         on_stop=gw.stop,
         ready=ready,

@@ -16,7 +16,8 @@ import time
 
 import aiohttp
 
-from gateway.outer import MAX_ENVELOPE, Exchange, NodeStreamError, Sink, inner_problem
+from gateway.config import MAX_ENVELOPE
+from gateway.outer import Exchange, NodeStreamError, Sink, inner_problem
 from gateway.redeem import Redeemer
 from gateway.registry import NodeRegistry, Registration
 from openpcc.errors import OpenPCCError

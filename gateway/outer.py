@@ -20,11 +20,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.config import MAX_INNER_REQUEST
 from openpcc import audit
 from openpcc.errors import OpenPCCError, UnsupportedError
 from openpcc.service.http import PROBLEM_JSON, Metrics, problem
 from openpcc.service.stagetrace import StageTrace
-from openpcc.wire import bhttp, sealed
+from openpcc.wire import bhttp
 from openpcc.wire.bhttp_stream import ResponseStreamEncoder
 from openpcc.wire.chunked import (
     DEFAULT_MAX_CHUNK_SIZE,
@@ -37,21 +38,6 @@ from openpcc.wire.ohttp import MEDIA_TYPE_REQUEST, MEDIA_TYPE_RESPONSE, decapsul
 
 # RFC 9458 §5.3 / §9.5: "key configuration not acceptable" problem type.
 OHTTP_KEY_PROBLEM = "https://iana.org/assignments/http-problem-types#ohttp-key"
-# Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
-MAX_ENVELOPE = (
-    sealed.MAX_REQUEST_BYTES
-    + (sealed.MAX_REQUEST_BYTES // sealed.CHUNK_SIZE + 1) * (1 + 4 + 16)
-    + 7
-    + sealed.NONCE_LEN
-    + 1
-    + sealed.MAX_MODEL_LEN
-    + 1
-    + sealed.MAX_CANDIDATES * (sealed.NODE_ID_LEN + sealed.KEY_ID_LEN + 32 + sealed.WRAPPED_LEN)
-)
-# Inner BHTTP request: envelope plus headers (the token is ~480 bytes) and framing.
-MAX_INNER_REQUEST = MAX_ENVELOPE + 64 * 1024
-# Outer OHTTP body: inner request plus per-chunk framing and tags.
-DEFAULT_MAX_BODY = MAX_INNER_REQUEST + 64 * 1024
 # Content of one response chunk; leaves room for BHTTP framing inside the OHTTP limit.
 OUT_PIECE = DEFAULT_MAX_CHUNK_SIZE - 64
 

@@ -630,6 +630,7 @@ def test_allow_origin_parsing_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("app.example", "https://a.example/path", "https://u@a.example", "null"):
         with pytest.raises(ValueError):
             parse_origins([bad])
+
     def parser() -> argparse.ArgumentParser:  # reads the environment, as `openpcc` does
         p = argparse.ArgumentParser()
         relay_cli.register(p.add_subparsers())

@@ -98,3 +98,28 @@ def test_issuer_flags_all_have_variables() -> None:
                 "DIRECTORY_MAX_AGE", "MAX_BATCH", "SHUTDOWN_TIMEOUT"):  # fmt: skip
         assert ENV_PREFIX + var in " ".join(text.split()), var
     assert ENV_PREFIX + "AUDIT_LOG" not in text
+
+
+def test_gateway_config_one_meaning_of_max_body_and_clear_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--max-body` is a size everywhere (it was bytes in the gateway, "8m" in the relay)."""
+    from gateway.config import ENV_PREFIX, GatewayConfig
+
+    for var in ("ISSUER", "REGISTRATION_SECRET", "MAX_BODY"):
+        monkeypatch.delenv(ENV_PREFIX + var, raising=False)
+    p = argparse.ArgumentParser()
+    add_config_args(p, GatewayConfig, ENV_PREFIX)
+    with pytest.raises(ValueError, match="--issuer URL is required"):
+        config_from_args(GatewayConfig, p.parse_args([]))
+    args = p.parse_args(["--issuer", "http://issuer.example:8401", "--max-body", "9m"])
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        config_from_args(GatewayConfig, args)
+    monkeypatch.setenv(ENV_PREFIX + "REGISTRATION_SECRET", "s" * 16)
+    p = argparse.ArgumentParser()
+    add_config_args(p, GatewayConfig, ENV_PREFIX)
+    config = config_from_args(
+        GatewayConfig, p.parse_args(["--issuer", "http://issuer.example:8401", "--max-body", "9m"])
+    )
+    assert config.max_body == 9 << 20
+    assert config.token_issuer_name == "issuer.example"

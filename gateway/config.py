@@ -1,0 +1,185 @@
+"""The gateway's configuration: one frozen dataclass; its flags and ``OPENPCC_GATEWAY_*``
+variables are derived from it (openpcc/service/config.py). Free of aiohttp.
+
+Fields without ``option`` metadata are internal settings tests and benchmarks may set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway.spent import DEFAULT_TTL
+from openpcc.service.config import option
+from openpcc.wire import sealed
+
+ENV_PREFIX = "OPENPCC_GATEWAY_"
+DEFAULT_SPENT_TTL = 32 * 86400  # longer than the issuer's default key lifetime plus skew
+# Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
+MAX_ENVELOPE = (
+    sealed.MAX_REQUEST_BYTES
+    + (sealed.MAX_REQUEST_BYTES // sealed.CHUNK_SIZE + 1) * (1 + 4 + 16)
+    + 7
+    + sealed.NONCE_LEN
+    + 1
+    + sealed.MAX_MODEL_LEN
+    + 1
+    + sealed.MAX_CANDIDATES * (sealed.NODE_ID_LEN + sealed.KEY_ID_LEN + 32 + sealed.WRAPPED_LEN)
+)
+# Inner BHTTP request: envelope plus headers (the token is ~480 bytes) and framing.
+MAX_INNER_REQUEST = MAX_ENVELOPE + 64 * 1024
+# Outer OHTTP body: inner request plus per-chunk framing and tags.
+DEFAULT_MAX_BODY = MAX_INNER_REQUEST + 64 * 1024
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    state_dir: Path = field(
+        default=Path(".state/gateway"),
+        metadata=option(
+            "state folder: OHTTP keys (ohttp-keys/) and the SQLite spent-token store",
+            kind="path",
+            flag="--state",
+            metavar="DIR",
+        ),
+    )
+    host: str = field(default="127.0.0.1", metadata=option("public listener address"))
+    port: int = field(default=8403, metadata=option("public listener port", kind="int"))
+    internal_host: str = field(
+        default="127.0.0.1",
+        metadata=option("node registration listener; bind it where only nodes reach it"),
+    )
+    internal_port: int = field(
+        default=8404, metadata=option("node registration listener port", kind="int")
+    )
+    issuer: str | None = field(
+        default=None,
+        metadata=option(
+            "issuer base URL; its directory lists the token keys we redeem (required)",
+            metavar="URL",
+        ),
+    )
+    issuer_name: str | None = field(
+        default=None,
+        metadata=option(
+            "issuer_name of the TokenChallenge tokens must be for (default: host of --issuer)"
+        ),
+    )
+    redis: str | None = field(
+        default=None,
+        metadata=option(
+            "spent tokens and the node registry in Redis, shared by replicas", metavar="URL"
+        ),
+    )
+    redis_prefix: str = field(
+        default="openpcc:gateway:",
+        metadata=option(
+            "prefix of this deployment's Redis keys (two deployments sharing a Redis need "
+            "different ones)",
+            metavar="PREFIX",
+        ),
+    )
+    registry_sync_interval: float = field(
+        default=1.0,
+        metadata=option(
+            "with --redis: how often to copy the shared node registry from Redis",
+            kind="float",
+            flag="--registry-sync",
+            metavar="SECONDS",
+        ),
+    )
+    registration_secret: str | None = field(
+        default=None,
+        metadata=option(
+            "bearer secret nodes register with, at least 16 characters (prefer the variable: "
+            "flags show up in ps)"
+        ),
+    )
+    node_ttl: float = field(
+        default=30.0,
+        metadata=option(
+            "drop a node after this long without a heartbeat (3 x its interval)",
+            kind="float",
+            metavar="SECONDS",
+        ),
+    )
+    health_interval: float = field(
+        default=5.0,
+        metadata=option("how often to GET each node's /healthz", kind="float", metavar="SECONDS"),
+    )
+    spent_ttl: int = field(
+        default=DEFAULT_TTL,
+        metadata=option(
+            "how long a spent token is remembered; at least the issuer key lifetime",
+            kind="int",
+            metavar="SECONDS",
+        ),
+    )
+    keys_max_age: int = field(
+        default=3600,
+        metadata=option(
+            "Cache-Control max-age of the key configs (keep below the rotation grace)",
+            kind="int",
+            metavar="SECONDS",
+        ),
+    )
+    node_first_byte_timeout: float = field(
+        default=60.0,
+        metadata=option(
+            "time a node has to start answering before the next candidate is tried",
+            kind="float",
+            flag="--node-timeout",
+            metavar="SECONDS",
+        ),
+    )
+    max_body: int = field(
+        default=DEFAULT_MAX_BODY,
+        metadata=option(
+            "largest encapsulated request, e.g. 9m (default fits the largest sealed envelope)",
+            kind="size",
+        ),
+    )
+    shutdown_timeout: float = field(
+        default=30.0,
+        metadata=option(
+            "on SIGTERM, stop accepting and let in-flight streams finish this long",
+            kind="float",
+            metavar="SECONDS",
+        ),
+    )
+    audit_log: Path | None = field(
+        default=None,
+        metadata=option(
+            "record what the gateway received (tests and demo only; never in production)",
+            kind="path",
+            metavar="FILE",
+            env=False,
+        ),
+    )
+    # Internal settings (no flag).
+    node_connect_timeout: float = 2.0
+    node_read_timeout: float = 300.0
+    client_timeout: float = 30.0
+    max_plain_response: int = 32 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.issuer:
+            raise ValueError(f"--issuer URL is required (or {ENV_PREFIX}ISSUER)")
+        if not self.registration_secret or len(self.registration_secret) < 16:
+            raise ValueError(
+                f"--registration-secret (or {ENV_PREFIX}REGISTRATION_SECRET) of at least 16 "
+                "characters is required"
+            )
+        if not self.issuer_name and not urlsplit(self.issuer).hostname:
+            raise ValueError("cannot derive --issuer-name from --issuer")
+        for name in ("port", "internal_port"):
+            if not 1 <= getattr(self, name) <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} must be 1..65535")
+        if self.max_body < 1 or self.spent_ttl < 1:
+            raise ValueError("--max-body and --spent-ttl must be positive")
+
+    @property
+    def token_issuer_name(self) -> str:
+        """The TokenChallenge issuer_name: the flag, else the host of --issuer."""
+        return self.issuer_name or str(urlsplit(str(self.issuer)).hostname)
