@@ -475,7 +475,8 @@ def _group_alive(pgid: int) -> bool:
             return True
         return True
     for p in psutil.process_iter(["status"]):
-        with contextlib.suppress(psutil.Error):
+        # A process may exit between the listing and getpgid (seen in the suite).
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
             if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
                 return True
     return False
