@@ -86,11 +86,12 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.config import GatewayConfig
     from openpcc.service.config import config_from_args
     from openpcc.service.logs import setup_logging
-    from openpcc.service.serve import Listener, connection_limits, serve
+    from openpcc.service.serve import Listener, connection_limits, metrics_listener, serve
 
     try:
         config = config_from_args(GatewayConfig, args)
         limits = connection_limits(args)
+        metrics = metrics_listener(args)
     except ValueError as exc:
         print(f"openpcc gateway: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
             ),
         ],
         limits=limits,
+        metrics=metrics,
         shutdown_timeout=config.shutdown_timeout,
         on_start=gw.start,
         on_stop=gw.stop,

@@ -363,11 +363,12 @@ def _node_serve(args: argparse.Namespace) -> int:
     from node.policy import RequestLimits
     from node.register import RegistrationConfig
     from node.server import NodeConfig, NodeService, run
-    from openpcc.service.serve import connection_limits
+    from openpcc.service.serve import connection_limits, metrics_listener
 
     if not args.engine_url and not args.vllm_model:
         raise ValueError("give --engine-url URL or --vllm-model DIR")
     limits = connection_limits(args)
+    metrics = metrics_listener(args)
     if not args.gateway_internal:
         args.gateway_internal = [u for u in (_env("GATEWAY_INTERNAL") or "").split(",") if u]
     if args.gateway_internal and not args.registration_secret:
@@ -477,6 +478,7 @@ def _node_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         limits=limits,
+        metrics=metrics,
         audit_log=args.audit_log,
         shutdown_timeout=args.shutdown_timeout,
     )

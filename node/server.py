@@ -32,7 +32,7 @@ from openpcc import audit
 from openpcc.attestation.claims import Claims
 from openpcc.errors import OpenPCCError
 from openpcc.service.http import Metrics, problem
-from openpcc.service.serve import ConnectionLimits, Listener, serve
+from openpcc.service.serve import ConnectionLimits, Listener, MetricsListener, serve
 from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, hpke, sealed
 
@@ -426,6 +426,7 @@ def run(
     host: str,
     port: int,
     limits: ConnectionLimits | None = None,
+    metrics: MetricsListener | None = None,
     audit_log: Path | None = None,
     shutdown_timeout: float = 30.0,
 ) -> int:
@@ -437,6 +438,7 @@ def run(
     return serve(
         [Listener(build_app(service, audit_log=audit_log), host, port)],
         limits=limits or ConnectionLimits(),
+        metrics=metrics,
         shutdown_timeout=shutdown_timeout,
         exit_code=lambda: service.exit_code,
         handler_cancellation=True,  # a gateway that leaves aborts the engine request

@@ -96,11 +96,12 @@ def _access_logger_class() -> type:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from openpcc.service.serve import connection_limits
+    from openpcc.service.serve import connection_limits, metrics_listener
 
     try:
         config = config_from_args(args)
         limits = connection_limits(args)
+        metrics = metrics_listener(args)
     except ValueError as exc:
         print(f"openpcc relay: {exc}", file=sys.stderr)
         return 2
@@ -122,6 +123,7 @@ def serve_command(args: argparse.Namespace) -> int:
     return serve(
         [Listener(build_app(config), config.host, config.port)],
         limits=limits,
+        metrics=metrics,
         shutdown_timeout=config.shutdown_timeout,
         use_uvloop=config.uvloop,
         access_log=logging.getLogger("openpcc.relay.access") if config.access_log else None,

@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from openpcc.devstack.local import LocalStack, start_local_stack
+from openpcc.devstack.processes import free_port
 from openpcc.service.serve import ConnectionLimits
 from openpcc.wire import ohttp, sealed
 from openpcc.wire.chunked import ChunkedRequestSender
 from tests.conftest import FAKE_MODEL
 
+METRICS_PORTS: dict[str, int] = {}
 HEAD_TIMEOUT = 1.0
 BODY_GRACE = 1.0
 MAX_PER_CLIENT = 6
@@ -51,6 +53,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake_engine: str) -> Iterato
         mp.setenv(prefix + "BODY_MIN_RATE", "1000")
         mp.setenv(prefix + "KEEPALIVE_TIMEOUT", "30")
     mp.setenv("OPENPCC_RELAY_MAX_PER_CLIENT", str(MAX_PER_CLIENT))
+    for party, prefix in PARTY_ENV.items():
+        METRICS_PORTS[party] = free_port()
+        mp.setenv(prefix + "METRICS_PORT", str(METRICS_PORTS[party]))
     state = tmp_path_factory.mktemp("kit")
     try:
         s = start_local_stack(
@@ -257,3 +262,18 @@ def test_every_service_error_is_an_openpcc_error() -> None:
         assert issubclass(cls, OpenPCCError), cls
     assert RegistryFullError.status_hint == 503 and UpstreamTimeout.status_hint == 504
     assert Rejected(404, "Not Found").status_hint == 404
+
+
+@pytest.mark.parametrize("party", list(PARTY_ENV))
+def test_metrics_on_their_own_listener(stack: LocalStack, party: str) -> None:
+    """--metrics-port: counters only there; the public listener answers 404 for them."""
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(stack.urls[party] + "/metrics", timeout=5)
+    assert exc.value.code == 404
+    url = f"http://127.0.0.1:{METRICS_PORTS[party]}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = r.read()
+    assert r.status == 200 and b"# TYPE openpcc_" in body
+    assert _healthy(stack.urls[party])  # the rest of the public listener is unchanged

@@ -187,7 +187,7 @@ def _keys_list(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from openpcc.service.config import config_from_args
     from openpcc.service.logs import setup_logging
-    from openpcc.service.serve import Listener, connection_limits, serve
+    from openpcc.service.serve import Listener, connection_limits, metrics_listener, serve
     from tokens.app import create_app
     from tokens.config import IssuerConfig
     from tokens.keys import ensure_key
@@ -195,6 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(IssuerConfig, args)
         limits = connection_limits(args)
+        metrics = metrics_listener(args)
     except ValueError as exc:
         print(f"openpcc issuer: {exc}", file=sys.stderr)
         return 2
@@ -207,5 +208,6 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(
         [Listener(app, config.host, config.port)],
         limits=limits,
+        metrics=metrics,
         shutdown_timeout=config.shutdown_timeout,
     )

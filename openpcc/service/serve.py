@@ -85,17 +85,70 @@ class ConnectionLimits:
             raise ValueError("max-per-client must be >= 0 (0: no cap)")
 
 
+@dataclass(frozen=True)
+class MetricsListener:
+    """Where ``/metrics`` is served: on the public listener (port 0), or only on a listener
+    of its own, so operators need not expose counters to clients."""
+
+    metrics_host: str = field(
+        default="127.0.0.1", metadata=option("address of the separate /metrics listener")
+    )
+    metrics_port: int = field(
+        default=0,
+        metadata=option("serve /metrics only on this port, not on the public listener (0: on "
+                        "the public listener)", kind="int", metavar="PORT"),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("--metrics-port must be 0..65535")
+
+
 def add_connection_args(
     parser: argparse.ArgumentParser, env_prefix: str, *, max_per_client: int = 0
 ) -> None:
-    """The hygiene flags, each with its ``<env_prefix><FLAG>`` variable (flags win)."""
+    """The hygiene and metrics-listener flags, each with its ``<env_prefix><FLAG>``
+    variable (flags win)."""
     add_config_args(
         parser, ConnectionLimits, env_prefix, defaults={"max_per_client": max_per_client}
     )
+    add_config_args(parser, MetricsListener, env_prefix)
 
 
 def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
     return config_from_args(ConnectionLimits, args)
+
+
+def metrics_listener(args: argparse.Namespace) -> MetricsListener:
+    return config_from_args(MetricsListener, args)
+
+
+def split_metrics(listener: Listener, where: MetricsListener) -> list[Listener]:
+    """With a metrics port: a small app serving the public app's ``GET /metrics``
+    handler there, and the public listener answering 404 for it."""
+    if not where.metrics_port:
+        return [listener]
+    metrics_handler = next(
+        (
+            r.handler
+            for r in listener.app.router.routes()
+            if r.method == "GET" and r.resource is not None and r.resource.canonical == "/metrics"
+        ),
+        None,
+    )
+    if metrics_handler is None:
+        raise ValueError(f"{listener.name} listener has no GET /metrics to move")
+
+    @web.middleware
+    async def hide(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/metrics":
+            return problem(404, "Not Found", "metrics are served on their own listener")
+        return await handler(request)
+
+    listener.app.middlewares.append(hide)
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", metrics_handler)
+    return [listener, Listener(metrics_app, where.metrics_host, where.metrics_port, "metrics")]
 
 
 @dataclass(frozen=True)
@@ -266,13 +319,18 @@ def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     ready: Callable[[], None] | None = None,
     exit_code: Callable[[], int] | None = None,
+    metrics: MetricsListener | None = None,
     **runner_kwargs: Any,
 ) -> int:
     """Run ``listeners`` until SIGINT/SIGTERM; the exit status is ``exit_code()`` or 0.
 
+    ``metrics`` with a port moves the first listener's ``/metrics`` there.
+
     ``runner_kwargs`` go to every ``web.AppRunner`` (``access_log``, ``handler_cancellation``
     ...); ``access_log`` defaults to None: no party keeps a per-request record by default.
     """
+    if metrics is not None and listeners:
+        listeners = [*split_metrics(listeners[0], metrics), *listeners[1:]]
     main = _serve(listeners, limits, shutdown_timeout, on_start, on_stop, ready, runner_kwargs)
     if use_uvloop:
         import uvloop
