@@ -6,7 +6,6 @@ import argparse
 import gc
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -85,17 +84,11 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import build_gateway, create_internal_app, create_public_app
     from gateway.config import GatewayConfig
     from openpcc.service.config import config_from_args
-    from openpcc.service.logs import setup_logging
-    from openpcc.service.serve import Listener, connection_limits, metrics_listener, serve
+    from openpcc.service.serve import Listener, serve, serve_settings
 
-    try:
-        config = config_from_args(GatewayConfig, args)
-        limits = connection_limits(args)
-        metrics = metrics_listener(args)
-    except ValueError as exc:
-        print(f"openpcc gateway: {exc}", file=sys.stderr)
-        return 2
-    setup_logging()
+    config, limits, metrics = serve_settings(
+        lambda: config_from_args(GatewayConfig, args), args, "gateway"
+    )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     gw = build_gateway(config)
     log = logging.getLogger("openpcc.gateway")

@@ -96,26 +96,16 @@ def _access_logger_class() -> type:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from openpcc.service.serve import connection_limits, metrics_listener
+    from openpcc.service.serve import Listener, serve, serve_settings
 
-    try:
-        config = config_from_args(args)
-        limits = connection_limits(args)
-        metrics = metrics_listener(args)
-    except ValueError as exc:
-        print(f"openpcc relay: {exc}", file=sys.stderr)
-        return 2
+    config, limits, metrics = serve_settings(lambda: config_from_args(args), args, "relay")
     if config.uvloop:
         try:
             import uvloop  # noqa: F401
         except ImportError:
             print("openpcc relay: --uvloop needs the uvloop package", file=sys.stderr)
             return 2
-    from openpcc.service.logs import setup_logging
 
-    setup_logging()
-
-    from openpcc.service.serve import Listener, serve
     from relay.app import build_app
 
     routes = ", ".join(f"{g.post_path} -> {g.url}" for g in config.gateways)

@@ -123,3 +123,31 @@ def test_gateway_config_one_meaning_of_max_body_and_clear_errors(
     )
     assert config.max_body == 9 << 20
     assert config.token_issuer_name == "issuer.example"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["gateway", "serve"], "openpcc gateway: --issuer URL is required"),
+        (["issuer", "serve", "--port", "0"], "openpcc issuer: --port must be 1..65535"),
+        (["relay", "serve"], "openpcc relay: at least one --gateway is required"),
+        (
+            ["relay", "serve", "--gateway", "http://g/", "--head-timeout", "0"],
+            "openpcc relay: head-timeout must be positive",
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(argv: list[str], line: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPCC_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "openpcc.cli", *argv, *(["--state", str(tmp_path)] if
+         argv[0] != "relay" else [])],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), out.stderr

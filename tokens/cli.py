@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -186,20 +185,14 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from openpcc.service.config import config_from_args
-    from openpcc.service.logs import setup_logging
-    from openpcc.service.serve import Listener, connection_limits, metrics_listener, serve
+    from openpcc.service.serve import Listener, serve, serve_settings
     from tokens.app import create_app
     from tokens.config import IssuerConfig
     from tokens.keys import ensure_key
 
-    try:
-        config = config_from_args(IssuerConfig, args)
-        limits = connection_limits(args)
-        metrics = metrics_listener(args)
-    except ValueError as exc:
-        print(f"openpcc issuer: {exc}", file=sys.stderr)
-        return 2
-    setup_logging()
+    config, limits, metrics = serve_settings(
+        lambda: config_from_args(IssuerConfig, args), args, "issuer"
+    )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ring = ensure_key(config.state_dir)
     app = create_app(_store(args), ring, config, audit_log=config.audit_log)

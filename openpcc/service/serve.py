@@ -28,16 +28,20 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from openpcc.service.config import add_config_args, config_from_args, option
 from openpcc.service.http import problem
+from openpcc.service.logs import setup_logging
+
+T = TypeVar("T")
 
 
 class BodyTooSlowError(TimeoutError):
@@ -121,6 +125,23 @@ def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
 
 def metrics_listener(args: argparse.Namespace) -> MetricsListener:
     return config_from_args(MetricsListener, args)
+
+
+def serve_settings(
+    build: Callable[[], T], args: argparse.Namespace, command: str
+) -> tuple[T, ConnectionLimits, MetricsListener]:
+    """A party's config (``build()``), connection limits and metrics listener from parsed
+    arguments, then the one logging setup. A bad value ends the command with one line
+    (``openpcc <command>: <reason>``, exit 2), never a traceback."""
+    try:
+        config = build()
+        limits = connection_limits(args)
+        metrics = metrics_listener(args)
+    except ValueError as exc:
+        print(f"openpcc {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging()
+    return config, limits, metrics
 
 
 def split_metrics(listener: Listener, where: MetricsListener) -> list[Listener]:
