@@ -14,6 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from node.config import ENV_PREFIX as NODE_ENV
+from node.config import GPU_CHOICES, TEE_CHOICES, NodeServeConfig
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the node's command groups to the ``openpcc`` command."""
@@ -40,7 +43,6 @@ def _register_model(sub: argparse._SubParsersAction) -> None:
         "into DIR, deterministically from --seed, and print its directory and weights "
         "digest. It exists so that vLLM can be tested without downloading a model: "
         "its output is meaningless text. See docs/node-engine.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tiny.add_argument("dir", type=Path, metavar="DIR", help="directory to write the model to")
     tiny.add_argument("--seed", type=int, default=0, help="seed for the random weights")
@@ -69,16 +71,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-NODE_ENV = "OPENPCC_NODE_"
-# node.evidence's TEE_CHOICES / GPU_CHOICES, repeated so `openpcc --help` imports no
-# attestation code (tests/test_node_evidence.py keeps them equal).
-TEE_CHOICES = ("simulated", "auto", "configfs-tsm", "sev-guest")
-GPU_CHOICES = ("none", "nvml")
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(NODE_ENV + name, default)
+__all__ = ["GPU_CHOICES", "NODE_ENV", "TEE_CHOICES", "register"]
 
 
 def _register_node(sub: argparse._SubParsersAction) -> None:
@@ -99,206 +92,16 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
         f"as {NODE_ENV}<FLAG> (e.g. {NODE_ENV}REGISTRATION_SECRET); flags win.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = serve.add_argument
-    add("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
-    add("--port", type=int, default=int(_env("PORT", "8090") or 8090), help="port to listen on")
-    add(
-        "--public-url",
-        default=_env("PUBLIC_URL"),
-        help="how the gateway reaches this node (default: http://HOST:PORT)",
-    )
-    add(
-        "--gateway-internal",
-        action="append",
-        default=None,
-        metavar="URL",
-        help="a gateway's internal base URL (POST URL/internal/nodes); repeat it once per "
-        "gateway replica, each keeps its own node registry (env: comma-separated); "
-        "none: do not register",
-    )
-    add(
-        "--registration-secret",
-        default=_env("REGISTRATION_SECRET"),
-        help="bearer secret for registration (prefer the environment variable)",
-    )
-    add(
-        "--heartbeat",
-        type=float,
-        default=float(_env("HEARTBEAT", "10") or 10),
-        help="seconds between registrations (the gateway drops a node after 3 missed)",
-    )
-    add(
-        "--node-id",
-        default=_env("NODE_ID"),
-        metavar="HEX32",
-        help="16-byte node id in hex (default: random, kept in --state across restarts)",
-    )
-    add(
-        "--state",
-        type=Path,
-        default=_env("STATE"),
-        metavar="DIR",
-        help="directory for the node id and the simulated TEE (never the HPKE key)",
-    )
-    add(
-        "--model-name",
-        default=_env("MODEL_NAME"),
-        help="the served model name (with --engine-url: default the one model the engine "
-        "lists; an engine listing several needs this)",
-    )
-    engine = serve.add_mutually_exclusive_group()
-    engine.add_argument(
-        "--engine-url",
-        default=_env("ENGINE_URL"),
-        metavar="URL",
-        help="an OpenAI-compatible engine already running on loopback",
-    )
-    engine.add_argument(
-        "--vllm-model",
-        type=Path,
-        default=_env("VLLM_MODEL"),
-        metavar="DIR",
-        help="start and supervise vLLM serving this model directory",
-    )
-    add(
-        "--model-digest",
-        default=_env("MODEL_DIGEST"),
-        metavar="HEX",
-        help="SHA-256 of the served weights for the claims, with --engine-url (default: "
-        "SHA-256 of the model name, which pins nothing; see docs/node.md)",
-    )
-    add(
-        "--vllm-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for vLLM (repeatable, e.g. --vllm-arg=--enforce-eager)",
-    )
-    add(
-        "--vllm-max-model-len",
-        type=int,
-        default=int(_env("VLLM_MAX_MODEL_LEN", "512") or 512),
-        help="vLLM --max-model-len",
-    )
-    add("--vllm-log", type=Path, default=_env("VLLM_LOG"), help="file for vLLM's own output")
-    add(
-        "--tee",
-        choices=TEE_CHOICES,
-        default=_env("TEE", "simulated"),
-        help="where TEE evidence comes from: auto (configfs-tsm, else /dev/sev-guest; "
-        "fails without TEE hardware), configfs-tsm, sev-guest, or simulated "
-        "(development only)",
-    )
-    add(
-        "--tee-dir",
-        type=Path,
-        default=_env("TEE_DIR"),
-        metavar="DIR",
-        help="simulated TEE keys (created if missing; default: STATE/simulated-tee); "
-        "--tee simulated only",
-    )
-    add(
-        "--tee-measurement",
-        default=_env("TEE_MEASUREMENT"),
-        metavar="HEX96",
-        help="launch measurement the simulated TEE reports (default: SHA-384 over a label "
-        "and the release id; see docs/node.md); --tee simulated only",
-    )
-    add(
-        "--gpu",
-        choices=GPU_CHOICES,
-        default=_env("GPU", "none"),
-        help="GPU evidence: nvml (every GPU via nvidia-ml-py, CC mode required) or none",
-    )
-    add(
-        "--gpu-rim",
-        action="append",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="a cached NVIDIA RIM attached to every GPU's evidence (repeatable; env: "
-        "comma-separated); re-read for each bundle",
-    )
-    add(
-        "--gpu-ocsp",
-        action="append",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="a cached OCSP response (DER) attached to every GPU's evidence (repeatable; "
-        "env: comma-separated); re-read for each bundle",
-    )
-    add(
-        "--endorsements",
-        type=Path,
-        default=_env("ENDORSEMENTS"),
-        metavar="FILE",
-        help='JSON object merged into the bundle\'s endorsements: SNP {"vcek"|"vlek": PEM, '
-        '"ask_ark": PEM}, TDX {"collateral": {...}}; re-read for each bundle',
-    )
-    add("--release-id", default=_env("RELEASE_ID", "dev"), help="release id in the claims")
-    add(
-        "--claims-lifetime",
-        type=int,
-        default=int(_env("CLAIMS_LIFETIME", "3600") or 3600),
-        help="seconds each bundle's claims are valid (re-issued at half-life)",
-    )
-    add(
-        "--max-tokens",
-        type=int,
-        default=int(_env("MAX_TOKENS", "4096") or 4096),
-        help="largest max_tokens / max_completion_tokens a request may ask for",
-    )
-    add(
-        "--max-body",
-        type=int,
-        default=int(_env("MAX_BODY", str(256 * 1024)) or 0),
-        help="largest inner JSON body, bytes",
-    )
-    add(
-        "--max-messages",
-        type=int,
-        default=int(_env("MAX_MESSAGES", "256") or 256),
-        help="most chat messages per request",
-    )
-    add(
-        "--max-envelope",
-        type=int,
-        default=int(_env("MAX_ENVELOPE", str(2 * 1024 * 1024)) or 0),
-        help="largest sealed envelope, bytes (413 above)",
-    )
-    add(
-        "--max-concurrency",
-        type=int,
-        default=int(_env("MAX_CONCURRENCY", "64") or 64),
-        help="sealed requests served at once (503 above, so the gateway tries another node)",
-    )
-    add(
-        "--engine-timeout",
-        type=float,
-        default=float(_env("ENGINE_TIMEOUT", "300") or 300),
-        help="seconds the engine may stay silent during a response",
-    )
-    add(
-        "--shutdown-timeout",
-        type=float,
-        default=float(_env("SHUTDOWN_TIMEOUT", "30") or 30),
-        help="on SIGTERM, stop accepting and let in-flight streams finish this many seconds",
-    )
-    add(
-        "--audit-log",
-        type=Path,
-        default=_env("AUDIT_LOG"),
-        metavar="FILE",
-        help="record what the node received, incl. decrypted requests (tests/demo only)",
-    )
+    from openpcc.service.config import add_config_args
+
+    add_config_args(serve, NodeServeConfig, NODE_ENV)
     from openpcc.service.serve import add_connection_args
 
     add_connection_args(serve, NODE_ENV)
     serve.set_defaults(func=_cmd_node_serve)
 
 
-def _node_id(args: argparse.Namespace) -> bytes:
+def _node_id(args: NodeServeConfig) -> bytes:
     """--node-id, else the one kept in --state, else a fresh random one (kept if --state)."""
     if args.node_id:
         nid = bytes.fromhex(args.node_id)
@@ -355,7 +158,7 @@ def _engine_model(engine_url: str) -> str:
     return name
 
 
-def _node_serve(args: argparse.Namespace) -> int:
+def _node_serve(ns: argparse.Namespace) -> int:
     import hashlib
 
     from node.engine import ExternalEngine, VLLMEngine, default_served_name
@@ -363,14 +166,14 @@ def _node_serve(args: argparse.Namespace) -> int:
     from node.policy import RequestLimits
     from node.register import RegistrationConfig
     from node.server import NodeConfig, NodeService, run
+    from openpcc.service.config import config_from_args
     from openpcc.service.serve import connection_limits, metrics_listener
 
+    args = config_from_args(NodeServeConfig, ns)
     if not args.engine_url and not args.vllm_model:
         raise ValueError("give --engine-url URL or --vllm-model DIR")
-    limits = connection_limits(args)
-    metrics = metrics_listener(args)
-    if not args.gateway_internal:
-        args.gateway_internal = [u for u in (_env("GATEWAY_INTERNAL") or "").split(",") if u]
+    limits = connection_limits(ns)
+    metrics = metrics_listener(ns)
     if args.gateway_internal and not args.registration_secret:
         raise ValueError(f"--gateway-internal needs --registration-secret ({NODE_ENV}...)")
     if args.heartbeat <= 0:
@@ -385,10 +188,6 @@ def _node_serve(args: argparse.Namespace) -> int:
             f"--tee-dir and --tee-measurement ({NODE_ENV}TEE_DIR, {NODE_ENV}TEE_MEASUREMENT) "
             f"apply only to --tee simulated, not --tee {args.tee}"
         )
-    if args.gpu_rim is None:
-        args.gpu_rim = [Path(p) for p in (_env("GPU_RIM") or "").split(",") if p]
-    if args.gpu_ocsp is None:
-        args.gpu_ocsp = [Path(p) for p in (_env("GPU_OCSP") or "").split(",") if p]
     measurement = bytes.fromhex(args.tee_measurement) if args.tee_measurement else None
     evidence = open_source(
         args.tee,
@@ -396,8 +195,8 @@ def _node_serve(args: argparse.Namespace) -> int:
         release_id=args.release_id,
         measurement=measurement,
         gpu=args.gpu,
-        gpu_rims=args.gpu_rim,
-        gpu_ocsp=args.gpu_ocsp,
+        gpu_rims=[Path(p) for p in args.gpu_rim],
+        gpu_ocsp=[Path(p) for p in args.gpu_ocsp],
         endorsements=args.endorsements,
     )
     _setup_node_logging()
@@ -415,7 +214,7 @@ def _node_serve(args: argparse.Namespace) -> int:
             args.vllm_model,
             served_model_name=model_name,
             max_model_len=args.vllm_max_model_len,
-            extra_args=args.vllm_arg,
+            extra_args=list(args.vllm_arg),
             log_path=args.vllm_log,
         )
     else:
