@@ -161,11 +161,11 @@ def _engine_model(engine_url: str) -> str:
 def _node_serve(ns: argparse.Namespace) -> int:
     import hashlib
 
+    from node.app import NodeConfig, NodeService, run
     from node.engine import ExternalEngine, VLLMEngine, default_served_name
     from node.evidence import check_source, open_source
     from node.policy import RequestLimits
     from node.register import RegistrationConfig
-    from node.server import NodeConfig, NodeService, run
     from openpcc.service.config import config_from_args
     from openpcc.service.serve import connection_limits, metrics_listener
 

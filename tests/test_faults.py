@@ -268,8 +268,8 @@ async def test_engine_crash_makes_the_node_unhealthy_until_restarted(tmp_path: P
     """
     import os
 
+    from node.app import NodeService
     from node.engine import VLLMEngine
-    from node.server import NodeService
     from tests.test_engine import FAKE_SERVER
 
     script = tmp_path / "fake_vllm.py"

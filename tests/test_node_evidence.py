@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from node import app as node_server
 from node import cli as node_cli
 from node import evidence as ev
-from node import server as node_server
+from node.app import NodeConfig, NodeService
 from node.evidence import EvidenceError, make_claims, open_source
-from node.server import NodeConfig, NodeService
 from openpcc.attestation.bundle import AttestationBundle, verify_bundle
 from openpcc.attestation.claims import (
     Claims,
