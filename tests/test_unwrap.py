@@ -25,7 +25,11 @@ from openpcc.client.unwrap import (
 from openpcc.errors import DecryptError, TruncatedError
 from openpcc.wire import sealed
 from openpcc.wire.bhttp_stream import ResponseStreamEncoder
-from openpcc.wire.chunked import ChunkedRequestReceiver, ChunkedRequestSender
+from openpcc.wire.chunked import (
+    ChunkedRequestReceiver,
+    ChunkedRequestSender,
+    ChunkedResponseSender,
+)
 from openpcc.wire.ohttp import KeyConfig
 from tests.conftest import load_vector
 from tests.vectors.make_final_chunk import build
@@ -51,6 +55,14 @@ def _unwrapper() -> ResponseUnwrapper:
         h(NODE["data_key"]), h(NODE["request_nonce"]), h(NODE["context"])
     )
     return ResponseUnwrapper(sender.response_receiver(), opener)
+
+
+def _gateway_sender() -> ChunkedResponseSender:
+    """The gateway's side of the same exchange: it opened the draft-08 request."""
+    receiver = ChunkedRequestReceiver({DRAFT["key_id"]: h(DRAFT["gateway_private_key"])})
+    receiver.receive_data(h(DRAFT["encapsulated_request"]))
+    receiver.end_of_input()
+    return receiver.response_sender()
 
 
 def _run(wire: bytes, step: int) -> list[object]:
@@ -106,11 +118,7 @@ def test_cut_anywhere_is_truncation() -> None:
 
 def test_outer_complete_but_node_end_missing_is_node_truncation() -> None:
     """A gateway that ends its own layers cleanly after a node died mid-answer."""
-    draft_keys = {DRAFT["key_id"]: h(DRAFT["gateway_private_key"])}
-    receiver = ChunkedRequestReceiver(draft_keys)
-    receiver.receive_data(h(DRAFT["encapsulated_request"]))
-    receiver.end_of_input()
-    sender = receiver.response_sender()
+    sender = _gateway_sender()
     node_bytes = b"".join(h(p) for p in NODE["response_parts"])
     enc = ResponseStreamEncoder()
     head = enc.head(200, [(b"content-type", sealed.RESPONSE_MEDIA_TYPE.encode())])
@@ -123,11 +131,7 @@ def test_outer_complete_but_node_end_missing_is_node_truncation() -> None:
 
 
 def test_a_gateway_refusal_is_its_body_not_node_data() -> None:
-    draft_keys = {DRAFT["key_id"]: h(DRAFT["gateway_private_key"])}
-    receiver = ChunkedRequestReceiver(draft_keys)
-    receiver.receive_data(h(DRAFT["encapsulated_request"]))
-    receiver.end_of_input()
-    sender = receiver.response_sender()
+    sender = _gateway_sender()
     enc = ResponseStreamEncoder()
     problem = b'{"title":"Unauthorized","status":401}'
     final = enc.head(401, [(b"content-type", b"application/problem+json")])
