@@ -451,11 +451,12 @@ class Relay:
 
     # -- operations ------------------------------------------------------------------
     async def healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n", headers={"Server": SERVER})
+        """Liveness, in the JSON every party answers (the nginx twin too)."""
+        return web.json_response({"status": "ok"}, headers={"Server": SERVER})
 
     async def readyz(self, _request: web.Request) -> web.Response:
         """Ready once started: the relay holds no state a gateway outage would fix."""
-        return web.Response(text="ok\n", headers={"Server": SERVER})
+        return web.json_response({"status": "ok"}, headers={"Server": SERVER})
 
     async def metrics_handler(self, _request: web.Request) -> web.Response:
         return web.Response(

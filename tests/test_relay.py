@@ -143,8 +143,10 @@ def gw(gateway: GatewayControl) -> GatewayControl:
 
 
 def test_healthz(relay: Proc) -> None:
-    status, _, body = request(relay.port, "GET", "/healthz", [])
-    assert status == 200 and body == b"ok\n"
+    """The same liveness answer as every other party's (and the nginx twin's)."""
+    status, headers, body = request(relay.port, "GET", "/healthz", [])
+    assert status == 200 and body == b'{"status": "ok"}'
+    assert headers["content-type"].startswith("application/json")
 
 
 def test_fixed_length_request_forwarded_exactly(relay: Proc, gw: GatewayControl) -> None:
