@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from gateway.config import DEFAULT_MAX_BODY, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.forward import Forwarder
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.keys import OhttpKeyRing
+from gateway.limits import DEFAULT_MAX_BODY
 from gateway.nodestore import RedisNodeStore, RegistryFullError
 from gateway.outer import (
     Exchange,
@@ -70,7 +71,7 @@ log = logging.getLogger("openpcc.gateway")
 WELL_KNOWN_KEYS = "/.well-known/ohttp-gateway"
 GATEWAY_PATH = "/gateway"
 REGISTER_PATH = "/internal/nodes"
-__all__ = ["DEFAULT_MAX_BODY", "Gateway", "GatewayConfig", "build_gateway"]
+__all__ = ["Gateway", "GatewayConfig", "build_gateway"]
 
 
 @dataclass
@@ -97,7 +98,9 @@ class Gateway:
             self.config.node_first_byte_timeout,
         )
         limits = OuterLimits(
-            self.config.max_body, self.config.client_timeout, self.config.max_plain_response
+            self.config.max_body or DEFAULT_MAX_BODY,
+            self.config.client_timeout,
+            self.config.max_plain_response,
         )
         self.outer = OuterLayer(limits, self.keys, self._inner, self.metrics, self.trace)
         self._routes = {

@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
     serve = gsub.add_parser("serve", help="run the gateway (public and internal listeners)")
     from gateway.config import ENV_PREFIX, GatewayConfig
     from openpcc.service.config import add_config_args
-    from openpcc.service.serve import add_connection_args
+    from openpcc.service.limits import add_connection_args
 
     add_config_args(serve, GatewayConfig, ENV_PREFIX)
     add_connection_args(serve, ENV_PREFIX)

@@ -12,25 +12,9 @@ from urllib.parse import urlsplit
 
 from gateway.spent import DEFAULT_TTL
 from openpcc.service.config import option
-from openpcc.wire import sealed
 
 ENV_PREFIX = "OPENPCC_GATEWAY_"
 DEFAULT_SPENT_TTL = 32 * 86400  # longer than the issuer's default key lifetime plus skew
-# Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
-MAX_ENVELOPE = (
-    sealed.MAX_REQUEST_BYTES
-    + (sealed.MAX_REQUEST_BYTES // sealed.CHUNK_SIZE + 1) * (1 + 4 + 16)
-    + 7
-    + sealed.NONCE_LEN
-    + 1
-    + sealed.MAX_MODEL_LEN
-    + 1
-    + sealed.MAX_CANDIDATES * (sealed.NODE_ID_LEN + sealed.KEY_ID_LEN + 32 + sealed.WRAPPED_LEN)
-)
-# Inner BHTTP request: envelope plus headers (the token is ~480 bytes) and framing.
-MAX_INNER_REQUEST = MAX_ENVELOPE + 64 * 1024
-# Outer OHTTP body: inner request plus per-chunk framing and tags.
-DEFAULT_MAX_BODY = MAX_INNER_REQUEST + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -133,10 +117,11 @@ class GatewayConfig:
             metavar="SECONDS",
         ),
     )
-    max_body: int = field(
-        default=DEFAULT_MAX_BODY,
+    max_body: int | None = field(
+        default=None,
         metadata=option(
-            "largest encapsulated request, e.g. 9m (default fits the largest sealed envelope)",
+            "largest encapsulated request, e.g. 9m (default: what the largest sealed envelope "
+            "needs, gateway/limits.py)",
             kind="size",
         ),
     )
@@ -176,7 +161,7 @@ class GatewayConfig:
         for name in ("port", "internal_port"):
             if not 1 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} must be 1..65535")
-        if self.max_body < 1 or self.spent_ttl < 1:
+        if (self.max_body is not None and self.max_body < 1) or self.spent_ttl < 1:
             raise ValueError("--max-body and --spent-ttl must be positive")
 
     @property

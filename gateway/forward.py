@@ -16,7 +16,7 @@ import time
 
 import aiohttp
 
-from gateway.config import MAX_ENVELOPE
+from gateway.limits import MAX_ENVELOPE
 from gateway.outer import Exchange, NodeStreamError, Sink, inner_problem
 from gateway.redeem import Redeemer
 from gateway.registry import NodeRegistry, Registration

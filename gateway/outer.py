@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.config import MAX_INNER_REQUEST
+from gateway.limits import MAX_INNER_REQUEST
 from openpcc import audit
 from openpcc.errors import OpenPCCError, UnsupportedError
 from openpcc.service.http import PROBLEM_JSON, Metrics, problem

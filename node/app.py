@@ -219,7 +219,7 @@ class NodeService:
         if self.engine_ready():
             return web.json_response({"status": "ok", "engine": "ready"})
         body = {"status": "unavailable", "engine": "not ready"}
-        problem = getattr(self.engine, "problem", None)
+        problem = self.engine.problem
         if problem:
             body["reason"] = problem  # e.g. "engine at URL lists [...], not 'NAME'"
         return web.json_response(body, status=503)

@@ -95,7 +95,7 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
     from openpcc.service.config import add_config_args
 
     add_config_args(serve, NodeServeConfig, NODE_ENV)
-    from openpcc.service.serve import add_connection_args
+    from openpcc.service.limits import add_connection_args
 
     add_connection_args(serve, NODE_ENV)
     serve.set_defaults(func=_cmd_node_serve)
@@ -119,13 +119,6 @@ def _node_id(args: NodeServeConfig) -> bytes:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(nid.hex() + "\n")
     return nid
-
-
-def _setup_node_logging() -> None:
-    """Level INFO, aiohttp's records redacted (the kit's one logging setup)."""
-    from openpcc.service.logs import setup_logging
-
-    setup_logging()
 
 
 def _cmd_node_serve(args: argparse.Namespace) -> int:
@@ -167,7 +160,8 @@ def _node_serve(ns: argparse.Namespace) -> int:
     from node.policy import RequestLimits
     from node.register import RegistrationConfig
     from openpcc.service.config import config_from_args
-    from openpcc.service.serve import connection_limits, metrics_listener
+    from openpcc.service.limits import connection_limits, metrics_listener
+    from openpcc.service.logs import setup_logging
 
     args = config_from_args(NodeServeConfig, ns)
     if not args.engine_url and not args.vllm_model:
@@ -199,7 +193,7 @@ def _node_serve(ns: argparse.Namespace) -> int:
         gpu_ocsp=[Path(p) for p in args.gpu_ocsp],
         endorsements=args.endorsements,
     )
-    _setup_node_logging()
+    setup_logging()
     node_id = _node_id(args)
 
     engine: VLLMEngine | ExternalEngine

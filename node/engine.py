@@ -27,13 +27,13 @@ from types import TracebackType
 from typing import IO, Protocol, Self
 
 from openpcc.engine_models import (
-    REPORT_EVERY,
     EngineModelError,
     base_url,
     not_listed_line,
     parse_model_list,
 )
 from openpcc.errors import OpenPCCError
+from openpcc.progress import Every
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,11 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
     async def healthy(self) -> bool: ...
+
+    @property
+    def problem(self) -> str | None:
+        """Why it is not ready, one line (None while it is): /healthz and `up` show it."""
+        ...
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -519,14 +524,13 @@ class ExternalEngine:
         ``startup_timeout`` the wait ends in EngineError carrying that reason.
         """
         t0 = time.monotonic()
-        reported: float | None = None
+        every = Every()
         while not await self.healthy():
             now = time.monotonic()
             if self.startup_timeout is not None and now - t0 > self.startup_timeout:
                 raise EngineError(f"engine not ready: {self.problem}")
-            if reported is None or now - reported >= REPORT_EVERY:
+            if every.due():
                 log.warning("%s", self.problem)
-                reported = now
             await asyncio.sleep(0.5)
         self.ready.set()
 

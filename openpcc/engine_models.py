@@ -15,9 +15,7 @@ import urllib.request
 from collections.abc import Callable
 
 from openpcc.errors import OpenPCCError
-
-# How often a waiting node or `up` repeats why it is still waiting.
-REPORT_EVERY = 10.0
+from openpcc.progress import Every
 
 
 class EngineModelError(OpenPCCError):
@@ -107,7 +105,7 @@ def discover_model(
     the last reason is raised.
     """
     start = clock()
-    last_report: float | None = None
+    every = Every(clock=clock)
     while True:
         try:
             return choose_model(url, list_models(url), requested)
@@ -117,7 +115,6 @@ def discover_model(
             now = clock()
             if timeout is not None and now - start >= timeout:
                 raise
-            if report is not None and (last_report is None or now - last_report >= REPORT_EVERY):
+            if report is not None and every.due():
                 report(str(exc))
-                last_report = now
         sleep(0.5)

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from openpcc.service.config import add_config_args
 
     add_config_args(serve, RelayConfig, ENV)
-    from openpcc.service.serve import add_connection_args
+    from openpcc.service.limits import add_connection_args
 
     add_connection_args(serve, ENV, max_per_client=MAX_PER_CLIENT)
     serve.set_defaults(func=serve_command)

@@ -19,7 +19,6 @@ import pytest
 from openpcc.devstack.local import CLIENT_CONFIG, start_local_stack
 from openpcc.devstack.processes import Processes, free_port, openpcc_cmd
 from openpcc.engine_models import (
-    REPORT_EVERY,
     AmbiguousModelError,
     EngineUnreachableError,
     ModelNotListedError,
@@ -28,6 +27,7 @@ from openpcc.engine_models import (
     list_models,
     parse_model_list,
 )
+from openpcc.progress import REPORT_EVERY
 from tests.node_support.procs import http_json, start_engine, start_node, wait_until
 
 URL = "http://127.0.0.1:9"

@@ -67,3 +67,18 @@ def test_dev_stack_and_profile_live_where_the_design_says() -> None:
     assert (ROOT / "openpcc" / "client" / "profile.py").is_file()
     for gone in ("local.py", "stack.py", "demo_views.py", "service.py"):
         assert not (ROOT / "openpcc" / gone).exists(), gone
+
+
+def test_building_the_command_line_loads_no_server() -> None:
+    """`openpcc --help` (and every config error) must not pay for aiohttp or the sealed
+    layer: the parties' config and limits modules are kept free of both."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from openpcc.cli import build_parser; build_parser();"
+        "bad = [m for m in ('aiohttp', 'openpcc.wire.sealed', 'openpcc.client.wallet') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -58,4 +58,6 @@ def test_every_vector_and_sample_folder_names_its_source() -> None:
         readme = folder / "README.md"
         assert readme.is_file(), f"{folder.relative_to(ROOT)} has no README.md"
         text = readme.read_text().lower()
-        assert "source" in text or "from" in text, f"{readme.relative_to(ROOT)} names no source"
+        assert "source" in text or "came from" in text, f"{readme} names no source"
+    for tree in (VECTORS, SAMPLES):  # the licence note covers the whole tree
+        assert "licen" in (tree / "README.md").read_text().lower(), f"{tree} has no licence note"

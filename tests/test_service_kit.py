@@ -20,7 +20,7 @@ import pytest
 
 from openpcc.devstack.local import LocalStack, start_local_stack
 from openpcc.devstack.processes import free_port
-from openpcc.service.serve import ConnectionLimits
+from openpcc.service.limits import ConnectionLimits
 from openpcc.wire import ohttp, sealed
 from openpcc.wire.chunked import ChunkedRequestSender
 from tests.conftest import FAKE_MODEL
@@ -92,15 +92,11 @@ def _closed_within(sock: socket.socket, seconds: float) -> float | None:
         return None
 
 
-def _party_url(stack: LocalStack, party: str) -> str:
-    return stack.urls[party]
-
-
 @pytest.mark.parametrize("party", list(PARTY_ENV))
 def test_idle_and_half_sent_heads_are_closed_and_others_served(
     stack: LocalStack, party: str
 ) -> None:
-    url = _party_url(stack, party)
+    url = stack.urls[party]
     idle, partial = [], []
     try:
         for _ in range(2):  # 4 sockets: under the relay's per-address cap
@@ -120,7 +116,7 @@ def test_idle_and_half_sent_heads_are_closed_and_others_served(
 
 @pytest.mark.parametrize("party", list(PARTY_ENV))
 def test_a_trickled_body_is_cut_off(stack: LocalStack, party: str) -> None:
-    url = _party_url(stack, party)
+    url = stack.urls[party]
     path, headers = BODY_ROUTE[party]
     if party == "issuer":
         key = (stack.state / "demo-api-key").read_text().strip()

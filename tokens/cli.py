@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
         description="Every flag can also be set as OPENPCC_ISSUER_<FLAG> (flags win).",
     )
     from openpcc.service.config import add_config_args
-    from openpcc.service.serve import add_connection_args
+    from openpcc.service.limits import add_connection_args
     from tokens.config import ENV_PREFIX, IssuerConfig
 
     add_config_args(serve, IssuerConfig, ENV_PREFIX)

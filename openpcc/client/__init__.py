@@ -1,23 +1,14 @@
 """Client side of OpenPCC: the token wallet and the private-inference SDK.
 
-The SDK (``openpcc.client.client``) pulls in HPKE and attestation code, so it is
-loaded lazily; ``from openpcc.client import TokenWallet`` stays light.
+Both pull in aiohttp and crypto code, so they are loaded on first use: importing a
+light module of this package (``profile``, ``errors``) while ``openpcc`` builds its
+parser costs nothing more.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
-
-from openpcc.client.wallet import (
-    IssuerAuthError,
-    IssuerError,
-    KeyConsistencyError,
-    QuotaExceededError,
-    TokenWallet,
-    WalletError,
-    WalletStoreError,
-)
 
 __all__ = [
     "Client",
@@ -31,7 +22,11 @@ __all__ = [
     "WalletStoreError",
 ]
 
-_LAZY = {"Client": "openpcc.client.client", "SyncClient": "openpcc.client.client"}
+_LAZY = {
+    "Client": "openpcc.client.client",
+    "SyncClient": "openpcc.client.client",
+    **{name: "openpcc.client.wallet" for name in __all__ if name not in ("Client", "SyncClient")},
+}
 
 
 def __getattr__(name: str) -> Any:

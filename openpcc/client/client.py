@@ -43,7 +43,7 @@ from openpcc.client.unwrap import (
     NodeTruncatedError,
     ResponseUnwrapper,
 )
-from openpcc.errors import OpenPCCError, TruncatedError, VerificationError
+from openpcc.errors import OpenPCCError, VerificationError
 from openpcc.privacypass import auth
 from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
@@ -416,8 +416,7 @@ class Client:
             raise RelayError(f"transport failed: {exc}") from exc
         except NodeTruncatedError as exc:
             raise TruncatedResponseError(str(exc)) from exc
-        except TruncatedError as exc:
-            raise TruncatedResponseError(f"the answer was cut off: {exc}") from exc
+        # Any other cut is mapped by @_typed_stream (client_errors), like every core error.
         if unwrap.gateway_status != 200:
             problem = _problem(bytes(error_body))
             status = unwrap.gateway_status or 502

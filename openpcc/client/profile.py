@@ -127,7 +127,7 @@ def wait_for_config(path: Path, wait: float, command: str) -> bool:
     `openpcc up` writes the profile last, atomically, once every party is ready, so a
     command started beside it can simply wait for the file.
     """
-    from openpcc.engine_models import REPORT_EVERY
+    from openpcc.progress import Every
 
     if path.exists():
         return True
@@ -135,15 +135,14 @@ def wait_for_config(path: Path, wait: float, command: str) -> bool:
     if wait > 0:
         print(f"waiting for the client profile {path} (written by `openpcc up` once the "
               f"stack is ready; --wait {wait:g})…", file=sys.stderr, flush=True)  # fmt: skip
-    reported = t0
+    every = Every(now=False)
     while not path.exists():
         now = time.monotonic()
         if now - t0 >= wait:
             print(f"openpcc {command}: no client profile at {path} after {wait:g} s: start "
                   "`openpcc up` first", file=sys.stderr)  # fmt: skip
             return False
-        if now - reported >= REPORT_EVERY:
+        if every.due():
             print(f"still waiting for {path} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
-            reported = now
         time.sleep(0.2)
     return True

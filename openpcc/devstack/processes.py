@@ -149,10 +149,10 @@ def wait_healthy(
 ) -> None:
     """Wait for 200 on ``path``; while a party answers 503 with a reason, report it every
     REPORT_EVERY seconds and end with it on timeout (one line, no traceback)."""
-    from openpcc.engine_models import REPORT_EVERY
+    from openpcc.progress import Every
 
     t0 = time.monotonic()
-    reported = t0
+    every = Every(now=False)
     reason: str | None = None
     while True:
         if svc.proc.poll() is not None:
@@ -172,9 +172,8 @@ def wait_healthy(
         if now - t0 > timeout:
             why = f": {reason}" if reason else f" (log {svc.log})"
             raise StackStartError(f"{svc.name} not ready after {timeout:.0f} s{why}")
-        if progress is not None and reason and now - reported >= REPORT_EVERY:
+        if progress is not None and reason and every.due():
             progress(f"{svc.name}: {reason} ({now - t0:.0f} s)")
-            reported = now
         time.sleep(0.2)
 
 

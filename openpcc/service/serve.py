@@ -31,14 +31,19 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from openpcc.service.config import add_config_args, config_from_args, option
 from openpcc.service.http import problem
+from openpcc.service.limits import (
+    ConnectionLimits,
+    MetricsListener,
+    connection_limits,
+    metrics_listener,
+)
 from openpcc.service.logs import setup_logging
 
 T = TypeVar("T")
@@ -46,85 +51,6 @@ T = TypeVar("T")
 
 class BodyTooSlowError(TimeoutError):
     """The request body missed its total deadline or its minimum rate."""
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    head_timeout: float = field(
-        default=30.0,
-        metadata=option("seconds a request head may take to arrive", kind="float",
-                        metavar="SECONDS"),
-    )  # fmt: skip
-    keepalive_timeout: float = field(
-        default=75.0,
-        metadata=option("seconds an idle connection is kept", kind="float", metavar="SECONDS"),
-    )
-    body_timeout: float = field(
-        default=300.0,
-        metadata=option("seconds a whole request body may take", kind="float",
-                        metavar="SECONDS"),
-    )  # fmt: skip
-    body_min_rate: float = field(
-        default=1024.0,
-        metadata=option("bytes/s a request body must average", kind="float", metavar="BYTES"),
-    )
-    body_grace: float = field(
-        default=10.0,
-        metadata=option("seconds before the body rate is enforced", kind="float",
-                        metavar="SECONDS"),
-    )  # fmt: skip
-    max_per_client: int = field(
-        default=0,
-        metadata=option("open connections per client address (0: no cap)", kind="int",
-                        metavar="N"),
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        for name in ("head_timeout", "keepalive_timeout", "body_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive")
-        if self.body_min_rate < 0 or self.body_grace < 0:
-            raise ValueError("body-min-rate and body-grace must be >= 0")
-        if self.max_per_client < 0:
-            raise ValueError("max-per-client must be >= 0 (0: no cap)")
-
-
-@dataclass(frozen=True)
-class MetricsListener:
-    """Where ``/metrics`` is served: on the public listener (port 0), or only on a listener
-    of its own, so operators need not expose counters to clients."""
-
-    metrics_host: str = field(
-        default="127.0.0.1", metadata=option("address of the separate /metrics listener")
-    )
-    metrics_port: int = field(
-        default=0,
-        metadata=option("serve /metrics only on this port, not on the public listener (0: on "
-                        "the public listener)", kind="int", metavar="PORT"),
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError("--metrics-port must be 0..65535")
-
-
-def add_connection_args(
-    parser: argparse.ArgumentParser, env_prefix: str, *, max_per_client: int = 0
-) -> None:
-    """The hygiene and metrics-listener flags, each with its ``<env_prefix><FLAG>``
-    variable (flags win)."""
-    add_config_args(
-        parser, ConnectionLimits, env_prefix, defaults={"max_per_client": max_per_client}
-    )
-    add_config_args(parser, MetricsListener, env_prefix)
-
-
-def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
-    return config_from_args(ConnectionLimits, args)
-
-
-def metrics_listener(args: argparse.Namespace) -> MetricsListener:
-    return config_from_args(MetricsListener, args)
 
 
 def serve_settings(

@@ -1,0 +1,25 @@
+"""Sizes the gateway derives from the sealed-request layer (openpcc/wire/sealed.py).
+
+Apart from gateway/config.py because that is imported while ``openpcc`` builds its parser,
+and the sealed layer brings the crypto libraries with it.
+"""
+
+from __future__ import annotations
+
+from openpcc.wire import sealed
+
+# Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
+MAX_ENVELOPE = (
+    sealed.MAX_REQUEST_BYTES
+    + (sealed.MAX_REQUEST_BYTES // sealed.CHUNK_SIZE + 1) * (1 + 4 + 16)
+    + 7
+    + sealed.NONCE_LEN
+    + 1
+    + sealed.MAX_MODEL_LEN
+    + 1
+    + sealed.MAX_CANDIDATES * (sealed.NODE_ID_LEN + sealed.KEY_ID_LEN + 32 + sealed.WRAPPED_LEN)
+)
+# Inner BHTTP request: envelope plus headers (the token is ~480 bytes) and framing.
+MAX_INNER_REQUEST = MAX_ENVELOPE + 64 * 1024
+# Outer OHTTP body: inner request plus per-chunk framing and tags.
+DEFAULT_MAX_BODY = MAX_INNER_REQUEST + 64 * 1024
