@@ -100,6 +100,7 @@ http {{
             default_type application/openpcc-sealed-response; return 200 "{body}";
         }}
         location = /healthz {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
+        location = /readyz {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
     }}
 }}
 """
@@ -394,7 +395,8 @@ def _node_answer_length() -> int:
 
 
 def start_upstream(workdir: Path, body: bytes) -> Any:
-    from tests.relay_support.procs import Proc, free_port, nginx_binary, wait_http
+    from tests.harness import free_port, spawn, wait_http
+    from tests.relay_support.procs import nginx_binary
 
     port = free_port()
     prefix = Path(tempfile.mkdtemp(prefix="node-", dir=workdir))
@@ -403,39 +405,31 @@ def start_upstream(workdir: Path, body: bytes) -> Any:
     conf = prefix / "nginx.conf"
     conf.write_text(UPSTREAM_CONF.format(port=port, body=body.decode()))
     directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
-    log = workdir / "node-nginx.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", directives],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    wait_http(port, "/healthz", proc)
-    return Proc("node", port, proc, log, workdir=prefix)
+    cmd = [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", directives]
+    proc = spawn("node-nginx", cmd, prefix, report=False, ports={"public": port})
+    proc.workdir = prefix
+    wait_http(proc.url + "/healthz", proc)
+    return proc
 
 
 def start_gateway(workdir: Path, issuer_url: str) -> tuple[Any, int]:
     """`openpcc gateway serve` with its defaults (SQLite spent store, no audit log)."""
-    from tests.conftest import free_port
-    from tests.gateway_support.procs import Proc, wait_http
+    from tests.harness import spawn, wait_http
 
-    port, internal = free_port(), free_port()
-    log = workdir / "gateway.log"
     profile = os.environ.get("OPENPCC_BENCH_GATEWAY_PROFILE")
     prefix = [sys.executable, "-m", "cProfile", "-o", profile] if profile else [sys.executable]
     cmd = [
         *prefix, "-m", "openpcc.cli", "gateway", "serve",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--internal-host", "127.0.0.1", "--internal-port", str(internal),
+        "--host", "127.0.0.1", "--port", "0",
+        "--internal-host", "127.0.0.1", "--internal-port", "0",
         "--issuer", issuer_url, "--state", str(workdir / "gw-state"),
     ]  # fmt: skip
-    env = {**os.environ, "OPENPCC_GATEWAY_REGISTRATION_SECRET": SECRET}
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz", proc, log)
-    wait_http(f"http://127.0.0.1:{internal}/healthz", proc, log)
-    return Proc(proc, log, url, {"internal": f"http://127.0.0.1:{internal}"}), port
+    env = {"OPENPCC_GATEWAY_REGISTRATION_SECRET": SECRET}
+    proc = spawn("gateway", cmd, workdir, env=env)
+    wait_http(proc.url + "/healthz", proc)
+    wait_http(proc.internal + "/healthz", proc)
+    proc.extra["internal"] = proc.internal
+    return proc, proc.port
 
 
 def _heartbeat(docs: list[bytes], internal: str, stop: threading.Event, every: float) -> None:

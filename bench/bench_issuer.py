@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from bench._harness import per_call_seconds
-from openpcc.devstack.processes import free_port
 from openpcc.privacypass import batched, issuance
 from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA, TokenChallenge
 from openpcc.privacypass.blindrsa import PrivateKey, blind_sign
 from openpcc.privacypass.directory import IssuerDirectory
+from tests.harness import spawn, wait_http
 
 CHALLENGE = TokenChallenge(TOKEN_TYPE_BLIND_RSA, "bench", b"", ())
 
@@ -73,25 +73,14 @@ def run() -> dict[str, Any]:
     blind_s = per_call_seconds(lambda: blind_sign(ours, blinded))
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-issuer-"))
-    port = free_port()
     key = _cli("issuer", "account", "add", "bench", "--quota", "1000000", "--state", str(tmp))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # taskset pins the service to one core so "single-core issuance rate" means that.
-    cmd = [sys.executable, "-m", "openpcc.cli", "issuer", "serve", "--port", str(port)]
-    proc = subprocess.Popen(
-        ["taskset", "-c", "0", *cmd, "--state", str(tmp)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "openpcc.cli", "issuer", "serve",
+           "--port", "0", "--state", str(tmp)]  # fmt: skip
+    proc = spawn("issuer", cmd, tmp, env={"OMP_NUM_THREADS": "1"})
+    url = proc.url
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_http(url + "/healthz", proc)
         raw = urllib.request.urlopen(url + "/.well-known/private-token-issuer-directory").read()
         token_key = IssuerDirectory.parse(raw).select_key().token_key
         results = {}
@@ -99,8 +88,7 @@ def run() -> dict[str, Any]:
             secs = asyncio.run(_drive(url, key, token_key, batch, total))
             results[batch] = total / secs
     finally:
-        proc.terminate()
-        proc.wait()
+        proc.stop()
     openssl_rate = 1 / openssl_s
     return {
         "openssl_rsa2048_pss_sign_per_s": round(openssl_rate, 1),

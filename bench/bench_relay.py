@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._harness import percentile  # noqa: E402
+from tests.harness import spawn  # noqa: E402
 from tests.relay_support.procs import (  # noqa: E402
     Proc,
     RelaySettings,
@@ -82,15 +83,11 @@ def start_fast_upstream(workdir: Path) -> Proc:
     conf = prefix / "nginx.conf"
     conf.write_text(UPSTREAM_CONF.format(port=port, body="x" * 64))
     directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
-    log = workdir / "upstream.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", directives],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    wait_http(port, "/healthz", proc)
-    return Proc("upstream", port, proc, log, workdir=prefix)
+    cmd = [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-g", directives]
+    proc = spawn("upstream", cmd, prefix, report=False, ports={"public": port})
+    proc.workdir = prefix
+    wait_http(proc.url + "/healthz", proc)
+    return proc
 
 
 # A bare aiohttp server answering 64 bytes with no upstream hop: the framework's own ceiling
@@ -115,14 +112,10 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 
 def aiohttp_floor_rps(workdir: Path, loop: str) -> float:
     port = free_port()
-    log = workdir / f"bare-aiohttp-{loop}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", BARE_AIOHTTP, str(port), loop], stdout=out, stderr=out
-        )
-    bare = Proc("bare-aiohttp", port, proc, log)
+    cmd = [sys.executable, "-c", BARE_AIOHTTP, str(port), loop]
+    bare = spawn(f"bare-aiohttp-{loop}", cmd, workdir, report=False, ports={"public": port})
     try:
-        wait_http(port, "/healthz", proc)
+        wait_http(bare.url + "/healthz", bare)
         load(port, duration=0.5)
         return load(port)["rps"]
     finally:

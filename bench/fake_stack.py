@@ -10,20 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from openpcc.devstack.local import DEMO_ACCOUNT, LocalStack, start_local_stack
-from openpcc.devstack.processes import free_port, run_cli
+from openpcc.devstack.processes import run_cli
+from tests.harness import Proc, fake
 
-ROOT = Path(__file__).resolve().parent.parent
-FAKE_ENGINE = ROOT / "tests" / "node_support" / "fake_engine.py"
 MODEL = "fake-model"
 PARTIES = ("issuer", "gateway", "relay", "node")
 
@@ -32,7 +26,7 @@ PARTIES = ("issuer", "gateway", "relay", "node")
 class FakeStack:
     stack: LocalStack
     engine_url: str
-    engine: subprocess.Popen[bytes]
+    engine: Proc
     api_key: str
     account: str
 
@@ -49,28 +43,9 @@ class FakeStack:
                 return item.split(b"=", 1)[1].decode()
         raise KeyError(var)
 
-    def arg_of(self, name: str, flag: str) -> str:
-        args = Path(f"/proc/{self.pid(name)}/cmdline").read_bytes().split(b"\0")
-        return args[args.index(flag.encode()) + 1].decode()
 
-
-def start_engine(log: Path, model: str = MODEL) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, str(FAKE_ENGINE), str(port), model], stdout=fh, stderr=fh
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1).close()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(log.read_text()) from None
-            time.sleep(0.1)
+def start_engine(workdir: Path, model: str = MODEL) -> Proc:
+    return fake("engine", workdir, "node_support.fake_engine", model, wait="/health")
 
 
 @contextlib.contextmanager
@@ -83,7 +58,8 @@ def fake_stack(
     account and points ``client.json`` at that account's key.
     """
     state.mkdir(parents=True, exist_ok=True)
-    engine, url = start_engine(state / "engine.log")
+    engine = start_engine(state)
+    url = engine.url
     try:
         stack = start_local_stack(
             state, engine_url=url, model_name=MODEL, audit=audit, nodes=nodes,
@@ -107,12 +83,7 @@ def fake_stack(
         finally:
             stack.procs.stop()
     finally:
-        engine.send_signal(signal.SIGTERM)
-        try:
-            engine.wait(10)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-            engine.wait()
+        engine.stop()
 
 
 def proc_sample(pid: int) -> dict[str, int]:

@@ -86,14 +86,14 @@ def _serve(args: argparse.Namespace) -> int:
     from openpcc.service.config import config_from_args
     from openpcc.service.serve import Listener, serve, serve_settings
 
-    config, limits, metrics = serve_settings(
+    config, settings = serve_settings(
         lambda: config_from_args(GatewayConfig, args), args, "gateway"
     )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     gw = build_gateway(config)
     log = logging.getLogger("openpcc.gateway")
 
-    def ready() -> None:
+    def bound(ports: dict[str, int]) -> None:
         # Garbage collector tuning, for throughput only. Everything loaded so far
         # (modules, the app, keys) lives as long as the process: freeze it, so full
         # passes skip it (~25 ms each before). Requests allocate many short-lived
@@ -106,9 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.info(
             "gateway listening on %s:%d (internal %s:%d), issuer_name %r",
             config.host,
-            config.port,
+            ports["public"],
             config.internal_host,
-            config.internal_port,
+            ports["internal"],
             config.token_issuer_name,
         )
 
@@ -122,11 +122,10 @@ def _serve(args: argparse.Namespace) -> int:
                 create_internal_app(gw), config.internal_host, config.internal_port, "internal"
             ),
         ],
-        limits=limits,
-        metrics=metrics,
+        settings=settings,
         shutdown_timeout=config.shutdown_timeout,
         on_start=gw.start,
         on_stop=gw.stop,
-        ready=ready,
+        on_bound=bound,
         handler_cancellation=True,
     )

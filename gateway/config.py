@@ -90,7 +90,7 @@ class GatewayConfig:
     )
     health_interval: float = field(
         default=5.0,
-        metadata=option("how often to GET each node's /healthz", kind="float", metavar="SECONDS"),
+        metadata=option("how often to GET each node's /readyz", kind="float", metavar="SECONDS"),
     )
     spent_ttl: int = field(
         default=DEFAULT_TTL,
@@ -159,8 +159,8 @@ class GatewayConfig:
         if not self.issuer_name and not urlsplit(self.issuer).hostname:
             raise ValueError("cannot derive --issuer-name from --issuer")
         for name in ("port", "internal_port"):
-            if not 1 <= getattr(self, name) <= 65535:
-                raise ValueError(f"--{name.replace('_', '-')} must be 1..65535")
+            if not 0 <= getattr(self, name) <= 65535:  # 0: the kernel picks (--port-file)
+                raise ValueError(f"--{name.replace('_', '-')} must be 0..65535")
         if (self.max_body is not None and self.max_body < 1) or self.spent_ttl < 1:
             raise ValueError("--max-body and --spent-ttl must be positive")
 

@@ -4,7 +4,7 @@ A node registers with whichever replica its internal Service picked; that replic
 writes the registration to Redis, and every replica copies Redis into its local
 ``NodeRegistry`` every ``--registry-sync`` seconds. Routing and the node directory stay
 local reads, so the per-request path never waits on Redis. Health stays per replica:
-a synced entry is listed only after this replica's own ``/healthz`` check passed.
+a synced entry is listed only after this replica's own ``/readyz`` check passed.
 
 Layout under ``PREFIX`` (no SCAN: the same Redis holds the spent-token keys):
 

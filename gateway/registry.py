@@ -2,7 +2,7 @@
 
 A node (re-)registers through the internal listener every heartbeat; an entry that
 misses ``ttl`` seconds of heartbeats (3 x the node's interval) disappears. A new entry
-is listed only after its first ``GET {url}/healthz`` passed, and a failing check or a
+is listed only after its first ``GET {url}/readyz`` passed, and a failing check or a
 connection error while forwarding takes it out of rotation until a check passes again.
 The gateway does not judge the attestation bundle (clients do); it stores the JSON
 object as received and hands it out unchanged.
@@ -227,7 +227,7 @@ class NodeRegistry:
         assert self._session is not None
         ok = False
         try:
-            async with self._session.get(entry.reg.url + "/healthz", allow_redirects=False) as r:
+            async with self._session.get(entry.reg.url + "/readyz", allow_redirects=False) as r:
                 if r.status == 200:
                     doc = json.loads(await read_at_most(r.content, 4096))
                     ok = isinstance(doc, dict) and doc.get("status") == "ok"

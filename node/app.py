@@ -1,4 +1,5 @@
-"""The node's HTTP service: ``POST /v1/sealed``, ``GET /healthz``, ``GET /metrics``.
+"""The node's HTTP service: ``POST /v1/sealed``, ``GET /healthz`` (alive), ``GET /readyz``
+(engine ready), ``GET /metrics``.
 
 The node is the only party that sees prompts, so this is where content must stay in
 memory and out of every log. Statuses the gateway can read (cleartext) say only
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -32,7 +34,8 @@ from openpcc import audit
 from openpcc.attestation.claims import Claims
 from openpcc.errors import OpenPCCError
 from openpcc.service.http import Metrics, problem
-from openpcc.service.serve import ConnectionLimits, Listener, MetricsListener, serve
+from openpcc.service.limits import ServeSettings
+from openpcc.service.serve import Listener, serve
 from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, hpke, sealed
 
@@ -157,6 +160,14 @@ class NodeService:
         )
         self._engine_task = asyncio.create_task(self._run_engine(), name="node-engine")
         await self.bundle()  # fail at start, not at the first heartbeat
+
+    def on_bound(self, host: str, port: int, *, derive_url: bool) -> None:
+        """Register only once listening (a gateway checks the node's health right away),
+        and with the port the socket got when none was given (``--port 0``)."""
+        if derive_url:
+            url = f"http://{host}:{port}"
+            self.config = dataclasses.replace(self.config, public_url=url)
+        log.info("node listening on %s:%d, registering as %s", host, port, self.config.public_url)
         for registrar in self.registrars:
             registrar.start()
 
@@ -216,25 +227,29 @@ class NodeService:
     # ------------------------------------------------------------------ handlers
 
     async def healthz(self, _request: web.Request) -> web.Response:
-        if self.engine_ready():
-            return web.json_response({"status": "ok", "engine": "ready"})
-        body = {"status": "unavailable", "engine": "not ready"}
-        problem = self.engine.problem
-        if problem:
-            body["reason"] = problem  # e.g. "engine at URL lists [...], not 'NAME'"
-        return web.json_response(body, status=503)
+        """Liveness: the process answers (200 while the engine starts, too)."""
+        return web.json_response({"status": "ok", "engine": self._engine_state()})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        """Readiness: the engine answers and the node registered at least once with every
-        configured gateway, so each of them can route to it."""
-        registered = all(r.registered > 0 for r in self.registrars)
-        ok = self.engine_ready() and registered
-        body = {
+        """Readiness: the engine answers, so a sealed request can be served. This is what
+        each gateway's health check asks before it routes here.
+
+        Registration is reported, not required: a gateway that is down must not make the
+        node unready for the others (``registered`` counts the gateways that took it)."""
+        ok = self.engine_ready()
+        body: dict[str, Any] = {
             "status": "ok" if ok else "unavailable",
-            "engine": "ready" if self.engine_ready() else "not ready",
-            "registered": registered,
+            "engine": self._engine_state(),
         }
+        if self.registrars:
+            body["registered"] = sum(1 for r in self.registrars if r.registered > 0)
+            body["gateways"] = len(self.registrars)
+        if not ok:
+            body["reason"] = self.engine.problem or "the engine is not ready"
         return web.json_response(body, status=200 if ok else 503)
+
+    def _engine_state(self) -> str:
+        return "ready" if self.engine_ready() else "not ready"
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         self.metrics.set("engine_ready", 1 if self.engine_ready() else 0)
@@ -425,8 +440,8 @@ def run(
     *,
     host: str,
     port: int,
-    limits: ConnectionLimits | None = None,
-    metrics: MetricsListener | None = None,
+    settings: ServeSettings | None = None,
+    derive_url: bool = False,
     audit_log: Path | None = None,
     shutdown_timeout: float = 30.0,
 ) -> int:
@@ -437,8 +452,8 @@ def run(
     """
     return serve(
         [Listener(build_app(service, audit_log=audit_log), host, port)],
-        limits=limits or ConnectionLimits(),
-        metrics=metrics,
+        settings=settings or ServeSettings(),
+        on_bound=lambda ports: service.on_bound(host, ports["public"], derive_url=derive_url),
         shutdown_timeout=shutdown_timeout,
         exit_code=lambda: service.exit_code,
         handler_cancellation=True,  # a gateway that leaves aborts the engine request

@@ -160,14 +160,13 @@ def _node_serve(ns: argparse.Namespace) -> int:
     from node.policy import RequestLimits
     from node.register import RegistrationConfig
     from openpcc.service.config import config_from_args
-    from openpcc.service.limits import connection_limits, metrics_listener
+    from openpcc.service.limits import serve_settings_from_args
     from openpcc.service.logs import setup_logging
 
     args = config_from_args(NodeServeConfig, ns)
     if not args.engine_url and not args.vllm_model:
         raise ValueError("give --engine-url URL or --vllm-model DIR")
-    limits = connection_limits(ns)
-    metrics = metrics_listener(ns)
+    settings = serve_settings_from_args(ns)
     if args.gateway_internal and not args.registration_secret:
         raise ValueError(f"--gateway-internal needs --registration-secret ({NODE_ENV}...)")
     if args.heartbeat <= 0:
@@ -222,6 +221,7 @@ def _node_serve(ns: argparse.Namespace) -> int:
     if len(digest) != 32:
         raise ValueError("the model digest must be 32 bytes (64 hex characters)")
 
+    # With --port 0 and no --public-url, NodeService.on_bound fills in the bound port.
     public_url = args.public_url or f"http://{args.host}:{args.port}"
     config = NodeConfig(
         node_id=node_id,
@@ -241,7 +241,6 @@ def _node_serve(ns: argparse.Namespace) -> int:
         RegistrationConfig(
             gateway_internal=gateway.strip(),
             secret=args.registration_secret,
-            url=public_url,
             heartbeat=args.heartbeat,
         )
         for gateway in args.gateway_internal
@@ -257,10 +256,8 @@ def _node_serve(ns: argparse.Namespace) -> int:
         external_engine=isinstance(engine, ExternalEngine),
     )
     logging.getLogger("openpcc.node").info(
-        "node %s on %s:%d serving %r (engine %s, tee %s, key id %s)",
+        "node %s serving %r (engine %s, tee %s, key id %s)",
         node_id.hex(),
-        args.host,
-        args.port,
         model_name,
         engine.url,
         evidence.tee,
@@ -270,8 +267,8 @@ def _node_serve(ns: argparse.Namespace) -> int:
         service,
         host=args.host,
         port=args.port,
-        limits=limits,
-        metrics=metrics,
+        settings=settings,
+        derive_url=not args.public_url,
         audit_log=args.audit_log,
         shutdown_timeout=args.shutdown_timeout,
     )

@@ -88,7 +88,7 @@ class Engine(Protocol):
 
     @property
     def problem(self) -> str | None:
-        """Why it is not ready, one line (None while it is): /healthz and `up` show it."""
+        """Why it is not ready, one line (None while it is): /readyz and `up` show it."""
         ...
 
 
@@ -212,7 +212,7 @@ class VLLMEngine:
 
     @property
     def problem(self) -> str | None:
-        """Why it is not ready, for /healthz and `openpcc up` (None while it is)."""
+        """Why it is not ready, for /readyz and `openpcc up` (None while it is)."""
         if self.ready.is_set():
             return None
         if self.failed is not None:
@@ -506,7 +506,7 @@ class ExternalEngine:
         self.startup_timeout = startup_timeout
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
-        # Why the engine is not ready (None while it is): /healthz shows it, `up` prints it.
+        # Why the engine is not ready (None while it is): /readyz shows it, `up` prints it.
         self.problem: str | None = "not checked yet"
 
     @property

@@ -26,7 +26,6 @@ REGISTER_PATH = "/internal/nodes"
 class RegistrationConfig:
     gateway_internal: str  # base URL, e.g. http://10.0.0.2:9001
     secret: str
-    url: str  # how the gateway reaches this node
     heartbeat: float = 10.0
     timeout: float = 5.0
     min_backoff: float = 0.25

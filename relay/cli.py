@@ -98,7 +98,7 @@ def _access_logger_class() -> type:
 def serve_command(args: argparse.Namespace) -> int:
     from openpcc.service.serve import Listener, serve, serve_settings
 
-    config, limits, metrics = serve_settings(lambda: config_from_args(args), args, "relay")
+    config, settings = serve_settings(lambda: config_from_args(args), args, "relay")
     if config.uvloop:
         try:
             import uvloop  # noqa: F401
@@ -109,11 +109,16 @@ def serve_command(args: argparse.Namespace) -> int:
     from relay.app import build_app
 
     routes = ", ".join(f"{g.post_path} -> {g.url}" for g in config.gateways)
-    logging.getLogger("openpcc.relay").info("relay on %s:%d; %s", config.host, config.port, routes)
+
+    def bound(ports: dict[str, int]) -> None:
+        logging.getLogger("openpcc.relay").info(
+            "relay on %s:%d; %s", config.host, ports["public"], routes
+        )
+
     return serve(
         [Listener(build_app(config), config.host, config.port)],
-        limits=limits,
-        metrics=metrics,
+        settings=settings,
+        on_bound=bound,
         shutdown_timeout=config.shutdown_timeout,
         use_uvloop=config.uvloop,
         access_log=logging.getLogger("openpcc.relay.access") if config.access_log else None,

@@ -131,5 +131,36 @@ def fake_engine(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.node_support.procs import start_engine
 
     proc = start_engine(tmp_path_factory.mktemp("engine"), FAKE_MODEL)
-    yield f"http://127.0.0.1:{proc.port}"
+    yield proc.url
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def local_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fake_engine: str
+) -> Any:
+    """The whole stack as ``openpcc up`` runs it (openpcc.devstack: issuer, gateway,
+    relay, node(s), each its own process) in front of the fake engine.
+
+    One per test module, not per session: modules kill nodes and stop parties on purpose,
+    and a stack shared across files would carry one file's damage into another. A module
+    changes the stack through ``STACK_OPTIONS`` (start_local_stack's keyword arguments)
+    and ``STACK_ENV`` (variables the parties start with, e.g. connection limits)."""
+    from openpcc.devstack.local import start_local_stack
+
+    options = getattr(request.module, "STACK_OPTIONS", {})
+    mp = pytest.MonkeyPatch()
+    for name, value in getattr(request.module, "STACK_ENV", {}).items():
+        mp.setenv(name, value)
+    try:
+        stack = start_local_stack(
+            tmp_path_factory.mktemp("stack"),
+            engine_url=fake_engine,
+            model_name=FAKE_MODEL,
+            log=lambda *_: None,
+            **options,
+        )
+    finally:
+        mp.undo()
+    yield stack
+    stack.procs.stop()

@@ -1,155 +1,109 @@
 """Process stacks for the operations and multi-replica tests: every party a separate
-``python -m openpcc.cli ... serve`` process on loopback, as an operator runs them."""
+``python -m openpcc.cli ... serve`` process on loopback, as an operator runs them, on
+tests/harness.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port
+from tests.harness import Proc, cli, fake, get, openpcc, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
-FAKE_ENGINE = ROOT / "tests" / "node_support" / "fake_engine.py"
+__all__ = ["MODEL", "SECRET", "Stack", "chat", "get"]
+
 SECRET = "ops-test-registration-secret-0123456789"
 MODEL = "fake-model"
 
 
 @dataclass
-class Svc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    internal: str = ""  # the gateway's node-registration listener
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """(status, body) of a GET; status 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
-@dataclass
 class Stack:
     dir: Path
-    services: dict[str, Svc] = field(default_factory=dict)
+    services: dict[str, Proc] = field(default_factory=dict)
 
-    def spawn(
+    def add(self, proc: Proc) -> Proc:
+        self.services[proc.name] = proc
+        return proc
+
+    def party(
         self,
         name: str,
-        args: list[str],
-        port: int,
-        *,
+        *args: str,
         env: dict[str, str] | None = None,
         wait: str | None = "/healthz",
-        python: list[str] | None = None,
-    ) -> Svc:
-        log = self.dir / f"{name}.log"
-        cmd = python or [sys.executable, "-m", "openpcc.cli", *args]
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
-        svc = Svc(name, proc, f"http://127.0.0.1:{port}", log)
-        self.services[name] = svc
-        if wait is not None:
-            self.wait(name, wait)
-        return svc
+        internal: bool = False,
+    ) -> Proc:
+        return self.add(openpcc(name, self.dir, *args, env=env, wait=wait, internal=internal))
 
     def wait(self, name: str, path: str, status: int = 200, timeout: float = 30.0) -> None:
         svc = self.services[name]
-        deadline = time.monotonic() + timeout
-        while get(svc.url + path, timeout=1)[0] != status:
-            if svc.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name}: {path} never gave {status}:\n{svc.output()}")
-            time.sleep(0.05)
+        wait_http(svc.url + path, svc, status=status, timeout=timeout)
 
     def cli(self, *args: str, env: dict[str, str] | None = None) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "openpcc.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-        )
+        out: subprocess.CompletedProcess[str] = cli(*args, env=env)
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
     def stop(self) -> None:
         for svc in reversed(list(self.services.values())):
-            if svc.proc.poll() is None:
-                os.killpg(svc.proc.pid, signal.SIGTERM)
-        for svc in self.services.values():
-            try:
-                svc.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(svc.proc.pid, signal.SIGKILL)
-                svc.proc.wait()
+            svc.stop()
 
     # ---------------------------------------------------------------- parties
 
-    def engine(self, name: str = "engine") -> Svc:
-        port = free_port()
-        cmd = [sys.executable, str(FAKE_ENGINE), str(port), MODEL]
-        return self.spawn(name, [], port, wait="/health", python=cmd)
+    def engine(self, name: str = "engine", port: int = 0) -> Proc:
+        return self.add(
+            fake(name, self.dir, "node_support.fake_engine", MODEL, port=port, wait="/health")
+        )
 
-    def issuer(self, name: str, state: Path, redis: str | None = None, *extra: str) -> Svc:
-        port = free_port()
-        args = ["issuer", "serve", "--port", str(port), "--state", str(state), *extra]
-        return self.spawn(name, args + (["--redis", redis] if redis else []), port)
+    def issuer(self, name: str, state: Path, redis: str | None = None, *extra: str) -> Proc:
+        args = ["issuer", "serve", "--state", str(state), *extra]
+        return self.party(name, *args, *(["--redis", redis] if redis else []))
 
     def gateway(
         self, name: str, state: Path, issuer: str, redis: str | None = None, *extra: str
-    ) -> Svc:
-        port, internal = free_port(), free_port()
+    ) -> Proc:
         args = [
-            "gateway", "serve", "--port", str(port), "--internal-port", str(internal),
-            "--issuer", issuer, "--state", str(state), "--health-interval", "0.5", *extra,
+            "gateway", "serve", "--issuer", issuer, "--state", str(state),
+            "--health-interval", "0.5", *extra, *(["--redis", redis] if redis else []),
         ]  # fmt: skip
         env = {"OPENPCC_GATEWAY_REGISTRATION_SECRET": SECRET}
-        svc = self.spawn(name, args + (["--redis", redis] if redis else []), port, env=env)
-        svc.internal = f"http://127.0.0.1:{internal}"
-        return svc
+        return self.party(name, *args, env=env, internal=True)
 
-    def relay(self, name: str, gateway: str, *extra: str) -> Svc:
-        port = free_port()
-        args = ["relay", "serve", "--port", str(port), "--gateway", gateway + "/gateway"]
-        return self.spawn(name, [*args, "--rate-limit", "0", *extra], port)
+    def relay(self, name: str, gateway: str, *extra: str) -> Proc:
+        args = ["relay", "serve", "--gateway", gateway + "/gateway", "--rate-limit", "0"]
+        return self.party(name, *args, *extra)
 
-    def node(self, name: str, engine: str, gateways: list[str], *extra: str) -> Svc:
-        port = free_port()
+    def node(
+        self, name: str, engine: str, gateways: list[str], *extra: str, wait: str = "/readyz"
+    ) -> Proc:
         args = [
-            "node", "serve", "--port", str(port), "--engine-url", engine,
+            "node", "serve", "--engine-url", engine,
             "--model-name", MODEL, "--tee", "simulated", "--tee-dir", str(self.dir / "tee"),
             "--release-id", "dev", "--heartbeat", "1", "--state", str(self.dir / name), *extra,
         ]  # fmt: skip
         for g in gateways:
             args += ["--gateway-internal", g]
         env = {"OPENPCC_NODE_REGISTRATION_SECRET": SECRET}
-        return self.spawn(name, args, port, env=env, wait="/readyz")
+        node = self.party(name, *args, env=env, wait=wait)
+        node.extra["gateways"] = list(gateways)
+        if wait == "/readyz":
+            self._wait_listed(gateways)
+        return node
+
+    def _wait_listed(self, gateways: list[str]) -> None:
+        """Ready is not yet routable: each gateway lists a node only after it registered
+        and passed that gateway's own health check."""
+        from openpcc.devstack.local import wait_nodes_listed
+
+        for gw in self.services.values():
+            if gw.ports.get("internal") and gw.internal in gateways:
+                count = sum(
+                    gw.internal in p.extra.get("gateways", ()) and p.alive()
+                    for p in self.services.values()
+                )
+                wait_nodes_listed(gw.url, count)
 
     def account(self, state: Path, name: str, quota: int, redis: str | None = None) -> Path:
         """Create an account; returns the file holding its API key."""

@@ -125,7 +125,7 @@ def test_list_models_of_a_running_engine(engines: dict[str, str]) -> None:
 def test_node_serves_the_one_listed_model(tmp_path: Path, engines: dict[str, str]) -> None:
     node = start_node(tmp_path, engine_url=engines["one"], model=None, gateway_port=None)
     try:
-        assert http_json(node.port, "GET", "/healthz")[0] == 200
+        assert http_json(node.port, "GET", "/readyz")[0] == 200
         out = node.output()
         assert "lists one model, 'my-model': serving it" in out
         assert "serving 'my-model'" in out
@@ -153,9 +153,9 @@ def test_node_says_why_a_named_model_is_not_ready(tmp_path: Path, engines: dict[
     line = f"engine at {engines['one']} lists ['my-model'], not 'model'"
     try:
         status, body = wait_until(
-            lambda: (r := http_json(node.port, "GET", "/healthz"))[1].get("reason") and r,
+            lambda: (r := http_json(node.port, "GET", "/readyz"))[1].get("reason") and r,
             30,
-            "a reason in /healthz",
+            "a reason in /readyz",
         )
         assert status == 503
         assert body["reason"] == line

@@ -261,10 +261,10 @@ async def test_ohttp_key_id_confusion_is_refused(gw: Proc) -> None:
 
 
 async def test_engine_crash_makes_the_node_unhealthy_until_restarted(tmp_path: Path) -> None:
-    """vLLM dies: ``ready`` drops at once (the node's /healthz is 503) until it is back.
+    """vLLM dies: ``ready`` drops at once (the node's /readyz is 503) until it is back.
 
     tests/test_engine.py proves the supervisor restarts vLLM (fake and real); this adds
-    that the gap is visible, through the very method that answers ``/healthz``.
+    that the gap is visible, through the very method that answers ``/readyz``.
     """
     import os
 
@@ -278,10 +278,15 @@ async def test_engine_crash_makes_the_node_unhealthy_until_restarted(tmp_path: P
     exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
     exe.chmod(0o755)
     eng = VLLMEngine(tmp_path, python=str(exe), startup_timeout=30, backoff_initial=1.0)
-    node = types.SimpleNamespace(engine_ready=lambda: eng.ready.is_set(), engine=eng)
+    node = types.SimpleNamespace(
+        engine_ready=lambda: eng.ready.is_set(),
+        engine=eng,
+        registrars=[],
+        _engine_state=lambda: "ready" if eng.ready.is_set() else "not ready",
+    )
 
-    async def healthz() -> int:
-        return (await NodeService.healthz(node, None)).status  # type: ignore[arg-type]
+    async def healthz() -> int:  # readiness: what a gateway's health check asks
+        return (await NodeService.readyz(node, None)).status  # type: ignore[arg-type]
 
     async with eng:
         assert await healthz() == 200

@@ -81,7 +81,7 @@ def endpoints(fs: FakeStack) -> dict[str, Endpoint]:
         _get(fs.url("issuer") + "/.well-known/private-token-issuer-directory")
     ).select_key()
     treq, _ = issuance.begin_token_request(tk.token_key, CHALLENGE)
-    internal = "http://127.0.0.1:" + fs.arg_of("gateway", "--internal-port")
+    internal = fs.url("internal")
     secret = fs.env_of("gateway", "OPENPCC_GATEWAY_REGISTRATION_SECRET")
     registration = json.dumps(
         {"node_id": "ab" * 16, "url": "http://127.0.0.1:9", "public_key": "cd" * 32,

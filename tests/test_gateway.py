@@ -942,7 +942,7 @@ async def test_shared_registry_redis_down_then_back(
             assert r.status == 503
     for g in gws:  # ... which it does, as the node's heartbeats are refused meanwhile.
         await asyncio.to_thread(wait_listed, g, set())
-    shared_ready["redis"] = start_redis(workdir, redis.extra["port"])
+    shared_ready["redis"] = start_redis(workdir, redis.port)
     for g in gws:
         await asyncio.to_thread(wait_listed, g, {SHARED_NODE.hex()}, 20)
         assert await register_raw(session, g, other) == 200

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,44 +18,31 @@ import pytest
 from openpcc.privacypass import batched, issuance
 from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA, TokenChallenge
 from openpcc.privacypass.directory import IssuerDirectory
-from tests.conftest import free_port
+from tests.harness import Proc, cli, openpcc
 
 CHALLENGE = TokenChallenge(TOKEN_TYPE_BLIND_RSA, "issuer.test", b"", ())
 SINGLE = "application/private-token-request"
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "openpcc.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-
-
 @dataclass
 class Issuer:
-    url: str
+    proc: Proc
     state: Path
     backend_args: list[str]
-    proc: subprocess.Popen[bytes]
-    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.proc.url
+
+    @property
+    def log(self) -> Path:
+        return self.proc.log
 
     def add_account(self, name: str, quota: int, per: int = 3600) -> str:
         out = cli(
-            "issuer",
-            "account",
-            "add",
-            name,
-            "--quota",
-            str(quota),
-            "--per",
-            str(per),
-            "--state",
-            str(self.state),
-            *self.backend_args,
-        )
+            "issuer", "account", "add", name, "--quota", str(quota), "--per", str(per),
+            "--state", str(self.state), *self.backend_args,
+        )  # fmt: skip
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout.strip().splitlines()[-1]
 
@@ -72,50 +57,12 @@ def start_issuer(
     serve_args: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> Issuer:
-    port = free_port()
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "openpcc.cli",
-                "issuer",
-                "serve",
-                "--port",
-                str(port),
-                "--state",
-                str(state),
-                *backend_args,
-                *(serve_args or []),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    import urllib.request
-
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("issuer did not start:\n" + log.read_text())
-        time.sleep(0.1)
-    return Issuer(url, state, backend_args, proc, log)
+    args = ["issuer", "serve", "--state", str(state), *backend_args, *(serve_args or [])]
+    return Issuer(openpcc(log.stem, log.parent, *args, env=env), state, backend_args)
 
 
 def stop(issuer: Issuer) -> None:
-    issuer.proc.send_signal(signal.SIGINT)
-    try:
-        issuer.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        issuer.proc.kill()
+    issuer.proc.stop(signal.SIGINT)
 
 
 _redis_db = iter(range(1, 16))
@@ -287,7 +234,7 @@ async def test_bad_input_is_refused_and_consumes_no_quota(issuer: Issuer) -> Non
             assert r.status == 405
         # None of the above used the single token of quota.
         assert (await post(s, issuer.url, good.encode(), SINGLE, key))[0] == 200
-        assert issuer.proc.poll() is None
+        assert issuer.proc.alive()
 
 
 async def test_revoked_account_is_refused(issuer: Issuer) -> None:

@@ -1,11 +1,11 @@
-"""The TypeScript/JavaScript client (clients/js) against the real Python stack.
+"""The TypeScript/JavaScript client (clients/js) against the real Python local_stack.
 
-Starts the whole local stack (issuer, relay, gateway, a simulated-TEE node) on the fake
+Starts the whole local local_stack (issuer, relay, gateway, a simulated-TEE node) on the fake
 engine, then runs the JS package's own tests: the cross-language vectors (`node --test
-test/*.test.js`), and end to end (`test/e2e.test.js`, pointed at the stack's
+test/*.test.js`), and end to end (`test/e2e.test.js`, pointed at the local_stack's
 client.json): a Node client and the example extension page in headless Debian Chromium
 (playwright-core) each get a private, attested, streamed answer. The page is served from
-its own origin and calls the relay and issuer cross-origin, which the stack allows with
+its own origin and calls the relay and issuer cross-origin, which the local_stack allows with
 `--allow-origin` (CORS); from an origin not allowed, the same calls fail.
 """
 
@@ -15,15 +15,13 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from openpcc.audit import read_audit
-from openpcc.devstack.local import LocalStack, start_local_stack
+from openpcc.devstack.local import LocalStack
 from openpcc.devstack.processes import free_port
-from tests.conftest import FAKE_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 JS = ROOT / "clients" / "js"
@@ -47,26 +45,12 @@ def node_bin() -> str:
     return node
 
 
-@pytest.fixture(scope="module")
-def page_port() -> int:
-    """Where the browser test serves its page: the one origin the stack allows."""
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory, fake_engine: str, page_port: int
-) -> Iterator[LocalStack]:
-    s = start_local_stack(
-        tmp_path_factory.mktemp("jsstack"),
-        engine_url=fake_engine,
-        model_name=FAKE_MODEL,
-        audit=True,  # each party's record of what it received: preflights, Origin headers
-        allow_origins=[f"http://127.0.0.1:{page_port}"],
-        log=lambda *_: None,
-    )
-    yield s
-    s.procs.stop()
+# Where the browser test serves its page: the one origin the local_stack allows.
+PAGE_PORT = free_port()
+STACK_OPTIONS = {
+    "audit": True,  # each party's record of what it received: preflights, Origin headers
+    "allow_origins": [f"http://127.0.0.1:{PAGE_PORT}"],
+}  # for conftest.local_stack
 
 
 def _node_test(node: str, files: list[str], env: dict[str, str]) -> str:
@@ -91,12 +75,12 @@ def test_js_unit_and_vectors(node_bin: str) -> None:
     assert "# skipped 0" in out, out[-3000:]
 
 
-def test_js_client_node_end_to_end(node_bin: str, stack: LocalStack) -> None:
+def test_js_client_node_end_to_end(node_bin: str, local_stack: LocalStack) -> None:
     out = _node_test(
         node_bin,
         ["test/e2e.test.js"],
         {
-            "OPENPCC_CLIENT_CONFIG": str(stack.config_path),
+            "OPENPCC_CLIENT_CONFIG": str(local_stack.config_path),
             "OPENPCC_EXPECT_TEXT": "Hello from the fake engine.",
             "OPENPCC_SKIP_BROWSER": "1",
         },
@@ -108,7 +92,7 @@ def _headers(rec: dict) -> dict[str, str]:
     return {k.lower(): v for k, v in rec["headers"]}
 
 
-def test_js_client_headless_chromium(node_bin: str, stack: LocalStack, page_port: int) -> None:
+def test_js_client_headless_chromium(node_bin: str, local_stack: LocalStack) -> None:
     _need(Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (Debian package chromium)")
     _need((JS / "node_modules" / "playwright-core").is_dir(), "run `npm ci` in clients/js")
     build = subprocess.run(
@@ -119,9 +103,9 @@ def test_js_client_headless_chromium(node_bin: str, stack: LocalStack, page_port
         node_bin,
         ["test/e2e.test.js"],
         {
-            "OPENPCC_CLIENT_CONFIG": str(stack.config_path),
+            "OPENPCC_CLIENT_CONFIG": str(local_stack.config_path),
             "CHROMIUM": CHROMIUM,
-            "OPENPCC_PAGE_PORT": str(page_port),
+            "OPENPCC_PAGE_PORT": str(PAGE_PORT),
         },
     )
     assert "ok 2 - headless Chromium: the example page completes a private streamed chat" in out
@@ -129,7 +113,7 @@ def test_js_client_headless_chromium(node_bin: str, stack: LocalStack, page_port
     (summary,) = [
         json.loads(line[2:]) for line in out.splitlines() if line.startswith('# {"result"')
     ]
-    page = f"http://127.0.0.1:{page_port}"
+    page = f"http://127.0.0.1:{PAGE_PORT}"
     # The page ran on its own origin and talked to the relay and the issuer directly.
     assert summary["page_origin"] == page
     assert page not in (summary["relay_origin"], summary["issuer_origin"])
@@ -142,8 +126,8 @@ def test_js_client_headless_chromium(node_bin: str, stack: LocalStack, page_port
     }, sent
     assert all(r["origin"] == page and r["allow_origin"] == page for r in sent), sent
     # Chromium preflighted the POSTs: each party recorded the OPTIONS it answered itself.
-    relay_log = read_audit(stack.audit["relay"])
-    issuer_log = read_audit(stack.audit["issuer"])
+    relay_log = read_audit(local_stack.audit["relay"])
+    issuer_log = read_audit(local_stack.audit["issuer"])
     preflights = [r for r in relay_log + issuer_log if r["method"] == "OPTIONS"]
     assert {(r["party"], r["path"]) for r in preflights if _headers(r)["origin"] == page} == {
         ("relay", "/"),
@@ -153,10 +137,10 @@ def test_js_client_headless_chromium(node_bin: str, stack: LocalStack, page_port
     assert {_headers(r)["origin"] for r in preflights} == {page, denied["page_origin"]}
     assert any(r["method"] == "POST" and _headers(r).get("origin") == page for r in relay_log)
     # ...and the gateway heard of none of it: no preflight, no Origin.
-    gateway_log = read_audit(stack.audit["gateway"])
+    gateway_log = read_audit(local_stack.audit["gateway"])
     assert gateway_log and all(r["method"] != "OPTIONS" for r in gateway_log)
     assert all("origin" not in _headers(r) for r in gateway_log)
-    # From an origin the stack does not allow, the same calls are CORS failures.
+    # From an origin the local_stack does not allow, the same calls are CORS failures.
     assert denied["page_origin"] != page
     for what in ("relay_keys", "relay_post", "issuer_directory"):
         assert denied[what] == "TypeError: Failed to fetch", denied

@@ -36,11 +36,11 @@ from openpcc.attestation.simulated import SimulatedTEE
 from openpcc.attestation.snp import verify_snp
 from openpcc.errors import TruncatedError
 from openpcc.wire import bhttp, hpke, sealed
+from tests.harness import openpcc
 from tests.node_support.procs import (
     Proc,
     free_port,
     http_json,
-    spawn,
     start_engine,
     start_gateway,
     start_node,
@@ -258,7 +258,8 @@ async def test_registration_waits_for_engine_and_gateway(tmp_path: Path) -> None
     )
     engine = gateway = None
     try:
-        assert http_json(node.port, "GET", "/healthz")[0] == 503
+        assert http_json(node.port, "GET", "/healthz")[0] == 200  # alive
+        assert http_json(node.port, "GET", "/readyz")[0] == 503
         async with (
             aiohttp.ClientSession() as s,
             s.post(
@@ -269,7 +270,7 @@ async def test_registration_waits_for_engine_and_gateway(tmp_path: Path) -> None
         ):
             assert r.status == 503
         engine = start_engine(tmp_path, MODEL, port=engine_port)
-        wait_until(lambda: http_json(node.port, "GET", "/healthz")[0] == 200, 15, "ready")
+        wait_until(lambda: http_json(node.port, "GET", "/readyz")[0] == 200, 15, "ready")
         await asyncio.sleep(1.0)  # gateway still down: the node backs off and retries
         gateway = start_gateway(tmp_path, SECRET, port=gateway_port)
         regs = wait_until(
@@ -484,9 +485,9 @@ async def test_garbage_is_400_and_node_stays_up(stack: Stack) -> None:
     assert ans.status == 415
     ans = await post(stack.node_url, b"\x00" * (2 * 1024 * 1024 + 1))
     assert ans.status == 413
-    assert http_json(stack.node.port, "GET", "/healthz") == (
+    assert http_json(stack.node.port, "GET", "/readyz") == (
         200,
-        {"status": "ok", "engine": "ready"},
+        {"status": "ok", "engine": "ready", "registered": 1, "gateways": 1},
     )
     req = seal(key, inner_request(body=chat_body()))
     ans = await post(stack.node_url, req.envelope, req)
@@ -509,7 +510,7 @@ async def test_engine_dying_mid_stream_is_a_truncation(stack: Stack) -> None:
     assert ans.status == 200 and ans.head is not None and ans.head.status == 200
     assert b"Hello" in ans.body  # data arrived before the cut
     assert isinstance(ans.error, TruncatedError)
-    assert http_json(stack.node.port, "GET", "/healthz")[0] == 200
+    assert http_json(stack.node.port, "GET", "/readyz")[0] == 200
 
 
 def test_audit_log_records_what_the_node_learned(stack: Stack) -> None:
@@ -682,19 +683,17 @@ async def test_node_with_real_vllm(tmp_path: Path) -> None:
 
     info = make_tiny_model(tmp_path / "model", seed=0)
     gateway = start_gateway(tmp_path, SECRET)
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "openpcc.cli", "node", "serve",
-        "--host", "127.0.0.1", "--port", str(port),
+    node = openpcc(
+        "node", tmp_path,
+        "node", "serve", "--host", "127.0.0.1",
         "--vllm-model", str(info["dir"]), "--vllm-log", str(tmp_path / "vllm.log"),
         "--state", str(tmp_path / "state"), "--heartbeat", "1",
         "--gateway-internal", f"http://127.0.0.1:{gateway.port}",
         "--registration-secret", SECRET,
-    ]  # fmt: skip
-    node = spawn(cmd, tmp_path / "node.log", port)
+    )  # fmt: skip
+    port = node.port
     try:
-        wait_until(lambda: http_json(port, "GET", "/healthz")[0] in (200, 503), 30, "listening")
-        wait_until(lambda: http_json(port, "GET", "/healthz")[0] == 200, 300, "vLLM", node.proc)
+        wait_until(lambda: http_json(port, "GET", "/readyz")[0] == 200, 300, "vLLM", node.proc)
         regs = wait_until(
             lambda: http_json(gateway.port, "GET", "/_control/registrations")[1], 15, "reg"
         )

@@ -1,6 +1,6 @@
 """The official `openai` SDK sending privately with no local server: the httpx transports.
 
-Same stack as tests/test_proxy.py (fake engine, every party a process); the SDK runs
+Same local_stack as tests/test_proxy.py (fake engine, every party a process); the SDK runs
 in this process with `OpenPCCTransport` (async) or `http_client(...)` (blocking).
 Both `httpx` (openai 1.x/2.x) and `httpx2` (openai 3.x) clients are exercised.
 """
@@ -26,12 +26,7 @@ from openpcc.client.openai_transport import (
     http_client,
 )
 from openpcc.devstack.local import LocalStack
-from tests import test_proxy
 from tests.test_proxy import ANSWER, MODEL, WORDS, release
-
-# The same module-scoped processes as tests/test_proxy.py (a separate instance here).
-engine = test_proxy.engine
-stack = test_proxy.stack
 
 HTTPX = [m for m in ("httpx", "httpx2") if importlib.util.find_spec(m) is not None]
 
@@ -42,8 +37,8 @@ def httpx_mod(request: pytest.FixtureRequest) -> ModuleType:
 
 
 @pytest.fixture
-async def oai(stack: LocalStack, httpx_mod: ModuleType) -> AsyncIterator[openai.AsyncOpenAI]:
-    frontend = frontend_from_config(stack.config_path)
+async def oai(local_stack: LocalStack, httpx_mod: ModuleType) -> AsyncIterator[openai.AsyncOpenAI]:
+    frontend = frontend_from_config(local_stack.config_path)
     http = httpx_mod.AsyncClient(transport=OpenPCCTransport(frontend))
     client = openai.AsyncOpenAI(
         base_url="http://openpcc.local/v1",
@@ -78,7 +73,7 @@ async def test_transport_completions_and_models(oai: openai.AsyncOpenAI) -> None
     assert [m.id async for m in oai.models.list()] == [MODEL]
 
 
-async def test_transport_streams_incrementally(oai: openai.AsyncOpenAI, engine: str) -> None:
+async def test_transport_streams_incrementally(oai: openai.AsyncOpenAI, fake_engine: str) -> None:
     stream = await oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "GATE"}], stream=True
     )
@@ -86,7 +81,7 @@ async def test_transport_streams_incrementally(oai: openai.AsyncOpenAI, engine: 
     async for chunk in stream:
         got.append(chunk.choices[0].delta.content or "")
         if len(got) == WORDS - 1:
-            await release(engine)  # the last word does not exist before this
+            await release(fake_engine)  # the last word does not exist before this
     assert "".join(got) == ANSWER
 
 
@@ -123,8 +118,8 @@ async def test_closing_a_stream_early_is_clean(oai: openai.AsyncOpenAI) -> None:
     assert resp.choices[0].message.content == ANSWER
 
 
-async def test_async_http_client_helper(stack: LocalStack) -> None:
-    frontend = frontend_from_config(stack.config_path)
+async def test_async_http_client_helper(local_stack: LocalStack) -> None:
+    frontend = frontend_from_config(local_stack.config_path)
     try:
         async with openai.AsyncOpenAI(
             base_url="http://openpcc.local/v1",
@@ -137,11 +132,11 @@ async def test_async_http_client_helper(stack: LocalStack) -> None:
         await frontend.aclose()
 
 
-def test_blocking_sdk_with_http_client(stack: LocalStack) -> None:
+def test_blocking_sdk_with_http_client(local_stack: LocalStack) -> None:
     with openai.OpenAI(
         base_url="http://openpcc.local/v1",
         api_key="unused",
-        http_client=http_client(stack.config_path),
+        http_client=http_client(local_stack.config_path),
         max_retries=0,
     ) as oai:
         resp = oai.chat.completions.create(model=MODEL, messages=MSGS)
@@ -153,13 +148,13 @@ def test_blocking_sdk_with_http_client(stack: LocalStack) -> None:
     assert "".join(pieces) == ANSWER
 
 
-def test_readme_three_lines_work(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's OpenAI-SDK example, run as written against a stack `openpcc up` made."""
+def test_readme_three_lines_work(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's OpenAI-SDK example, run as written against a local_stack `openpcc up` made."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## OpenAI SDK, privately", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert len([line for line in code.splitlines() if line.strip()]) == 3
-    monkeypatch.setenv("OPENPCC_CLIENT_CONFIG", str(stack.config_path))
+    monkeypatch.setenv("OPENPCC_CLIENT_CONFIG", str(local_stack.config_path))
     scope: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), scope)
     with scope["client"] as oai:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -24,8 +23,7 @@ from openpcc.attestation.simulated import SimulatedTEE
 from openpcc.audit import read_audit
 from openpcc.client.errors import TokenRejectedError, TruncatedResponseError
 from openpcc.client.profile import client_from_config
-from openpcc.devstack.local import DEMO_ACCOUNT, LocalStack, start_local_stack
-from openpcc.devstack.processes import free_port
+from openpcc.devstack.local import DEMO_ACCOUNT, LocalStack
 from openpcc.devstack.views import ALLOWED, party_views
 from tests.conftest import FAKE_MODEL
 
@@ -34,23 +32,13 @@ MODEL = FAKE_MODEL
 PROMPT = "a very private question about my health 0x5EC2E7"
 
 
-@pytest.fixture(scope="module")
-def engine(fake_engine: str) -> str:
-    return fake_engine
+STACK_OPTIONS = {"audit": True, "nodes": 2}  # for conftest.local_stack
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[LocalStack]:
-    state = tmp_path_factory.mktemp("stack")
-    s = start_local_stack(
-        state, engine_url=engine, model_name=MODEL, audit=True, nodes=2, log=lambda *_: None
+async def chat(local_stack: LocalStack, prompt: str, **kw: object) -> str:
+    client, wallet, model, session = client_from_config(
+        local_stack.config_path, local_addr=CLIENT_ADDR
     )
-    yield s
-    s.procs.stop()
-
-
-async def chat(stack: LocalStack, prompt: str, **kw: object) -> str:
-    client, wallet, model, session = client_from_config(stack.config_path, local_addr=CLIENT_ADDR)
     try:
         out = []
         async for chunk in client.chat_completions_stream(
@@ -65,14 +53,14 @@ async def chat(stack: LocalStack, prompt: str, **kw: object) -> str:
 
 
 def test_private_chat_streams_and_each_party_sees_only_what_design_allows(
-    stack: LocalStack,
+    local_stack: LocalStack,
 ) -> None:
-    answer = asyncio.run(chat(stack, PROMPT, max_tokens=16))
+    answer = asyncio.run(chat(local_stack, PROMPT, max_tokens=16))
     assert answer == "Hello from the fake engine."
-    api_key = (stack.state / "demo-api-key").read_text().strip()
+    api_key = (local_stack.state / "demo-api-key").read_text().strip()
     views = party_views(
-        {p: stack.audit[p] for p in ("issuer", "relay", "gateway", "node", "node2")}
-        | {"node": _merged_node_audit(stack)},
+        {p: local_stack.audit[p] for p in ("issuer", "relay", "gateway", "node", "node2")}
+        | {"node": _merged_node_audit(local_stack)},
         prompt=PROMPT,
         client_addr=CLIENT_ADDR,
         account_secrets=[api_key, DEMO_ACCOUNT],
@@ -86,21 +74,23 @@ def test_private_chat_streams_and_each_party_sees_only_what_design_allows(
     assert views["relay"]["client_addr"] and views["issuer"]["account"]
     assert views["gateway"]["token"] and views["node"]["prompt"]
     # The relay never learns the model either; the node never sees an address but the gateway's.
-    relay_bytes = stack.audit["relay"].read_text()
+    relay_bytes = local_stack.audit["relay"].read_text()
     assert MODEL not in relay_bytes
-    node_peers = {r["peer"] for r in read_audit(_merged_node_audit(stack))}
+    node_peers = {r["peer"] for r in read_audit(_merged_node_audit(local_stack))}
     assert node_peers == {"127.0.0.1"}
 
 
-def _merged_node_audit(stack: LocalStack) -> Path:
-    merged = stack.state / "audit" / "nodes-merged.jsonl"
-    merged.write_text(stack.audit["node"].read_text() + stack.audit["node2"].read_text())
+def _merged_node_audit(local_stack: LocalStack) -> Path:
+    merged = local_stack.state / "audit" / "nodes-merged.jsonl"
+    merged.write_text(
+        local_stack.audit["node"].read_text() + local_stack.audit["node2"].read_text()
+    )
     return merged
 
 
-def test_a_token_is_accepted_once(stack: LocalStack) -> None:
+def test_a_token_is_accepted_once(local_stack: LocalStack) -> None:
     async def go() -> None:
-        client, wallet, model, _ = client_from_config(stack.config_path)
+        client, wallet, model, _ = client_from_config(local_stack.config_path)
         token = await wallet.take()
 
         class Same:
@@ -123,29 +113,27 @@ def test_a_token_is_accepted_once(stack: LocalStack) -> None:
 
 
 def test_a_node_with_an_untrusted_root_is_never_sent_a_request(
-    stack: LocalStack, tmp_path: Path, engine: str
+    local_stack: LocalStack, tmp_path: Path, fake_engine: str
 ) -> None:
     rogue_tee = tmp_path / "rogue-tee"
     SimulatedTEE.create(rogue_tee)  # a root the release manifest does not name
-    port = free_port()
     audit = tmp_path / "rogue.jsonl"
-    secret_env = _registration_env(stack)
-    internal = _gateway_internal(stack)
-    stack.procs.start(
+    secret_env = _registration_env(local_stack)
+    internal = local_stack.urls["internal"]
+    local_stack.procs.start(
         "rogue",
         [
-            "node", "serve", "--port", str(port), "--gateway-internal", internal,
+            "node", "serve", "--gateway-internal", internal,
             "--state", str(tmp_path / "rogue"), "--tee", "simulated",
             "--tee-dir", str(rogue_tee), "--release-id", "dev", "--model-name", MODEL,
-            "--engine-url", engine, "--heartbeat", "1", "--audit-log", str(audit),
+            "--engine-url", fake_engine, "--heartbeat", "1", "--audit-log", str(audit),
         ],
-        f"http://127.0.0.1:{port}",
         tmp_path / "rogue.log",
         env=secret_env,
     )  # fmt: skip
 
     async def go() -> list[str]:
-        client, wallet, model, _ = client_from_config(stack.config_path)
+        client, wallet, model, _ = client_from_config(local_stack.config_path)
         try:
             for _ in range(40):  # wait until the gateway lists the rogue node
                 raw = await client._inner_get("/v1/nodes")
@@ -173,19 +161,19 @@ def test_a_node_with_an_untrusted_root_is_never_sent_a_request(
     assert all(a == "Hello from the fake engine." for a in answers)
     sealed_posts = [r for r in read_audit(audit) if r["path"] == "/v1/sealed"]
     assert sealed_posts == []
-    _stop(stack, "rogue")
+    _stop(local_stack, "rogue")
 
 
-def test_a_replayed_envelope_is_harmless(stack: LocalStack) -> None:
+def test_a_replayed_envelope_is_harmless(local_stack: LocalStack) -> None:
     """A gateway replaying a sealed request to the node learns nothing new."""
-    asyncio.run(chat(stack, "replay me", max_tokens=4))
+    asyncio.run(chat(local_stack, "replay me", max_tokens=4))
     node_records = [
         r
-        for r in read_audit(_merged_node_audit(stack))
+        for r in read_audit(_merged_node_audit(local_stack))
         if r["path"] == "/v1/sealed" and r["body_hex"]
     ]
     envelope = bytes.fromhex(node_records[-1]["body_hex"])
-    node_url = next(s.url for s in stack.procs.services if s.name == "node")
+    node_url = next(s.url for s in local_stack.procs.services if s.name == "node")
 
     def post() -> bytes:
         req = urllib.request.Request(
@@ -213,8 +201,8 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
     )
 
 
-def test_chat_cli_streams_text_json_and_reads_stdin(stack: LocalStack) -> None:
-    cfg = str(stack.config_path)
+def test_chat_cli_streams_text_json_and_reads_stdin(local_stack: LocalStack) -> None:
+    cfg = str(local_stack.config_path)
     out = _cli("chat", "--config", cfg, "--system", "be brief", "hello there")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Hello from the fake engine."
@@ -222,12 +210,12 @@ def test_chat_cli_streams_text_json_and_reads_stdin(stack: LocalStack) -> None:
     assert out.returncode == 0, out.stderr
     chunks = [json.loads(line) for line in out.stdout.splitlines()]
     assert chunks and all("choices" in c for c in chunks)
-    out = _cli("chat", "--config", str(stack.state / "missing.json"), "--wait", "0", "x")
+    out = _cli("chat", "--config", str(local_stack.state / "missing.json"), "--wait", "0", "x")
     assert out.returncode == 2 and "openpcc up" in out.stderr
 
 
-def test_status_reports_wallet_nodes_and_key_consistency(stack: LocalStack) -> None:
-    out = _cli("status", "--config", str(stack.config_path), "--json")
+def test_status_reports_wallet_nodes_and_key_consistency(local_stack: LocalStack) -> None:
+    out = _cli("status", "--config", str(local_stack.config_path), "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(out.stdout)
     assert report["relay"] == "reachable"
@@ -237,18 +225,22 @@ def test_status_reports_wallet_nodes_and_key_consistency(stack: LocalStack) -> N
 
 
 def test_node_killed_before_first_byte_is_served_by_another_candidate(
-    stack: LocalStack,
+    local_stack: LocalStack,
 ) -> None:
-    victim = next(s for s in stack.procs.services if s.name == "node2")
+    victim = next(s for s in local_stack.procs.services if s.name == "node2")
     os.killpg(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait()
-    answers = [asyncio.run(chat(stack, f"after the kill {i}", max_tokens=8)) for i in range(4)]
+    answers = [
+        asyncio.run(chat(local_stack, f"after the kill {i}", max_tokens=8)) for i in range(4)
+    ]
     assert answers == ["Hello from the fake engine."] * 4
 
 
-def test_node_killed_mid_stream_is_a_truncation_error(stack: LocalStack, engine: str) -> None:
+def test_node_killed_mid_stream_is_a_truncation_error(
+    local_stack: LocalStack, fake_engine: str
+) -> None:
     async def go() -> None:
-        client, wallet, model, _ = client_from_config(stack.config_path)
+        client, wallet, model, _ = client_from_config(local_stack.config_path)
         got: list[str] = []
         try:
             with pytest.raises(TruncatedResponseError):
@@ -257,20 +249,20 @@ def test_node_killed_mid_stream_is_a_truncation_error(stack: LocalStack, engine:
                 ):
                     got.append(chunk["choices"][0]["delta"].get("content") or "")
                     if len(got) == 3:
-                        node = next(s for s in stack.procs.services if s.name == "node")
+                        node = next(s for s in local_stack.procs.services if s.name == "node")
                         os.killpg(node.proc.pid, signal.SIGKILL)
         finally:
             await client.aclose()
             await wallet.aclose()
-            async with aiohttp.ClientSession() as s, s.post(engine + "/_control/release"):
+            async with aiohttp.ClientSession() as s, s.post(fake_engine + "/_control/release"):
                 pass
         assert got and "".join(got) != "Hello from the fake engine."
 
     asyncio.run(go())
 
 
-def _registration_env(stack: LocalStack) -> dict[str, str]:
-    gw = next(s for s in stack.procs.services if s.name == "gateway")
+def _registration_env(local_stack: LocalStack) -> dict[str, str]:
+    gw = next(s for s in local_stack.procs.services if s.name == "gateway")
     environ = Path(f"/proc/{gw.proc.pid}/environ").read_bytes().split(b"\0")
     for item in environ:
         if item.startswith(b"OPENPCC_GATEWAY_REGISTRATION_SECRET="):
@@ -278,14 +270,8 @@ def _registration_env(stack: LocalStack) -> dict[str, str]:
     raise AssertionError("gateway secret not found")
 
 
-def _gateway_internal(stack: LocalStack) -> str:
-    gw = next(s for s in stack.procs.services if s.name == "gateway")
-    args = Path(f"/proc/{gw.proc.pid}/cmdline").read_bytes().split(b"\0")
-    return "http://127.0.0.1:" + args[args.index(b"--internal-port") + 1].decode()
-
-
-def _stop(stack: LocalStack, name: str) -> None:
-    svc = next(s for s in stack.procs.services if s.name == name)
+def _stop(local_stack: LocalStack, name: str) -> None:
+    svc = next(s for s in local_stack.procs.services if s.name == name)
     os.killpg(svc.proc.pid, signal.SIGTERM)
     svc.proc.wait(timeout=15)
-    stack.procs.services.remove(svc)
+    local_stack.procs.services.remove(svc)

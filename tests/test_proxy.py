@@ -1,4 +1,4 @@
-"""`openpcc proxy` with the official `openai` SDK, against the real stack as processes.
+"""`openpcc proxy` with the official `openai` SDK, against the real local_stack as processes.
 
 The fake engine (tests/node_support/fake_engine.py) stands in for vLLM, as in
 tests/test_private_path.py; the proxy runs as its own `openpcc proxy` process.
@@ -18,7 +18,7 @@ import aiohttp
 import openai
 import pytest
 
-from openpcc.devstack.local import LocalStack, start_local_stack
+from openpcc.devstack.local import LocalStack
 from openpcc.devstack.processes import Processes, free_port, run_cli
 from tests.conftest import FAKE_MODEL
 
@@ -27,33 +27,20 @@ ANSWER = "Hello from the fake engine."
 WORDS = 6  # the fake engine's answer, in events
 
 
-@pytest.fixture(scope="module")
-def engine(fake_engine: str) -> str:
-    return fake_engine
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[LocalStack]:
-    state = tmp_path_factory.mktemp("stack")
-    s = start_local_stack(state, engine_url=engine, model_name=MODEL, log=lambda *_: None)
-    yield s
-    s.procs.stop()
-
-
 def start_proxy(
     procs: Processes, config: Path, log: Path, env: dict[str, str] | None = None
 ) -> str:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    procs.start("proxy", ["proxy", "--port", str(port), "--config", str(config)], url, log,
+    procs.start("proxy", ["proxy", "--port", str(port), "--config", str(config)], log, url=url,
                 env=env)  # fmt: skip
     return url
 
 
 @pytest.fixture(scope="module")
-def proxy(stack: LocalStack) -> Iterator[str]:
+def proxy(local_stack: LocalStack) -> Iterator[str]:
     procs = Processes()
-    url = start_proxy(procs, stack.config_path, stack.state / "logs" / "proxy.log")
+    url = start_proxy(procs, local_stack.config_path, local_stack.state / "logs" / "proxy.log")
     yield url
     procs.stop()
 
@@ -121,7 +108,7 @@ async def test_sse_is_framed_exactly_like_openai(proxy: str) -> None:
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == ANSWER
 
 
-async def test_streaming_is_incremental(proxy: str, engine: str) -> None:
+async def test_streaming_is_incremental(proxy: str, fake_engine: str) -> None:
     """GATE holds the engine's last event: every earlier chunk must already be here."""
     async with sdk(proxy) as oai:
         stream = await oai.chat.completions.create(
@@ -132,7 +119,7 @@ async def test_streaming_is_incremental(proxy: str, engine: str) -> None:
             got.append(chunk.choices[0].delta.content or "")
             if len(got) == WORDS - 1:
                 assert "".join(got) == ANSWER.removesuffix(".")
-                await release(engine)  # only now may the last word be generated
+                await release(fake_engine)  # only now may the last word be generated
     assert "".join(got) == ANSWER
 
 
@@ -218,12 +205,12 @@ async def test_bad_requests_are_openai_shaped(proxy: str) -> None:
             assert r.status == 405
 
 
-async def test_quota_exhausted_is_a_429(stack: LocalStack, tmp_path: Path) -> None:
+async def test_quota_exhausted_is_a_429(local_stack: LocalStack, tmp_path: Path) -> None:
     out = run_cli("issuer", "account", "add", "broke", "--quota", "0",
-                  "--state", str(stack.state / "issuer"))  # fmt: skip
+                  "--state", str(local_stack.state / "issuer"))  # fmt: skip
     key_file = tmp_path / "api-key"
     key_file.write_text(out.strip().splitlines()[-1])
-    cfg = json.loads(stack.config_path.read_text())
+    cfg = json.loads(local_stack.config_path.read_text())
     cfg |= {"api_key_file": str(key_file), "wallet": str(tmp_path / "wallet.json")}
     config = tmp_path / "client.json"
     config.write_text(json.dumps(cfg))
@@ -258,8 +245,8 @@ async def test_foreign_host_and_origin_are_refused(proxy: str) -> None:
             assert r.status == 200
 
 
-def test_non_loopback_bind_needs_allow_remote_and_a_key(stack: LocalStack) -> None:
-    cmd = [sys.executable, "-m", "openpcc.cli", "proxy", "--config", str(stack.config_path),
+def test_non_loopback_bind_needs_allow_remote_and_a_key(local_stack: LocalStack) -> None:
+    cmd = [sys.executable, "-m", "openpcc.cli", "proxy", "--config", str(local_stack.config_path),
            "--host", "0.0.0.0", "--port", str(free_port())]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPCC_PROXY_")}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
@@ -269,10 +256,10 @@ def test_non_loopback_bind_needs_allow_remote_and_a_key(stack: LocalStack) -> No
     assert out.returncode == 2 and "OPENPCC_PROXY_API_KEY" in out.stderr
 
 
-async def test_api_key_when_configured(stack: LocalStack, tmp_path: Path) -> None:
+async def test_api_key_when_configured(local_stack: LocalStack, tmp_path: Path) -> None:
     procs = Processes()
     try:
-        url = start_proxy(procs, stack.config_path, tmp_path / "proxy.log",
+        url = start_proxy(procs, local_stack.config_path, tmp_path / "proxy.log",
                           env={"OPENPCC_PROXY_API_KEY": "s3cret-proxy-key"})  # fmt: skip
         msgs = [{"role": "user", "content": "hi"}]
         async with sdk(url) as oai:

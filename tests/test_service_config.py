@@ -129,7 +129,7 @@ def test_gateway_config_one_meaning_of_max_body_and_clear_errors(
     ("argv", "line"),
     [
         (["gateway", "serve"], "openpcc gateway: --issuer URL is required"),
-        (["issuer", "serve", "--port", "0"], "openpcc issuer: --port must be 1..65535"),
+        (["issuer", "serve", "--port", "70000"], "openpcc issuer: --port must be 0..65535"),
         (["relay", "serve"], "openpcc relay: at least one --gateway is required"),
         (
             ["relay", "serve", "--gateway", "http://g/", "--head-timeout", "0"],

@@ -1,6 +1,6 @@
 """The service kit's connection hygiene, on all four parties as real processes.
 
-One local stack (fake engine) runs with short limits set through each party's
+One local local_stack (fake engine) runs with short limits set through each party's
 ``OPENPCC_<PARTY>_*`` variables. For every party: idle sockets and half-sent request heads
 are closed after the head timeout while a normal request is answered at once; a request
 body trickled below the minimum rate gets 408 (or its connection closed) soon after the
@@ -13,19 +13,16 @@ from __future__ import annotations
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from openpcc.devstack.local import LocalStack, start_local_stack
+from openpcc.devstack.local import LocalStack
 from openpcc.devstack.processes import free_port
 from openpcc.service.limits import ConnectionLimits
 from openpcc.wire import ohttp, sealed
 from openpcc.wire.chunked import ChunkedRequestSender
-from tests.conftest import FAKE_MODEL
 
-METRICS_PORTS: dict[str, int] = {}
 HEAD_TIMEOUT = 1.0
 BODY_GRACE = 1.0
 MAX_PER_CLIENT = 6
@@ -44,27 +41,15 @@ BODY_ROUTE = {
 }
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, fake_engine: str) -> Iterator[LocalStack]:
-    mp = pytest.MonkeyPatch()
-    for prefix in PARTY_ENV.values():
-        mp.setenv(prefix + "HEAD_TIMEOUT", str(HEAD_TIMEOUT))
-        mp.setenv(prefix + "BODY_GRACE", str(BODY_GRACE))
-        mp.setenv(prefix + "BODY_MIN_RATE", "1000")
-        mp.setenv(prefix + "KEEPALIVE_TIMEOUT", "30")
-    mp.setenv("OPENPCC_RELAY_MAX_PER_CLIENT", str(MAX_PER_CLIENT))
-    for party, prefix in PARTY_ENV.items():
-        METRICS_PORTS[party] = free_port()
-        mp.setenv(prefix + "METRICS_PORT", str(METRICS_PORTS[party]))
-    state = tmp_path_factory.mktemp("kit")
-    try:
-        s = start_local_stack(
-            state, engine_url=fake_engine, model_name=FAKE_MODEL, log=lambda *_: None
-        )
-    finally:
-        mp.undo()
-    yield s
-    s.procs.stop()
+METRICS_PORTS = {party: free_port() for party in PARTY_ENV}
+STACK_ENV = {  # for conftest.local_stack: short limits, metrics on their own listeners
+    **{prefix + "HEAD_TIMEOUT": str(HEAD_TIMEOUT) for prefix in PARTY_ENV.values()},
+    **{prefix + "BODY_GRACE": str(BODY_GRACE) for prefix in PARTY_ENV.values()},
+    **{prefix + "BODY_MIN_RATE": "1000" for prefix in PARTY_ENV.values()},
+    **{prefix + "KEEPALIVE_TIMEOUT": "30" for prefix in PARTY_ENV.values()},
+    **{prefix + "METRICS_PORT": str(METRICS_PORTS[p]) for p, prefix in PARTY_ENV.items()},
+    "OPENPCC_RELAY_MAX_PER_CLIENT": str(MAX_PER_CLIENT),
+}
 
 
 def _address(url: str) -> tuple[str, int]:
@@ -94,9 +79,9 @@ def _closed_within(sock: socket.socket, seconds: float) -> float | None:
 
 @pytest.mark.parametrize("party", list(PARTY_ENV))
 def test_idle_and_half_sent_heads_are_closed_and_others_served(
-    stack: LocalStack, party: str
+    local_stack: LocalStack, party: str
 ) -> None:
-    url = stack.urls[party]
+    url = local_stack.urls[party]
     idle, partial = [], []
     try:
         for _ in range(2):  # 4 sockets: under the relay's per-address cap
@@ -115,11 +100,11 @@ def test_idle_and_half_sent_heads_are_closed_and_others_served(
 
 
 @pytest.mark.parametrize("party", list(PARTY_ENV))
-def test_a_trickled_body_is_cut_off(stack: LocalStack, party: str) -> None:
-    url = stack.urls[party]
+def test_a_trickled_body_is_cut_off(local_stack: LocalStack, party: str) -> None:
+    url = local_stack.urls[party]
     path, headers = BODY_ROUTE[party]
     if party == "issuer":
-        key = (stack.state / "demo-api-key").read_text().strip()
+        key = (local_stack.state / "demo-api-key").read_text().strip()
         headers = {**headers, "Authorization": f"Bearer {key}"}
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
@@ -155,8 +140,8 @@ def test_a_trickled_body_is_cut_off(stack: LocalStack, party: str) -> None:
     assert _healthy(url)
 
 
-def test_relay_caps_connections_per_client_address(stack: LocalStack) -> None:
-    url = stack.urls["relay"]
+def test_relay_caps_connections_per_client_address(local_stack: LocalStack) -> None:
+    url = local_stack.urls["relay"]
     host, port = _address(url)
     held = [socket.create_connection((host, port)) for _ in range(MAX_PER_CLIENT)]
     try:
@@ -261,15 +246,29 @@ def test_every_service_error_is_an_openpcc_error() -> None:
 
 
 @pytest.mark.parametrize("party", list(PARTY_ENV))
-def test_metrics_on_their_own_listener(stack: LocalStack, party: str) -> None:
+def test_metrics_on_their_own_listener(local_stack: LocalStack, party: str) -> None:
     """--metrics-port: counters only there; the public listener answers 404 for them."""
     import urllib.error
 
     with pytest.raises(urllib.error.HTTPError) as exc:
-        urllib.request.urlopen(stack.urls[party] + "/metrics", timeout=5)
+        urllib.request.urlopen(local_stack.urls[party] + "/metrics", timeout=5)
     assert exc.value.code == 404
     url = f"http://127.0.0.1:{METRICS_PORTS[party]}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
         body = r.read()
     assert r.status == 200 and b"# TYPE openpcc_" in body
-    assert _healthy(stack.urls[party])  # the rest of the public listener is unchanged
+    assert _healthy(local_stack.urls[party])  # the rest of the public listener is unchanged
+
+
+def test_port_file_names_every_listener(local_stack: LocalStack) -> None:
+    """--port 0 --port-file: the file the stack read its ports from names each listener
+    with the port it is bound to (the kernel's choice where 0 was asked)."""
+    for svc in local_stack.procs.services:
+        party = "node" if svc.name.startswith("node") else svc.name
+        want = {"public", "metrics"} | ({"internal"} if party == "gateway" else set())
+        assert set(svc.ports) == want, (svc.name, svc.ports)
+        assert svc.ports["metrics"] == METRICS_PORTS[party]
+        assert svc.url == f"http://127.0.0.1:{svc.ports['public']}"
+        for port in svc.ports.values():
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass

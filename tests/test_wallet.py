@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,23 +30,20 @@ from openpcc.client.wallet import STORE_FORMAT, _retry_after
 from openpcc.privacypass import batched, blindrsa, issuance
 from openpcc.privacypass.auth import TOKEN_TYPE_BLIND_RSA, Token, TokenChallenge, b64url_encode
 from openpcc.privacypass.directory import IssuerDirectory, TokenKeyEntry
-from tests.conftest import free_port
+from tests.harness import Proc, cli, free_port, openpcc, serve_app
 
 ISSUER_NAME = "issuer.test"
 CHALLENGE = TokenChallenge(TOKEN_TYPE_BLIND_RSA, ISSUER_NAME, b"", ())
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "openpcc.cli", *args], capture_output=True, text=True, timeout=60
-    )
-
-
 @dataclass
 class Issuer:
-    url: str
+    proc: Proc
     state: Path
-    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return self.proc.url
 
     def add_account(self, name: str, quota: int = 1000, per: int = 3600) -> str:
         out = cli(
@@ -68,37 +63,12 @@ class Issuer:
 
 
 def start_issuer(state: Path) -> Issuer:
-    port = free_port()
-    log = state.parent / f"{state.name}.log"
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "openpcc.cli", "issuer", "serve", "--port", str(port),
-             "--state", str(state)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return Issuer(url, state, proc)
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("issuer did not start:\n" + log.read_text())
-        time.sleep(0.1)
+    proc = openpcc(state.name, state.parent, "issuer", "serve", "--state", str(state))
+    return Issuer(proc, state)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop(proc: Proc) -> None:
+    proc.stop(signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +305,7 @@ async def test_revoked_and_wrong_keys_raise_auth_error(issuer: Issuer, tmp_path:
 
 
 async def test_unreachable_issuer_is_an_issuer_error(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     async with wallet(url, "secret-key-123", tmp_path / "t.json", batch_size=2) as w:
         with pytest.raises(IssuerError) as exc_info:
             await w.take()
@@ -505,13 +475,8 @@ async def personal_key_issuer() -> Iterator[str]:
     app = web.Application()
     app.router.add_get("/.well-known/private-token-issuer-directory", get_dir)
     app.router.add_post("/token-request", post)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 async def test_signature_under_another_key_is_refused(
@@ -578,15 +543,8 @@ async def test_responses_arriving_in_pieces_are_read_whole(issuer: Issuer, tmp_p
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serve_app(app) as front:
         key = issuer.add_account("trickle")
-        front = f"http://127.0.0.1:{port}"
         async with wallet(front, key, tmp_path / "t.json", batch_size=100, low_water=0) as w:
             assert await w.refill(100) == 100
             assert w.count() == 100
-    finally:
-        await runner.cleanup()

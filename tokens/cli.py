@@ -190,17 +190,20 @@ def _serve(args: argparse.Namespace) -> int:
     from tokens.config import IssuerConfig
     from tokens.keys import ensure_key
 
-    config, limits, metrics = serve_settings(
-        lambda: config_from_args(IssuerConfig, args), args, "issuer"
-    )
+    config, settings = serve_settings(lambda: config_from_args(IssuerConfig, args), args, "issuer")
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ring = ensure_key(config.state_dir)
     app = create_app(_store(args), ring, config, audit_log=config.audit_log)
-    logging.getLogger("openpcc.issuer").info("issuer listening on %s:%d", config.host, config.port)
+
+    def bound(ports: dict[str, int]) -> None:
+        logging.getLogger("openpcc.issuer").info(
+            "issuer listening on %s:%d", config.host, ports["public"]
+        )
+
     # No access log: it would record client addresses next to accounts.
     return serve(
         [Listener(app, config.host, config.port)],
-        limits=limits,
-        metrics=metrics,
+        settings=settings,
+        on_bound=bound,
         shutdown_timeout=config.shutdown_timeout,
     )

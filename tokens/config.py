@@ -60,8 +60,8 @@ class IssuerConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if not 1 <= self.port <= 65535:
-            raise ValueError("--port must be 1..65535")
+        if not 0 <= self.port <= 65535:  # 0: the kernel picks (--port-file)
+            raise ValueError("--port must be 0..65535")
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise ValueError(f"--max-batch must be 1..{MAX_BATCH}")
         if self.directory_max_age < 0:

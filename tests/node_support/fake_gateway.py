@@ -1,7 +1,7 @@
 """A recording stand-in for the gateway's internal registration endpoint (own process).
 
-``python fake_gateway.py PORT SECRET``: ``POST /internal/nodes`` records the bearer
-token check and the JSON body and answers 204 (401 on a wrong secret);
+``python -m tests.node_support.fake_gateway SECRET --port-file F``: ``POST /internal/nodes``
+records the bearer token check and the JSON body and answers 204 (401 on a wrong secret);
 ``POST /_control/fail?n=N`` makes the next N registrations fail with 503;
 ``GET /_control/registrations`` returns what was recorded.
 """
@@ -9,7 +9,6 @@ token check and the JSON body and answers 204 (401 on a wrong secret);
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from aiohttp import web
@@ -48,4 +47,6 @@ def build_app(secret: str) -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(build_app(sys.argv[2]), host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    from tests.harness import fake_args, run_fake
+
+    run_fake(build_app(fake_args()[0]))

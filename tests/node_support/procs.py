@@ -1,25 +1,19 @@
-"""Start the fake engine, the fake gateway and `openpcc node serve` as separate processes."""
+"""The fake engine, the fake gateway and `openpcc node serve` of the node tests, on
+tests/harness.py."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openpcc.devstack.processes import free_port as stack_free_port
+from tests.harness import Proc, fake, free_port, openpcc, spawn
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    """Shared with the stack launcher, so no two services here get the same port."""
-    return stack_free_port()
+__all__ = ["Proc", "free_port", "http_json", "spawn", "start_engine", "start_gateway",
+           "start_node", "wait_until"]  # fmt: skip
 
 
 def http_json(port: int, method: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
@@ -48,58 +42,17 @@ def wait_until(check: Any, timeout: float, what: str, proc: subprocess.Popen | N
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@dataclass
-class Proc:
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+def start_engine(workdir: Path, model: str, port: int = 0) -> Proc:
+    name = f"engine-{model.split(',')[0]}-{len(list(workdir.glob('engine-*.log')))}"
+    return fake(name, workdir, "node_support.fake_engine", model, port=port, wait="/health")
 
 
-def spawn(cmd: list[str], log: Path, port: int) -> Proc:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    return Proc(port, proc, log)
-
-
-def start_engine(workdir: Path, model: str, port: int | None = None) -> Proc:
-    port = port or free_port()
-    p = spawn(
-        [sys.executable, str(HERE / "fake_engine.py"), str(port), model],
-        workdir / f"engine-{port}.log",
-        port,
-    )
-    wait_until(lambda: http_json(port, "GET", "/health")[0] == 200, 15, "fake engine", p.proc)
-    return p
-
-
-def start_gateway(workdir: Path, secret: str, port: int | None = None, wait: bool = True) -> Proc:
-    port = port or free_port()
-    p = spawn(
-        [sys.executable, str(HERE / "fake_gateway.py"), str(port), secret],
-        workdir / f"gateway-{port}.log",
-        port,
-    )
-    if wait:
-        wait_until(
-            lambda: http_json(port, "GET", "/_control/registrations")[0] == 200,
-            15,
-            "fake gateway",
-            p.proc,
-        )
-    return p
+def start_gateway(workdir: Path, secret: str, port: int = 0) -> Proc:
+    name = f"fake-gateway-{len(list(workdir.glob('fake-gateway-*.log')))}"
+    return fake(
+        name, workdir, "node_support.fake_gateway", secret, port=port,
+        wait="/_control/registrations",
+    )  # fmt: skip
 
 
 def start_node(
@@ -112,10 +65,10 @@ def start_node(
     extra: list[str] | None = None,
     wait_ready: bool = True,
 ) -> Proc:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "openpcc.cli", "node", "serve",
-        "--host", "127.0.0.1", "--port", str(port),
+    """``openpcc node serve``; with ``wait_ready`` until ``/readyz`` (its engine answers),
+    else until it listens."""
+    args = [
+        "node", "serve", "--host", "127.0.0.1",
         "--engine-url", engine_url, *(["--model-name", model] if model else []),
         "--state", str(workdir / "state"),
         "--release-id", "test-release",
@@ -123,11 +76,7 @@ def start_node(
         *(extra or []),
     ]  # fmt: skip
     if gateway_port is not None:
-        cmd += ["--gateway-internal", f"http://127.0.0.1:{gateway_port}"]
-        cmd += ["--registration-secret", secret]
-    p = spawn(cmd, workdir / f"node-{port}.log", port)
-    if wait_ready:
-        wait_until(lambda: http_json(port, "GET", "/healthz")[0] == 200, 30, "node", p.proc)
-    else:
-        wait_until(lambda: http_json(port, "GET", "/healthz")[0] in (200, 503), 30, "node")
-    return p
+        args += ["--gateway-internal", f"http://127.0.0.1:{gateway_port}"]
+        args += ["--registration-secret", secret]
+    name = f"node-{len(list(workdir.glob('node-*.log')))}"
+    return openpcc(name, workdir, *args, wait="/readyz" if wait_ready else "/healthz")

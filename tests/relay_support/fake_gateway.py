@@ -1,4 +1,5 @@
-"""A recording fake OHTTP gateway, run as its own process: ``python fake_gateway.py PORT``.
+"""A recording fake OHTTP gateway, run as its own process:
+``python -m tests.relay_support.fake_gateway --port-file F``.
 
 It records exactly which headers (raw, in order) and bytes reach it, when each body
 chunk arrives, and whether the relay hung up; the test reads that record over
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import sys
 import time
 from typing import Any
 
@@ -137,14 +137,9 @@ def main() -> None:
     app.router.add_get("/_control/state", control_state)
     app.router.add_post("/_control/release", control_release)
     app.router.add_post("/_control/reset", control_reset)
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=int(sys.argv[1]),
-        access_log=None,
-        print=None,
-        handler_cancellation=True,
-    )
+    from tests.harness import run_fake
+
+    run_fake(app, handler_cancellation=True)
 
 
 if __name__ == "__main__":

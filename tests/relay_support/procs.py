@@ -1,86 +1,31 @@
-"""Start the fake gateway, the Python relay and the nginx relay as separate processes."""
+"""The fake gateway, the Python relay and the nginx relay of the relay tests, on
+tests/harness.py (nginx, which cannot report a port it chose, gets one from free_port)."""
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openpcc.devstack.processes import free_port as stack_free_port
+from tests.harness import ROOT, Proc, fake, free_port, spawn, wait_http
 
-ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["ROOT", "NginxMissing", "Proc", "RelaySettings", "free_port", "nginx_binary",
+           "render_nginx_conf", "start_gateway", "start_nginx_relay", "start_python_relay",
+           "start_relay", "wait_http"]  # fmt: skip
+
 NGINX_TEMPLATE = ROOT / "infra" / "relay" / "nginx.conf"
-FAKE_GATEWAY = Path(__file__).resolve().parent / "fake_gateway.py"
 
 
 class NginxMissing(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    """Shared with the stack launcher, so no two services here get the same port."""
-    return stack_free_port()
-
-
-def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited early with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", path)
-            if conn.getresponse().status == 200:
-                conn.close()
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing answered on port {port} within {timeout}s")
-
-
-@dataclass
-class Proc:
-    """A child process with its combined output in a log file."""
-
-    kind: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-    workdir: Path | None = None
-    extra: dict = field(default_factory=dict)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def start_gateway(workdir: Path, port: int | None = None) -> Proc:
-    port = port or free_port()
-    log = workdir / "gateway.log"
-    proc = _spawn([sys.executable, str(FAKE_GATEWAY), str(port)], log)
-    wait_http(port, "/_control/state", proc)
-    return Proc("gateway", port, proc, log)
+def start_gateway(workdir: Path) -> Proc:
+    return fake("gateway", workdir, "relay_support.fake_gateway", wait="/_control/state")
 
 
 @dataclass
@@ -102,11 +47,9 @@ class RelaySettings:
 
 
 def start_python_relay(s: RelaySettings, workdir: Path, access_log: bool = True) -> Proc:
-    port = free_port()
-    log = workdir / f"relay-python-{port}.log"
     cmd = [
         sys.executable, "-m", "openpcc.cli", "relay", "serve",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", "127.0.0.1", "--port", "0",
         "--gateway", f"http://127.0.0.1:{s.gateway_port}{s.gateway_path}",
         "--max-body", s.max_body,
         "--max-concurrency", str(s.max_concurrency),
@@ -118,9 +61,9 @@ def start_python_relay(s: RelaySettings, workdir: Path, access_log: bool = True)
         *(a for origin in s.allow_origins for a in ("--allow-origin", origin)),
         *s.extra_args,
     ]  # fmt: skip
-    proc = _spawn(cmd, log)
-    wait_http(port, "/healthz", proc)
-    return Proc("python", port, proc, log)
+    proc = spawn("python", cmd, Path(tempfile.mkdtemp(prefix="relay-python-", dir=workdir)))
+    wait_http(proc.url + "/healthz", proc)
+    return proc
 
 
 def render_nginx_conf(s: RelaySettings, listen: str) -> str:
@@ -183,13 +126,14 @@ def start_nginx_relay(s: RelaySettings, workdir: Path) -> Proc:
     conf = prefix / "nginx.conf"
     conf.write_text(render_nginx_conf(s, f"127.0.0.1:{port}"))
     directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
-    log = workdir / f"relay-nginx-{port}.log"
-    proc = _spawn([binary, "-p", str(prefix), "-c", str(conf), "-g", directives], log)
+    cmd = [binary, "-p", str(prefix), "-c", str(conf), "-g", directives]
+    proc = spawn("nginx", cmd, prefix, report=False, ports={"public": port})
+    proc.workdir = prefix
     try:
-        wait_http(port, "/healthz", proc)
-    except RuntimeError as exc:
-        raise RuntimeError(f"nginx failed to start: {exc}\n{log.read_text()}") from None
-    return Proc("nginx", port, proc, log, workdir=prefix)
+        wait_http(proc.url + "/healthz", proc, timeout=15)
+    except AssertionError as exc:
+        raise RuntimeError(f"nginx failed to start: {exc}") from None
+    return proc
 
 
 def start_relay(kind: str, s: RelaySettings, workdir: Path) -> Proc:
