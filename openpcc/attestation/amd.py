@@ -14,7 +14,6 @@ root the caller trusts explicitly (the simulated TEE's development root).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +23,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
+from openpcc.attestation.certs import load_certificate as _load_one
+from openpcc.attestation.certs import load_certificates as _load_chain
+from openpcc.attestation.certs import readable
 from openpcc.errors import DecodeError
 
 PRODUCTS = ("Milan", "Genoa", "Turin")
@@ -75,22 +77,15 @@ def load_certificate(data: bytes | x509.Certificate) -> x509.Certificate:
     """Load one certificate from PEM or DER.
 
     AMD VCEK/VLEK certificates have serial number 0, which ``cryptography`` 48 accepts
-    with a deprecation warning; we silence exactly that warning here so a future
-    release that turns it into an error fails in ``test_vcek_serial_zero_loads``.
+    with a deprecation warning; openpcc.attestation.certs silences exactly that warning,
+    so a future release that turns it into an error fails in
+    ``test_vcek_serial_zero_loads``. Every lazily parsed field is read there too.
     """
     if isinstance(data, x509.Certificate):
-        return data
+        return readable(data)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError("certificate must be PEM or DER bytes")
-    data = bytes(data)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*serial number.*")
-            if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-    except ValueError as e:
-        raise DecodeError(f"unreadable certificate: {e}") from e
+    return _load_one(bytes(data))
 
 
 def load_certificates(
@@ -102,12 +97,7 @@ def load_certificates(
     if isinstance(data, bytes | bytearray | memoryview):
         raw = bytes(data)
         if raw.count(b"-----BEGIN CERTIFICATE-----") > 1:
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*serial number.*")
-                    return x509.load_pem_x509_certificates(raw)
-            except ValueError as e:
-                raise DecodeError(f"unreadable certificate bundle: {e}") from e
+            return _load_chain(raw, "certificate bundle")
         return [load_certificate(raw)]
     return [load_certificate(c) for c in data]
 

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
+from openpcc.attestation.certs import load_certificate, load_certificates
 from openpcc.attestation.tdx import _coerce_binary, _dss, _utc, verify_chain
 from openpcc.attestation.verdict import Verdict
 from openpcc.errors import DecodeError, TruncatedError, UnsupportedError
@@ -309,9 +310,9 @@ def _rim_chain(root_el: Any) -> list[x509.Certificate]:
     for el in root_el.iter(f"{{{_DS_NS}}}X509Certificate"):
         try:
             der = base64.b64decode("".join((el.text or "").split()))
-            certs.append(x509.load_der_x509_certificate(der))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise DecodeError(f"RIM: unreadable X509Certificate in KeyInfo: {exc}") from exc
+        except ValueError as exc:
+            raise DecodeError(f"RIM: X509Certificate in KeyInfo is not base64: {exc}") from exc
+        certs.append(load_certificate(der, "RIM: X509Certificate in KeyInfo"))
     return _order_chain(certs)
 
 
@@ -779,10 +780,7 @@ def _ocsp_response_error(
 
 def _load_pem_chain(pem: bytes | str) -> list[x509.Certificate]:
     data = pem.encode() if isinstance(pem, str) else bytes(pem)
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        raise DecodeError(f"certificate chain unreadable: {e}") from e
+    return load_certificates(data)
 
 
 def _same(a: x509.Certificate, b: x509.Certificate) -> bool:

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from openpcc.attestation.bundle import AttestationBundle, GpuEvidence
+from openpcc.attestation.certs import load_certificate
 from openpcc.attestation.claims import gpu_evidence_digest_for, gpu_nonce_for, report_data_for
 from openpcc.attestation.simulated import SimulatedTEE
-from openpcc.errors import OpenPCCError
+from openpcc.errors import DecodeError, OpenPCCError
 
 TSM_REPORT_ROOT = "/sys/kernel/config/tsm/report"
 SEV_GUEST_DEVICE = "/dev/sev-guest"
@@ -112,8 +112,8 @@ def snp_endorsements_from_table(table: bytes) -> dict[str, str]:
 
     def pem(der: bytes) -> str:
         try:
-            cert = x509.load_der_x509_certificate(der)
-        except ValueError as e:
+            cert = load_certificate(der, "certificate in the table")
+        except DecodeError as e:
             raise ProviderError(f"certificate table holds an unreadable certificate: {e}") from e
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 

@@ -34,6 +34,7 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from openpcc.attestation.certs import load_certificate, readable
 from openpcc.attestation.policy import (
     DEFAULT_CLOCK_SKEW,
     Manifest,
@@ -212,9 +213,13 @@ def _load_bundle(sg: Any, data: bytes) -> Any:
     if not isinstance(media, str) or not media.startswith(BUNDLE_MEDIA_TYPE_PREFIX):
         raise DecodeError(f"not a Sigstore bundle: media type {media!r}")
     try:
-        return sg.models.Bundle.from_json(data)
+        parsed = sg.models.Bundle.from_json(data)
     except (sg.errors.Error, ValueError, TypeError) as e:
         raise DecodeError(f"not a Sigstore bundle: {e}") from e
+    # sigstore-python loaded the leaf; its lazily parsed fields are read here, inside the
+    # typed-error boundary, before verification touches them (openpcc.attestation.certs).
+    readable(parsed.signing_certificate, "Sigstore bundle's signing certificate")
+    return parsed
 
 
 def _ca_in_force(root: OfflineTrustRoot, leaf: Certificate, times: list[datetime]) -> None:
@@ -222,11 +227,13 @@ def _ca_in_force(root: OfflineTrustRoot, leaf: Certificate, times: list[datetime
     time: a retired CA (``end`` set) must not sign new manifests even if its X.509
     certificate is still valid. sigstore-python accepts any listed CA here."""
     from cryptography.exceptions import InvalidSignature
-    from cryptography.x509 import load_der_x509_certificate
 
     issuing = []
     for ca in root._root._inner.certificate_authorities:
-        certs = [load_der_x509_certificate(c.raw_bytes) for c in ca.cert_chain.certificates]
+        certs = [
+            load_certificate(c.raw_bytes, "trust root CA certificate")
+            for c in ca.cert_chain.certificates
+        ]
         if not certs or certs[0].subject != leaf.issuer:
             continue
         try:

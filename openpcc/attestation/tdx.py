@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from openpcc.attestation.certs import load_certificates
 from openpcc.attestation.verdict import Verdict
 from openpcc.errors import DecodeError, TruncatedError, UnsupportedError
 
@@ -224,11 +225,7 @@ class TdxQuote:
 
     def pck_chain(self) -> list[x509.Certificate]:
         """The PEM chain from the certification data (leaf first)."""
-        try:
-            certs = x509.load_pem_x509_certificates(self.pck_chain_pem.rstrip(b"\0"))
-        except ValueError as e:
-            raise DecodeError(f"PCK certificate chain unreadable: {e}") from e
-        return certs
+        return load_certificates(self.pck_chain_pem.rstrip(b"\0"), "PCK certificate chain")
 
 
 def _hexset(values: Iterable[bytes | str] | None) -> frozenset[bytes] | None:
