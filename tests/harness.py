@@ -5,9 +5,11 @@ Why port 0: a port picked here and bound later by the child races with everythin
 on the host (seen in CI: two services on one port, and one service's health check
 answered by the other). A party started with ``--port 0 --port-file F`` lets the kernel
 pick, then writes ``{"public": PORT, ...}`` to F once every listener is bound
-(openpcc/service/serve.py); the test fakes do the same through ``run_fake``. Only
-redis-server and nginx, which cannot report a port they chose, still get one from
-``free_port``.
+(openpcc/service/serve.py); the test fakes do the same through ``run_fake``, and an
+app served inside the test's own loop through ``serve_app``. ``free_port`` remains for
+what cannot report a port it chose (redis-server, nginx, ``openpcc proxy``, a separate
+``--metrics-port``), for a URL that must stay dead, and for a party that a test starts
+after its clients (they must know the port first).
 
 One process class (``Proc``), one way to start (``spawn``), one wait for HTTP
 (``wait_http``); the party starters in ``tests/*_support`` are thin uses of these.
