@@ -33,6 +33,7 @@ from openpcc.engine_models import (
     parse_model_list,
 )
 from openpcc.errors import OpenPCCError
+from openpcc.lifecycle import die_with_parent
 from openpcc.progress import Every
 
 log = logging.getLogger(__name__)
@@ -335,6 +336,7 @@ class VLLMEngine:
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.child_env(),
                 start_new_session=True,  # own process group: killpg reaches every child
+                preexec_fn=die_with_parent(),  # a node killed outright takes vLLM along
             )
         finally:
             if not isinstance(out, int):

@@ -35,9 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from openpcc.devstack.processes import free_port
+from openpcc.lifecycle import Lifeline
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+# Every child goes down with the test process, however it ends (openpcc/lifecycle.py):
+# a killed pytest worker leaves no party behind holding ports.
+LIFELINE = Lifeline()
 
 
 @dataclass
@@ -115,8 +119,9 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **LIFELINE.env(), **(env or {})},
             start_new_session=True,
+            **LIFELINE.popen_kwargs(),
         )
     p = Proc(name, proc, log, dict(ports or {}))
     if report:
@@ -271,6 +276,7 @@ def run_fake(
     SIGTERM/SIGINT, and report the port as the parties do (``--port-file F``)."""
     from aiohttp import web
 
+    from openpcc.lifecycle import watch_parent
     from openpcc.service.serve import write_port_file
 
     argv = sys.argv if argv is None else argv
@@ -290,6 +296,7 @@ def run_fake(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        watch_parent(loop, stop.set)  # the test process died: do not outlive it
         await stop.wait()
         await runner.cleanup()
 

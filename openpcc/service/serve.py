@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import os
 import signal
 import sys
@@ -41,6 +42,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from openpcc.lifecycle import watch_parent
 from openpcc.service.http import problem
 from openpcc.service.limits import (
     ConnectionLimits,
@@ -320,6 +322,14 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+
+    def orphaned() -> None:
+        logging.getLogger("openpcc.service").warning(
+            "the process that started us is gone; stopping"
+        )
+        stop.set()
+
+    watch_parent(loop, orphaned)  # started by `openpcc up` (a Lifeline): go down with it
     kwargs = {"access_log": None, **runner_kwargs}
     runners: list[web.AppRunner] = []
     try:
