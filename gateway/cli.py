@@ -26,14 +26,13 @@ def register(sub: Any) -> None:
     gw = sub.add_parser("gateway", help="OHTTP gateway: tokens, node directory, routing (gateway/)")
     gsub = gw.add_subparsers(dest="gateway_command", metavar="COMMAND", required=True)
 
-    serve = gsub.add_parser("serve", help="run the gateway (public and internal listeners)")
     from gateway.config import ENV_PREFIX, GatewayConfig
-    from openpcc.service.config import add_config_args
-    from openpcc.service.limits import add_connection_args
+    from openpcc.service.limits import add_serve_command
 
-    add_config_args(serve, GatewayConfig, ENV_PREFIX)
-    add_connection_args(serve, ENV_PREFIX)
-    serve.set_defaults(func=_serve)
+    add_serve_command(
+        gsub, GatewayConfig, ENV_PREFIX, _serve,
+        help="run the gateway (public and internal listeners)",
+    )  # fmt: skip
 
     keys = gsub.add_parser("keys", help="manage OHTTP key configs")
     ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)

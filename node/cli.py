@@ -83,22 +83,15 @@ def _register_node(sub: argparse._SubParsersAction) -> None:
         "streams sealed answers, registers with the gateway. See docs/node.md.",
     )
     node_sub = group.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    serve = node_sub.add_parser(
-        "serve",
+    from openpcc.service.limits import add_serve_command
+
+    add_serve_command(
+        node_sub, NodeServeConfig, NODE_ENV, _cmd_node_serve,
         help="serve POST /v1/sealed and register with the gateway",
         description="Serve sealed requests for one model. The engine is either an "
         "OpenAI-compatible server already running on loopback (--engine-url) or vLLM "
-        "started and supervised by the node (--vllm-model). Every flag can also be set "
-        f"as {NODE_ENV}<FLAG> (e.g. {NODE_ENV}REGISTRATION_SECRET); flags win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    from openpcc.service.config import add_config_args
-
-    add_config_args(serve, NodeServeConfig, NODE_ENV)
-    from openpcc.service.limits import add_connection_args
-
-    add_connection_args(serve, NODE_ENV)
-    serve.set_defaults(func=_cmd_node_serve)
+        "started and supervised by the node (--vllm-model).",
+    )  # fmt: skip
 
 
 def _node_id(args: NodeServeConfig) -> bytes:

@@ -35,14 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "client's identity. See docs/relay.md.",
     )
     relay_sub = group.add_subparsers(dest="relay_command", metavar="COMMAND", required=True)
-    serve = relay_sub.add_parser(
-        "serve",
+    from openpcc.service.limits import add_serve_command
+
+    serve = add_serve_command(
+        relay_sub, RelayConfig, ENV, serve_command,
         help="serve the relay",
         description="Relay POST / (message/ohttp-req, message/ohttp-chunked-req) and "
-        "GET /.well-known/ohttp-gateway to the configured gateway(s). Every flag can be set "
-        f"as {ENV}<FLAG> (e.g. {ENV}MAX_BODY=8m); lists in the environment are "
-        "comma- or space-separated.",
-    )
+        "GET /.well-known/ohttp-gateway to the configured gateway(s); lists in the "
+        "environment are comma- or space-separated.",
+        max_per_client=MAX_PER_CLIENT,
+    )  # fmt: skip
     add = serve.add_argument
     add(
         "--gateway",
@@ -58,13 +60,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where that gateway's key configuration is fetched (default: the gateway "
         f"origin's /.well-known/ohttp-gateway; env {ENV}KEYS_URL)",
     )
-    from openpcc.service.config import add_config_args
-
-    add_config_args(serve, RelayConfig, ENV)
-    from openpcc.service.limits import add_connection_args
-
-    add_connection_args(serve, ENV, max_per_client=MAX_PER_CLIENT)
-    serve.set_defaults(func=serve_command)
 
 
 def config_from_args(args: argparse.Namespace) -> RelayConfig:

@@ -27,18 +27,10 @@ def register(sub: Any) -> None:
     issuer = sub.add_parser("issuer", help="Privacy Pass token issuer (tokens/)")
     isub = issuer.add_subparsers(dest="issuer_command", metavar="COMMAND", required=True)
 
-    serve = isub.add_parser(
-        "serve",
-        help="run the issuer HTTP service",
-        description="Every flag can also be set as OPENPCC_ISSUER_<FLAG> (flags win).",
-    )
-    from openpcc.service.config import add_config_args
-    from openpcc.service.limits import add_connection_args
+    from openpcc.service.limits import add_serve_command
     from tokens.config import ENV_PREFIX, IssuerConfig
 
-    add_config_args(serve, IssuerConfig, ENV_PREFIX)
-    add_connection_args(serve, ENV_PREFIX)
-    serve.set_defaults(func=_serve)
+    add_serve_command(isub, IssuerConfig, ENV_PREFIX, _serve, help="run the issuer HTTP service")
 
     account = isub.add_parser("account", help="manage accounts and quotas")
     asub = account.add_subparsers(dest="account_command", metavar="COMMAND", required=True)

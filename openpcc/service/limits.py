@@ -9,8 +9,10 @@ Free of aiohttp, like ``config`` and ``values``: every party adds these flags wh
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from openpcc.service.config import add_config_args, config_from_args, option
 
@@ -110,6 +112,31 @@ def add_connection_args(
     )
     add_config_args(parser, MetricsListener, env_prefix)
     add_config_args(parser, PortReport, env_prefix)
+
+
+def add_serve_command(
+    sub: Any,
+    config: type,
+    env_prefix: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    description: str = "",
+    max_per_client: int = 0,
+) -> argparse.ArgumentParser:
+    """``<party> serve``, the same way for every party: the flags and variables of the
+    party's config dataclass, then the serve loop's (connection limits, metrics listener,
+    port file). Returns the parser for flags a party adds by hand."""
+    serve = sub.add_parser(
+        "serve",
+        help=help,
+        description=(description + " " if description else "")
+        + f"Every flag can also be set as {env_prefix}<FLAG> (flags win).",
+    )  # each option's help names its default and variable (config.option)
+    add_config_args(serve, config, env_prefix)
+    add_connection_args(serve, env_prefix, max_per_client=max_per_client)
+    serve.set_defaults(func=func)
+    return serve
 
 
 def serve_settings_from_args(args: argparse.Namespace) -> ServeSettings:
