@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from openpcc import __version__
+from openpcc.errors import OpenPCCError
 
 # (module, group) pairs; a module missing its optional extras is reported, not fatal.
 PARTY_COMMANDS: tuple[str, ...] = ("tokens.cli", "relay.cli", "gateway.cli", "node.cli")
@@ -53,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = func(args)
     except KeyboardInterrupt:
         return 130
+    except OpenPCCError as exc:
+        # What a command did not handle itself (a profile whose manifest expired or rolled
+        # back, say) is still one line, never a traceback.
+        print(f"openpcc {args.command}: {exc}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

@@ -528,6 +528,15 @@ class TrustPolicy:
         m = manifest if isinstance(manifest, Manifest) else Manifest.parse(manifest)
         return cls(m, "unsigned")
 
+    def check_current(self, now: datetime, clock_skew: timedelta = DEFAULT_CLOCK_SKEW) -> None:
+        """VerificationError unless the manifest is inside its validity window at ``now``.
+
+        Why again after loading: a long-running client (a proxy, an app backend) must stop
+        trusting a manifest the moment it expires, not at its next restart. A policy made
+        by ``unsigned_for_tests`` has no time checks."""
+        if self.key_id != "unsigned":
+            check_manifest_validity(self.manifest, now, clock_skew=clock_skew)
+
     @property
     def development(self) -> bool:
         """True when the manifest trusts development roots (simulated TEEs)."""

@@ -23,6 +23,7 @@ class BundleVerifier:
         self.policy = policy
 
     def __call__(self, entry: dict[str, Any], now: datetime) -> VerifiedNode:
+        self.policy.check_current(now)  # an expired manifest trusts nothing any more
         try:
             bundle = AttestationBundle.from_json_obj(entry["bundle"])
             listed_key = bytes.fromhex(entry["public_key"])
@@ -40,4 +41,9 @@ class BundleVerifier:
             verdict.add("node_id", False, "directory node id differs from the attested one")
         if not verdict.ok:
             raise VerificationError("; ".join(f"{c.name}: {c.detail}" for c in verdict.failures()))
-        return VerifiedNode(claimed_id, claims.hpke_public_key, models, float(claims.expires_at))
+        # Trusted until the claims or the manifest that admitted them expire, whichever is
+        # first: the client's cache of verdicts must not outlive the manifest.
+        until = min(claims.expires_at, self.policy.manifest.expires_at)
+        if self.policy.key_id == "unsigned":
+            until = claims.expires_at
+        return VerifiedNode(claimed_id, claims.hpke_public_key, models, float(until))

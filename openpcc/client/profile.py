@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,43 @@ def default_profile() -> Path:
     import os
 
     return Path(os.environ.get("OPENPCC_CLIENT_CONFIG") or DEFAULT_PROFILE)
+
+
+# Beside client.json: the highest release-manifest serial this profile has verified, per
+# signer (TrustPolicy.key_id). A lower one is a rollback: an older manifest, validly signed,
+# that may still trust a measurement a newer one retired.
+SERIALS_FILE = "release-serials.json"
+
+
+def remember_serial(policy: TrustPolicy, path: Path) -> None:
+    """Refuse ``policy`` if its manifest is older than one this profile verified before;
+    else record its serial. The read-modify-write holds a lock, so a proxy and a `chat`
+    loading the same profile at once cannot lose the higher serial."""
+    import fcntl
+
+    from openpcc.errors import VerificationError
+    from openpcc.files import write_private
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            seen = json.loads(path.read_text())
+            assert isinstance(seen, dict)
+        except FileNotFoundError:
+            seen = {}
+        except (ValueError, AssertionError) as exc:
+            raise DecodeError(f"{path} is not a serial record: {exc}") from exc
+        highest = seen.get(policy.key_id, 0)
+        serial = policy.manifest.serial
+        if not isinstance(highest, int) or serial < highest:
+            raise VerificationError(
+                f"release manifest serial {serial} is older than {highest}, which this "
+                f"profile verified before (rollback; {path})"
+            )
+        if serial > highest:
+            seen[policy.key_id] = serial
+            write_private(path, (json.dumps(seen, indent=1, sort_keys=True) + "\n").encode())
 
 
 def policy_from_client_config(cfg: Mapping[str, Any], now: datetime) -> TrustPolicy:
@@ -64,18 +101,23 @@ def policy_from_client_config(cfg: Mapping[str, Any], now: datetime) -> TrustPol
 
 
 def client_from_config(
-    config_path: Path, *, local_addr: str | None = None
+    config_path: Path,
+    *,
+    local_addr: str | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[Any, Any, str, Any]:
     """(Client, wallet, model, shared session or None) from `STATE/client.json`.
 
-    Call inside a running event loop; the caller closes all three.
+    Call inside a running event loop; the caller closes all three. ``clock`` (Unix
+    seconds) is what the client judges manifests, claims and its caches by.
     """
     from openpcc.client.attest import BundleVerifier
     from openpcc.client.client import Client
     from openpcc.client.wallet import TokenWallet
 
     cfg = json.loads(config_path.read_text())
-    policy = policy_from_client_config(cfg, datetime.now(UTC))  # Ed25519 or Sigstore form
+    policy = policy_from_client_config(cfg, datetime.fromtimestamp(clock(), UTC))
+    remember_serial(policy, config_path.parent / SERIALS_FILE)
     api_key = Path(cfg["api_key_file"]).read_text().strip()
     client: Client | None = None
     session = None
@@ -106,6 +148,7 @@ def client_from_config(
         verifier=BundleVerifier(policy),
         trust=policy,
         session=session,
+        clock=clock,
     )
     return client, wallet, cfg["model"], session
 
