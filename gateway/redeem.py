@@ -5,6 +5,7 @@ token is accepted once across every gateway replica."""
 from __future__ import annotations
 
 import logging
+import time
 
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.outer import inner_problem
@@ -16,6 +17,9 @@ from openpcc.service.http import Metrics
 from openpcc.wire import bhttp
 
 log = logging.getLogger("openpcc.gateway")
+# Seconds before --spent-ttl at which a key is refused (at most a tenth of it): room for
+# the clocks of replicas and of Redis, which expires the spent records, to disagree.
+KEY_AGE_MARGIN = 60
 
 
 class Redeemer:
@@ -26,6 +30,23 @@ class Redeemer:
         self.spent = spent
         self.metrics = metrics
         self.spent_ttl = spent_ttl
+        self._warned: set[bytes] = set()
+        self._first: dict[bytes, float] = {}  # token key id -> first redeemed (the store's)
+
+    def _key_too_old(self, key_id: bytes) -> tuple[int, list[bhttp.Field], bytes]:
+        """A key accepted longer than spent tokens are remembered would let a token be
+        spent twice (gateway/spent.py): refuse it, and tell the operator once per key."""
+        if key_id not in self._warned:
+            self._warned.add(key_id)
+            log.warning(
+                "token key %s has been redeemed for longer than --spent-ttl (%d s): its "
+                "tokens are refused; keep the issuer's key lifetime below --spent-ttl",
+                key_id.hex()[:16], self.spent_ttl,
+            )  # fmt: skip
+        self.metrics.inc("redemptions_total", outcome="key_too_old")
+        return self._unauthorized(
+            "token key in use longer than this gateway remembers spent tokens"
+        )
 
     def _unauthorized(self, detail: str) -> tuple[int, list[bhttp.Field], bytes]:
         challenge = self.issuer.www_authenticate()
@@ -56,6 +77,12 @@ class Redeemer:
             self.metrics.inc("redemptions_total", outcome="invalid")
             return self._unauthorized("token is for another challenge or its signature is bad")
         try:
+            first = self._first.get(token.token_key_id)
+            if first is None:  # never changes once stored: one store call per key
+                first = await self.spent.key_first_redeemed(token.token_key_id, time.time())
+                self._first[token.token_key_id] = first
+            if time.time() - first >= self.spent_ttl - min(KEY_AGE_MARGIN, self.spent_ttl // 10):
+                return self._key_too_old(token.token_key_id)
             fresh = await self.spent.mark_spent(token.token_key_id, token.nonce, self.spent_ttl)
         except Exception as exc:  # the store is down: refuse rather than risk double spend
             log.error("spent-token store failed: %s", type(exc).__name__)

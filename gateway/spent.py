@@ -5,9 +5,12 @@ SQLite (embedded default; also safe for several gateway processes on one host) a
 Redis (replicas on several hosts). ``mark_spent`` is a single atomic operation in
 both, so two racing redemptions of one token can never both succeed.
 
-An entry lives ``ttl`` seconds, which must be at least as long as the issuer keeps
-the token key in its directory: after that, the key is gone and a token under it
-fails verification anyway, so forgetting the nonce is safe.
+An entry lives ``ttl`` seconds. That is safe only while no token key is accepted for
+longer than ``ttl``, whatever the issuer's key lifetime says: so the store also remembers
+when each token key was first redeemed (``key_first_redeemed``, kept for good), and the
+gateway refuses a key after ``ttl`` (gateway/redeem.py). A token spent at t was redeemed
+no earlier than its key's first redemption s, so any replay while the key is still
+accepted (before s + ttl) comes before t + ttl, while the record is still there.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ class SpentStore(ABC):
         """Atomically record (key_id, nonce); True if it was not spent before."""
 
     @abstractmethod
+    async def key_first_redeemed(self, key_id: bytes, now: float) -> float:
+        """When a token under ``key_id`` was first redeemed (``now`` if this is the first);
+        atomic, shared by every replica of the store, never forgotten."""
+
+    @abstractmethod
     async def close(self) -> None: ...
 
 
@@ -48,6 +56,10 @@ class SQLiteSpentStore(SpentStore):
             " key_id BLOB NOT NULL, nonce BLOB NOT NULL, expires_at REAL NOT NULL,"
             " PRIMARY KEY (key_id, nonce)) WITHOUT ROWID"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS token_keys ("
+            " key_id BLOB PRIMARY KEY, first_redeemed REAL NOT NULL) WITHOUT ROWID"
+        )
         self._lock = asyncio.Lock()
         self._next_purge = 0.0
 
@@ -66,6 +78,18 @@ class SQLiteSpentStore(SpentStore):
                 self._db.execute("DELETE FROM spent WHERE expires_at <= ?", (now,))
         return fresh
 
+    async def key_first_redeemed(self, key_id: bytes, now: float) -> float:
+        async with self._lock:
+            self._db.execute(
+                "INSERT INTO token_keys (key_id, first_redeemed) VALUES (?, ?) "
+                "ON CONFLICT(key_id) DO NOTHING",
+                (bytes(key_id), now),
+            )
+            (first,) = self._db.execute(
+                "SELECT first_redeemed FROM token_keys WHERE key_id = ?", (bytes(key_id),)
+            ).fetchone()
+        return float(first)
+
     async def close(self) -> None:
         self._db.close()
 
@@ -82,6 +106,12 @@ class RedisSpentStore(SpentStore):
     async def mark_spent(self, key_id: bytes, nonce: bytes, ttl: int) -> bool:
         name = f"{self._p}{bytes(key_id).hex()}:{bytes(nonce).hex()}"
         return bool(await self._r.set(name, b"1", nx=True, ex=max(1, int(ttl))))
+
+    async def key_first_redeemed(self, key_id: bytes, now: float) -> float:
+        name = f"{self._p}key:{bytes(key_id).hex()}"
+        async with self._r.pipeline(transaction=True) as tx:  # MULTI: SET NX, then GET
+            _, first = await tx.set(name, repr(now).encode(), nx=True).get(name).execute()
+        return float(first)
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())

@@ -337,6 +337,30 @@ async def test_double_spend_refused_on_one_gateway(
     assert outer == 200 and resp.status == 401
 
 
+async def test_a_token_is_never_accepted_twice_while_its_key_is_listed(
+    workdir: Path, ready: list[Proc], issuer: Proc, session: aiohttp.ClientSession
+):
+    """Seen in an attack: with a spent TTL shorter than the token key's life, a spent
+    record expired while the key was still listed and the token was accepted again. The
+    gateway now refuses a key it has redeemed for longer than --spent-ttl (its first
+    redemption is remembered for good), so no replay outlives the record it must meet."""
+    short = start_gateway(workdir, issuer.url, name="short-ttl", extra=["--spent-ttl", "3"])
+    try:
+        env = seal_chat([node_key(ready[0])]).envelope
+        first, replayed = await mint(session, issuer.url, issuer.extra["api_key"], 2)
+        t0 = time.monotonic()
+        status, _, _ = await (await infer(session, short.url, first, env)).collect()
+        assert status != 401  # redeemed (no node registered here: what follows is a 503)
+        assert "spent" in (await expect_401(await infer(session, short.url, first, env)))["detail"]
+        await asyncio.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))  # its record is gone now
+        for token in (first, replayed):  # the replay, and any other token under that key
+            doc = await expect_401(await infer(session, short.url, token, env))
+            assert "longer than this gateway remembers spent tokens" in doc["detail"], doc
+        assert "keep the issuer's key lifetime below --spent-ttl" in short.output()
+    finally:
+        short.stop()
+
+
 @pytest.fixture(scope="module")
 def replicas(workdir: Path, issuer: Proc, request: pytest.FixtureRequest) -> Iterator[list[Proc]]:
     redis = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/7"
@@ -667,6 +691,16 @@ async def test_spent_store_entries_expire_with_their_ttl(store: SpentStore):
     assert not await store.mark_spent(b"t" * 32, b"y" * 32, 1)
     await asyncio.sleep(2.1)
     assert await store.mark_spent(b"t" * 32, b"y" * 32, 1)
+
+
+async def test_spent_store_remembers_a_keys_first_redemption(store: SpentStore):
+    first = await store.key_first_redeemed(b"f" * 32, 1000.5)
+    assert first == 1000.5
+    assert await store.key_first_redeemed(b"f" * 32, 2000.0) == 1000.5  # never moves
+    assert await store.key_first_redeemed(b"g" * 32, 3000.25) == 3000.25
+    racers = await asyncio.gather(*(store.key_first_redeemed(b"h" * 32, float(t))
+                                    for t in range(1, 30)))  # fmt: skip
+    assert len(set(racers)) == 1
 
 
 async def test_sqlite_spent_store_is_atomic_across_connections(tmp_path: Path):

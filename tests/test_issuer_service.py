@@ -449,3 +449,22 @@ def test_account_cli(tmp_path: Path) -> None:
     ]
     # The key itself is stored only as a hash.
     assert api_key.encode() not in (tmp_path / "issuer.sqlite3").read_bytes()
+
+
+def test_key_rotation_refuses_a_lifetime_gateways_cannot_cover(tmp_path: Path) -> None:
+    """Seen in an attack: `keys rotate --lifetime` took 400 days, longer than any gateway
+    remembers spent tokens. The key's lifetime plus its lead must fit --max-key-lifetime
+    (31 days by default, below the gateway's default 32-day --spent-ttl)."""
+    state = ["--state", str(tmp_path / "state")]
+    too_long = cli("issuer", "keys", "rotate", "--lifetime", str(400 * 86400), *state)
+    assert too_long.returncode == 2
+    assert "exceeds --max-key-lifetime" in too_long.stderr and "Traceback" not in too_long.stderr
+    assert cli("issuer", "keys", "rotate", *state).returncode == 0  # 30 days + 1 h: fits
+    edge = ["--lifetime", str(31 * 86400 - 3600)]
+    assert cli("issuer", "keys", "rotate", *edge, *state).returncode == 0
+    more = cli("issuer", "keys", "rotate", "--lifetime", str(400 * 86400),
+               "--max-key-lifetime", str(401 * 86400), *state)  # fmt: skip
+    assert more.returncode == 0  # an operator whose gateways keep spent tokens longer
+    env_cap = cli("issuer", "keys", "rotate", *state,
+                  env={"OPENPCC_ISSUER_MAX_KEY_LIFETIME": "86400"})  # fmt: skip
+    assert env_cap.returncode == 2

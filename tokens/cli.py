@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -15,12 +16,12 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"OPENPCC_ISSUER_{name}", default)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, only: tuple[str, ...] = ("state_dir", "redis")) -> None:
     """--state and --redis for the admin commands: the same fields as `issuer serve`'s."""
     from openpcc.service.config import add_config_args
     from tokens.config import ENV_PREFIX, IssuerConfig
 
-    add_config_args(p, IssuerConfig, ENV_PREFIX, only=("state_dir", "redis"))
+    add_config_args(p, IssuerConfig, ENV_PREFIX, only=only)
 
 
 def register(sub: Any) -> None:
@@ -61,7 +62,7 @@ def register(sub: Any) -> None:
     )
     rot.add_argument("--not-before-in", type=int, default=3600, metavar="SECONDS")
     rot.add_argument("--lifetime", type=int, default=30 * 86400, metavar="SECONDS")
-    _common(rot)
+    _common(rot, ("state_dir", "redis", "max_key_lifetime"))
     rot.set_defaults(func=_keys_rotate)
     kl = ksub.add_parser("list", help="list token keys (JSON lines)")
     _common(kl)
@@ -145,6 +146,20 @@ def _account_set_quota(args: argparse.Namespace) -> int:
 def _keys_rotate(args: argparse.Namespace) -> int:
     from tokens.keys import KeyRing
 
+    if args.lifetime < 1 or args.not_before_in < 0:
+        print("openpcc issuer keys rotate: --lifetime must be positive, --not-before-in >= 0",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.lifetime + args.not_before_in > args.max_key_lifetime:
+        # Gateways refuse a key redeemed for longer than their --spent-ttl: they could not
+        # otherwise tell a replayed token once its spent record has expired.
+        print(
+            f"openpcc issuer keys rotate: --lifetime {args.lifetime} s plus --not-before-in "
+            f"{args.not_before_in} s exceeds --max-key-lifetime {args.max_key_lifetime} s; "
+            "gateways would refuse the key's tokens before it expires (their --spent-ttl)",
+            file=sys.stderr,
+        )
+        return 2
     now = time.time()
     ring = KeyRing.load(args.state_dir)
     pruned = ring.prune(now)

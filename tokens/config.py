@@ -10,6 +10,9 @@ from openpcc.service.config import option
 
 ENV_PREFIX = "OPENPCC_ISSUER_"
 MAX_BATCH = 1000
+# A key's lifetime plus its rotation lead may not exceed this (31 days: the default 30-day
+# lifetime and 1-hour lead fit, with room below the gateway's default 32-day --spent-ttl).
+MAX_KEY_LIFETIME = 31 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class IssuerConfig:
     max_batch: int = field(
         default=MAX_BATCH, metadata=option("tokens per batch request", kind="int")
     )
+    max_key_lifetime: int = field(
+        default=MAX_KEY_LIFETIME,
+        metadata=option("longest token key lifetime plus rotation lead `keys rotate` accepts; "
+                        "keep it below every gateway's --spent-ttl (32 days by default), which "
+                        "refuses a key redeemed for longer", kind="int", metavar="SECONDS"),
+    )  # fmt: skip
     shutdown_timeout: float = field(
         default=10.0,
         metadata=option("on SIGTERM, stop accepting and let in-flight requests finish this long",
@@ -64,6 +73,8 @@ class IssuerConfig:
             raise ValueError("--port must be 0..65535")
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise ValueError(f"--max-batch must be 1..{MAX_BATCH}")
+        if self.max_key_lifetime < 1:
+            raise ValueError("--max-key-lifetime must be positive")
         if self.directory_max_age < 0:
             raise ValueError("--directory-max-age must be >= 0")
         if self.shutdown_timeout < 0:
