@@ -118,14 +118,23 @@ export async function loadTrustPolicy(signed, releaseKeys, { now = Date.now() / 
   const ok = await subtle().verify({ name: 'Ed25519' }, pub, sig, concat(SIGNING_LABEL, manifestBytes));
   if (!ok) throw new VerificationError('release manifest signature does not verify');
   const m = parseManifest(manifestBytes);
-  if (now + CLOCK_SKEW < m.issuedAt) throw new VerificationError('release manifest issued in the future');
-  if (now >= m.expiresAt) throw new VerificationError('release manifest expired');
+  const policy = new TrustPolicy(m, String(doc.key_id).toLowerCase());
+  policy.checkCurrent(now);
   if (m.serial < minSerial) throw new VerificationError(`manifest serial ${m.serial} < ${minSerial} (rollback)`);
-  return new TrustPolicy(m);
+  return policy;
 }
 
 export class TrustPolicy {
-  constructor(manifest) { this.manifest = manifest; }
+  constructor(manifest, keyId = 'unsigned') { this.manifest = manifest; this.keyId = keyId; }
+  /**
+   * Throws VerificationError unless the manifest is inside its validity window at `now`
+   * (Unix seconds). Checked at every node verification: a running client must stop
+   * trusting a manifest the moment it expires, not at its next start.
+   */
+  checkCurrent(now) {
+    if (now + CLOCK_SKEW < this.manifest.issuedAt) throw new VerificationError('release manifest issued in the future');
+    if (now >= this.manifest.expiresAt) throw new VerificationError(`release manifest expired at ${new Date(this.manifest.expiresAt * 1000).toISOString()}`);
+  }
   get development() { return this.manifest.developmentRoots.size > 0; }
   release(id) { return this.manifest.releases.get(id) ?? null; }
   /** One bare KeyConfig (no length prefix), pinned by value or SHA-256. */
@@ -396,6 +405,7 @@ function strictB64(s, what) {
  * failed check. The node key and id come from the attested claims only.
  */
 export async function verifyNodeEntry(entry, policy, now = Date.now() / 1000) {
+  policy.checkCurrent(now); // an expired manifest trusts nothing any more
   const checks = [];
   const add = (name, ok, detail = '') => checks.push({ name, ok: Boolean(ok), detail });
   let b, claimsBytes, claims, evidence, listedKey, listedId;
@@ -467,5 +477,7 @@ export async function verifyNodeEntry(entry, policy, now = Date.now() / 1000) {
     err.checks = checks;
     throw err;
   }
-  return { nodeId: listedId, publicKey: claims.hpkePublicKey, models: (entry.models ?? []).map(String), expiresAt: claims.expires_at, checks };
+  // Trusted until the claims or the manifest that admitted them expire, whichever is first.
+  const expiresAt = Math.min(claims.expires_at, policy.manifest.expiresAt);
+  return { nodeId: listedId, publicKey: claims.hpkePublicKey, models: (entry.models ?? []).map(String), expiresAt, checks };
 }

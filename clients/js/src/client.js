@@ -64,8 +64,9 @@ export class OpenPCCClient {
    * @param {import('./attestation.js').TrustPolicy | Promise<any>} o.policy verified trust policy
    * @param {number} [o.k]
    * @param {typeof fetch} [o.fetch]
+   * @param {() => number} [o.clock] Unix seconds (default: Date.now() / 1000)
    */
-  constructor({ relayUrl, wallet, policy, k = 3, fetch: f }) {
+  constructor({ relayUrl, wallet, policy, k = 3, fetch: f, clock }) {
     if (!(k >= 1 && k <= MAX_CANDIDATES)) throw new RangeError(`k must be 1..${MAX_CANDIDATES}`);
     this.relayUrl = relayUrl.replace(/\/+$/, '');
     this.wallet = wallet;
@@ -74,6 +75,8 @@ export class OpenPCCClient {
     this.policyPromise.catch(() => {});
     this.k = k;
     this.fetch = f ?? ((...a) => globalThis.fetch(...a));
+    // Unix seconds: what manifests, claims and the node cache are judged by (injectable).
+    this.clock = clock ?? (() => Date.now() / 1000);
     this.keyConfigPromise = null;
     this.nodes = null;
     this.nodesAt = 0;
@@ -128,7 +131,7 @@ export class OpenPCCClient {
 
   /** Every node in the gateway's directory whose bundle verifies (cached briefly). */
   async verifiedNodes({ refresh = false } = {}) {
-    const now = Date.now() / 1000;
+    const now = this.clock();
     if (refresh || !this.nodes || now - this.nodesAt > this.directoryTtl) {
       const resp = await this.innerGet('/v1/nodes');
       if (resp.status !== 200) throw new GatewayError(resp.status, problemOf(resp.content));
@@ -272,14 +275,54 @@ export class OpenPCCClient {
  * 32 bytes, DER SPKI) or a list of them.
  */
 export function createClient(opts) {
-  const { relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k, fetch: f, issuerName, batchSize } = opts;
+  const { relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k, fetch: f, issuerName, batchSize, clock } = opts;
   if (!relayUrl || !issuerUrl || !apiKey || !policy) throw new TypeError('relayUrl, issuerUrl, apiKey and policy are required');
   let trust;
   if (typeof policy?.acceptsTokenKey === 'function') trust = policy;
   else {
     if (!releasePublicKey) throw new TypeError('releasePublicKey is required to verify the signed release manifest');
-    trust = loadTrustPolicy(policy, releasePublicKey);
+    const serials = opts.serialStore === undefined ? defaultSerialStore() : opts.serialStore;
+    const now = (clock ?? (() => Date.now() / 1000))();
+    trust = loadTrustPolicy(policy, releasePublicKey, { now }).then((p) => rememberSerial(p, serials));
   }
   const wallet = new TokenWallet({ issuerUrl, apiKey, issuerName, batchSize, fetch: f });
-  return new OpenPCCClient({ relayUrl, wallet, policy: trust, k, fetch: f });
+  return new OpenPCCClient({ relayUrl, wallet, policy: trust, k, fetch: f, clock });
+}
+
+/**
+ * Refuse `policy` if its manifest is older than one this store saw before (a rollback:
+ * an older manifest, validly signed, may still trust a measurement a newer one retired);
+ * else remember its serial, per signer. `store`: {get(keyId), set(keyId, serial)}, each
+ * may return a promise; null to opt out.
+ */
+export async function rememberSerial(policy, store) {
+  if (!store) return policy;
+  const highest = Number((await store.get(policy.keyId)) ?? 0);
+  const serial = policy.manifest.serial;
+  if (serial < highest) {
+    throw new VerificationError(`release manifest serial ${serial} is older than ${highest}, which this client verified before (rollback)`);
+  }
+  if (serial > highest) await store.set(policy.keyId, serial);
+  return policy;
+}
+
+/** Serials kept in Web Storage (an extension's or page's localStorage): survive restarts. */
+export function webStorageSerialStore(storage, prefix = 'openpcc:release-serial:') {
+  return {
+    get: (keyId) => storage.getItem(prefix + keyId),
+    set: (keyId, serial) => storage.setItem(prefix + keyId, String(serial)),
+  };
+}
+
+/** Serials kept in memory: they last as long as the process (Node: pass a store of your own). */
+export function memorySerialStore() {
+  const seen = new Map();
+  return { get: (keyId) => seen.get(keyId), set: (keyId, serial) => { seen.set(keyId, serial); } };
+}
+
+function defaultSerialStore() {
+  try {
+    if (globalThis.localStorage) return webStorageSerialStore(globalThis.localStorage);
+  } catch { /* storage disabled (opaque origin, privacy mode) */ }
+  return memorySerialStore();
 }

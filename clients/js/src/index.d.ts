@@ -90,7 +90,22 @@ export interface ClientOptions {
   issuerName?: string;
   /** Tokens per issuance batch (default 10). */
   batchSize?: number;
+  /** Unix seconds; what manifests, claims and the node cache are judged by. */
+  clock?: () => number;
+  /**
+   * Where the highest manifest serial seen is kept (a lower one is refused as a rollback).
+   * Default: localStorage where there is one, else memory; null: no memory.
+   */
+  serialStore?: SerialStore | null;
 }
+
+export interface SerialStore {
+  get(keyId: string): number | string | null | undefined | Promise<number | string | null | undefined>;
+  set(keyId: string, serial: number): void | Promise<void>;
+}
+export function rememberSerial(policy: TrustPolicy, store: SerialStore | null): Promise<TrustPolicy>;
+export function webStorageSerialStore(storage: Storage, prefix?: string): SerialStore;
+export function memorySerialStore(): SerialStore;
 
 export class OpenPCCClient {
   readonly wallet: TokenWallet;
@@ -124,6 +139,10 @@ export function formatAuthorization(token: Uint8Array): string;
 // ------------------------------------------------------------------ attestation
 export class TrustPolicy {
   readonly development: boolean;
+  /** The signing key's id (SHA-256 of the raw Ed25519 key, hex). */
+  readonly keyId: string;
+  /** Throws VerificationError unless the manifest is valid at `now` (Unix seconds). */
+  checkCurrent(now: number): void;
   acceptsOhttpKey(config: Uint8Array): Promise<boolean>;
   acceptsTokenKey(keyId: Uint8Array): boolean;
 }

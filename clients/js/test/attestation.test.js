@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { verifySnp, loadTrustPolicy, verifyNodeEntry, VerificationError } from '../src/index.js';
+import { verifySnp, loadTrustPolicy, verifyNodeEntry, VerificationError, rememberSerial, memorySerialStore, webStorageSerialStore } from '../src/index.js';
 import { REPO, readJson } from './helpers.js';
 
 const SAMPLES = path.resolve(REPO, 'tests/attestation-samples/sev-snp');
@@ -79,4 +79,29 @@ test('a manifest signed by an unpinned key, or tampered, is refused', async (t) 
   m.development_roots = [];
   doc.manifest = Buffer.from(JSON.stringify(m)).toString('base64');
   await assert.rejects(loadTrustPolicy(JSON.stringify(doc), f.release_pubkey_pem), /signature does not verify/);
+});
+
+test('a manifest stops being trusted when it expires, also for a verdict made before', async (t) => {
+  const f = sim(t);
+  if (!f) return;
+  const policy = await loadTrustPolicy(f.signed_expiring, f.release_pubkey_pem, { now: f.now });
+  const node = await verifyNodeEntry(f.entry, policy, f.now);
+  assert.equal(node.expiresAt, f.now + 60); // the manifest's end, not the claims' hour
+  await assert.rejects(verifyNodeEntry(f.entry, policy, f.now + 62), /release manifest expired/);
+});
+
+test('a client refuses an older manifest than one it verified before (rollback)', async (t) => {
+  const f = sim(t);
+  if (!f) return;
+  const store = memorySerialStore();
+  const newer = await loadTrustPolicy(f.signed, f.release_pubkey_pem, { now: f.now });
+  await rememberSerial(newer, store);
+  assert.equal(Number(await store.get(newer.keyId)), f.now);
+  const older = await loadTrustPolicy(f.signed_older, f.release_pubkey_pem, { now: f.now });
+  await assert.rejects(rememberSerial(older, store), /rollback/);
+  await rememberSerial(newer, store); // the same serial again is fine
+  const items = new Map(); // Web Storage keeps it across restarts
+  const storage = { getItem: (k) => items.get(k) ?? null, setItem: (k, v) => items.set(k, v) };
+  await rememberSerial(newer, webStorageSerialStore(storage));
+  await assert.rejects(rememberSerial(older, webStorageSerialStore(storage)), /rollback/);
 });

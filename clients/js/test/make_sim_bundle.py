@@ -38,12 +38,17 @@ entry = {
 key = ed25519.Ed25519PrivateKey.generate()
 
 
-def manifest(dev_roots: list[str], measurement: str = DEV_MEASUREMENT) -> str:
+def manifest(
+    dev_roots: list[str],
+    measurement: str = DEV_MEASUREMENT,
+    serial: int = now,
+    expires_at: int = now + 86400,
+) -> str:
     m = {
         "format": "openpcc-release-manifest/1",
-        "serial": now,
+        "serial": serial,
         "issued_at": now - 60,
-        "expires_at": now + 86400,
+        "expires_at": expires_at,
         "releases": {"dev": {"model_digests": ["00" * 32], "snp": {"measurements": [measurement]}}},
         "gpu": {"require": False, "require_ocsp": False},
         "development_roots": dev_roots,
@@ -60,6 +65,9 @@ json.dump(
         "signed": manifest([tee.root_fingerprint]),
         "signed_no_dev_root": manifest([]),
         "signed_other_measurement": manifest([tee.root_fingerprint], "11" * 48),
+        # Expires long before the node's claims (an hour): trust must end with it.
+        "signed_expiring": manifest([tee.root_fingerprint], expires_at=now + 60),
+        "signed_older": manifest([tee.root_fingerprint], serial=now - 5),
         "release_pubkey_pem": key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode(),
