@@ -96,6 +96,7 @@ class Gateway:
             self.metrics,
             self.trace,
             self.config.node_first_byte_timeout,
+            forward_secret=self.config.registration_secret or "",
         )
         limits = OuterLimits(
             self.config.max_body or DEFAULT_MAX_BODY,

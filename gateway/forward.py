@@ -21,6 +21,7 @@ from gateway.outer import Exchange, NodeStreamError, Sink, inner_problem
 from gateway.redeem import Redeemer
 from gateway.registry import NodeRegistry, Registration
 from openpcc.errors import OpenPCCError
+from openpcc.forwarding import FORWARD_HEADER, forward_key, sign_forward
 from openpcc.service.http import Metrics
 from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, sealed
@@ -39,8 +40,14 @@ class Forwarder:
         metrics: Metrics,
         trace: StageTrace,
         first_byte_timeout: float,
+        *,
+        forward_secret: str,
     ) -> None:
         self.registry = registry
+        # Per-node keys for OpenPCC-Forward (openpcc/forwarding.py): nodes open only what
+        # a gateway forwarded. Derived once per node id from the registration secret.
+        self.forward_secret = forward_secret
+        self._forward_keys: dict[bytes, bytes] = {}
         self.redeemer = redeemer
         self.metrics = metrics
         self.trace = trace
@@ -91,6 +98,14 @@ class Forwarder:
             *inner_problem(503, "Service Unavailable", "no usable candidate node for this request")
         )
 
+    def _forward_key(self, node_id: bytes) -> bytes:
+        key = self._forward_keys.get(node_id)
+        if key is None:
+            if len(self._forward_keys) > 4 * 1024:  # nodes come and go: keep it bounded
+                self._forward_keys.clear()
+            key = self._forward_keys[node_id] = forward_key(self.forward_secret, node_id)
+        return key
+
     async def _forward(self, ex: Exchange, reg: Registration, envelope: bytes, sink: Sink) -> bool:
         """Try one node. False if it failed before its first byte (the caller tries the next)."""
         assert self.session is not None
@@ -100,7 +115,10 @@ class Forwarder:
                 resp = await self.session.post(
                     reg.url + "/v1/sealed",
                     data=envelope,
-                    headers={"Content-Type": sealed.REQUEST_MEDIA_TYPE},
+                    headers={
+                        "Content-Type": sealed.REQUEST_MEDIA_TYPE,
+                        FORWARD_HEADER: sign_forward(self._forward_key(reg.node_id), envelope),
+                    },
                     allow_redirects=False,
                 )
                 try:

@@ -33,6 +33,15 @@ from node.register import Registrar, RegistrationConfig
 from openpcc import audit
 from openpcc.attestation.claims import Claims
 from openpcc.errors import OpenPCCError
+from openpcc.forwarding import (
+    CLIENT_WINDOW,
+    FORWARD_HEADER,
+    SENT_AT_HEADER,
+    ForwardAuthError,
+    ReplayCache,
+    forward_key,
+    verify_forward,
+)
 from openpcc.service.http import Metrics, problem
 from openpcc.service.limits import ServeSettings
 from openpcc.service.serve import Listener, serve
@@ -59,12 +68,24 @@ class NodeConfig:
     engine_connect_timeout: float = 5.0
     engine_read_timeout: float = 300.0
     claims_lifetime: int = 3600
+    # The registration secret: with it, only envelopes a gateway forwarded (and signed
+    # with this node's key) are opened, each once (openpcc/forwarding.py). Without it (no
+    # gateway configured) the node has no way to tell a gateway from anyone else.
+    forward_secret: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.node_id) != sealed.NODE_ID_LEN:
             raise ValueError(f"node id must be {sealed.NODE_ID_LEN} bytes")
         if len(self.model_digest) != 32:
             raise ValueError("model digest must be 32 bytes")
+
+
+def _sent_recently(inner: bhttp.Request, now: float) -> bool:
+    """The client's ``openpcc-sent-at`` (inside the encryption) is within CLIENT_WINDOW."""
+    values = [v for k, v in inner.headers if k.lower() == SENT_AT_HEADER]
+    if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 12:
+        return False
+    return abs(now - int(values[0])) <= CLIENT_WINDOW
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -85,6 +106,10 @@ class NodeService:
         health_interval: float = 5.0,
     ) -> None:
         self.config = config
+        self._forward_key = (
+            forward_key(config.forward_secret, config.node_id) if config.forward_secret else None
+        )
+        self._replays = ReplayCache()
         self.external_engine = external_engine
         self.health_interval = health_interval
         self.exit_code = 0
@@ -297,6 +322,14 @@ class NodeService:
         if envelope is None:
             self._count("too_large")
             return problem(413, "envelope too large")
+        if self._forward_key is not None:
+            try:
+                verify_forward(
+                    self._forward_key, envelope, request.headers.get(FORWARD_HEADER), time.time()
+                )
+            except ForwardAuthError as exc:
+                self._count("not_forwarded")
+                return problem(exc.status_hint, str(exc))
         # Cleartext answers from here on say only "not for this key" or "did not open".
         try:
             header = sealed.parse_envelope_header(envelope)
@@ -324,6 +357,17 @@ class NodeService:
         except OpenPCCError:
             self._count("rejected")
             return await self._sealed_problem(request, sealer, 400, "malformed inner request")
+        now = time.time()
+        if not _sent_recently(inner, now):
+            self._count("stale")
+            return await self._sealed_problem(
+                request, sealer, 400, f"{SENT_AT_HEADER.decode()} missing or not within "
+                f"{CLIENT_WINDOW} s of the node's clock",
+            )  # fmt: skip
+        if self._forward_key is not None and self._replays.seen(header.request_nonce, now):
+            # The same envelope within the window: the engine must not run twice for it.
+            self._count("replayed")
+            return problem(409, "envelope already answered")
         try:
             fwd = check_request(
                 inner,

@@ -229,6 +229,7 @@ def _node_serve(ns: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         engine_read_timeout=args.engine_timeout,
         claims_lifetime=args.claims_lifetime,
+        forward_secret=args.registration_secret if args.gateway_internal else None,
     )
     registration = [
         RegistrationConfig(

@@ -26,6 +26,7 @@ from gateway.nodestore import RedisNodeStore, RegistryFullError
 from gateway.registry import NodeRegistry, Registration, RegistrationError, parse_registration
 from gateway.spent import RedisSpentStore, SpentStore, SQLiteSpentStore
 from openpcc.errors import TruncatedError
+from openpcc.forwarding import forward_key, verify_forward
 from openpcc.privacypass import issuance
 from openpcc.privacypass.auth import (
     TOKEN_TYPE_BLIND_RSA,
@@ -417,11 +418,15 @@ async def test_sealed_request_round_trip_chunked_and_plain(
     status, body = await read_sealed(call, sr.response_opener())
     assert status == 200
     assert body == (b'first:/v1/chat/completions:{"model":"tiny","stream":true}\nsecond\nlast\n')
-    # The node got the envelope byte for byte, with no header from the client side.
-    reqs = [r for n in ready for r in control(n, "state")["requests"]]
-    assert len(reqs) == 1 and reqs[0]["body_len"] == len(sr.envelope)
-    names = {k.lower() for k, _ in reqs[0]["headers"]}
-    assert names <= {"host", "content-type", "content-length"}, names
+    # The node got the envelope byte for byte, with no header from the client side, and
+    # the gateway's OpenPCC-Forward MAC under that node's key (openpcc/forwarding.py).
+    got = [(n, r) for n in ready for r in control(n, "state")["requests"]]
+    assert len(got) == 1 and got[0][1]["body_len"] == len(sr.envelope)
+    node, req = got[0]
+    names = {k.lower() for k, _ in req["headers"]}
+    assert names <= {"host", "content-type", "content-length", "openpcc-forward"}, names
+    mac = next(v for k, v in req["headers"] if k.lower() == "openpcc-forward")
+    verify_forward(forward_key(SECRET, node.extra["node_id"]), sr.envelope, mac, time.time())
 
     sr = seal_chat([node_key(ready[2])])
     kc = await key_config(session, gw.url)

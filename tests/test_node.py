@@ -35,6 +35,14 @@ from openpcc.attestation.claims import report_data_for
 from openpcc.attestation.simulated import SimulatedTEE
 from openpcc.attestation.snp import verify_snp
 from openpcc.errors import TruncatedError
+from openpcc.forwarding import (
+    CLIENT_WINDOW,
+    FORWARD_HEADER,
+    FORWARD_WINDOW,
+    SENT_AT_HEADER,
+    forward_key,
+    sign_forward,
+)
 from openpcc.wire import bhttp, hpke, sealed
 from tests.harness import openpcc
 from tests.node_support.procs import (
@@ -50,6 +58,10 @@ from tests.node_support.procs import (
 MODEL = "fake-model"
 SECRET = "test-secret"
 PROMPT = "Tell me a secret about the purple elephant"
+
+
+# The forward key (openpcc/forwarding.py) of each node a test posts to as its gateway.
+FORWARD_KEYS: dict[str, bytes] = {}
 
 
 @dataclass
@@ -88,6 +100,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         extra=["--audit-log", str(workdir / "node-audit.jsonl"), "--max-tokens", "256"],
     )
     s = Stack(engine, gateway, node, workdir)
+    FORWARD_KEYS[s.node_url] = forward_key(SECRET, s.node_key().node_id)
     try:
         yield s
     finally:
@@ -107,6 +120,8 @@ def inner_request(
 ) -> bytes:
     content = json.dumps(body).encode() if isinstance(body, dict) else body or b""
     hdrs = headers if headers is not None else [(b"content-type", b"application/json")]
+    if not any(k == SENT_AT_HEADER for k, _ in hdrs):  # what every client sends
+        hdrs = [*hdrs, (SENT_AT_HEADER, str(int(time.time())).encode())]
     req = bhttp.Request(method.encode(), b"https", b"node", path.encode(), hdrs, content)
     return bhttp.encode_request(req)
 
@@ -137,9 +152,14 @@ async def post(
     *,
     headers: dict[str, str] | None = None,
     on_piece: Any = None,
+    sign: bool = True,
 ) -> Answer:
-    """POST an envelope; open the sealed answer piece by piece when one comes back."""
+    """POST an envelope as a gateway would (signed with the node's forward key, when the
+    node has one: ``sign=False`` posts it as anyone else could); open the sealed answer
+    piece by piece when one comes back."""
     hdrs = {"Content-Type": sealed.REQUEST_MEDIA_TYPE, **(headers or {})}
+    if sign and url in FORWARD_KEYS:
+        hdrs[FORWARD_HEADER] = sign_forward(FORWARD_KEYS[url], envelope)
     opener = sealed_req.response_opener() if sealed_req is not None else None
     async with (
         aiohttp.ClientSession() as session,
@@ -494,13 +514,34 @@ async def test_garbage_is_400_and_node_stays_up(stack: Stack) -> None:
     assert ans.error is None and ans.head is not None and ans.head.status == 200
 
 
-async def test_replayed_envelope_answers_under_a_fresh_response_key(stack: Stack) -> None:
+async def test_the_node_answers_only_a_gateway_and_each_envelope_once(stack: Stack) -> None:
+    """Seen in an attack: an envelope posted straight to a node was answered five times
+    (five engine runs, no token spent). Now: unsigned or wrongly signed is 401, the same
+    envelope again is 409, an old one (client time inside the encryption) is refused, and
+    none of these reach the engine."""
     key = stack.node_key()
+    start = len(stack.engine_received())
     req = seal(key, inner_request(body=chat_body()))
+    for hdrs in ({}, {FORWARD_HEADER: sign_forward(os.urandom(32), req.envelope)},
+                 {FORWARD_HEADER: sign_forward(FORWARD_KEYS[stack.node_url], b"other")},
+                 {FORWARD_HEADER: sign_forward(FORWARD_KEYS[stack.node_url], req.envelope,
+                                               now=time.time() - 2 * FORWARD_WINDOW)}):  # fmt: skip
+        ans = await post(stack.node_url, req.envelope, headers=hdrs, sign=False)
+        assert ans.status == 401, hdrs
+        problem_doc(ans.raw, 401)
     a = await post(stack.node_url, req.envelope, req)
-    b = await post(stack.node_url, req.envelope, req)
-    assert a.error is None and b.error is None
-    assert a.raw[: sealed.NONCE_LEN] != b.raw[: sealed.NONCE_LEN]
+    assert a.error is None and a.head is not None and a.head.status == 200
+    replay = await post(stack.node_url, req.envelope, req)  # signed again, freshly
+    assert replay.status == 409
+    problem_doc(replay.raw, 409)
+    old = str(int(time.time() - CLIENT_WINDOW - 30)).encode()
+    for sent_at in (old, b""):  # too old, or no time at all: a sealed 400 for the client
+        hdrs = [(b"content-type", b"application/json"), (SENT_AT_HEADER, sent_at)]
+        late = seal(key, inner_request(body=chat_body(), headers=hdrs))
+        ans = await post(stack.node_url, late.envelope, late)
+        assert ans.status == 200 and ans.head is not None and ans.head.status == 400
+    chats = [r for r in stack.engine_received()[start:] if r["path"] == "/v1/chat/completions"]
+    assert len(chats) == 1  # only the one genuine, first delivery
 
 
 async def test_engine_dying_mid_stream_is_a_truncation(stack: Stack) -> None:

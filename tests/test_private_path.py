@@ -25,6 +25,7 @@ from openpcc.client.errors import TokenRejectedError, TruncatedResponseError
 from openpcc.client.profile import client_from_config
 from openpcc.devstack.local import DEMO_ACCOUNT, LocalStack
 from openpcc.devstack.views import ALLOWED, party_views
+from openpcc.forwarding import FORWARD_HEADER, forward_key, sign_forward
 from tests.conftest import FAKE_MODEL
 
 CLIENT_ADDR = "127.0.0.2"
@@ -164,31 +165,39 @@ def test_a_node_with_an_untrusted_root_is_never_sent_a_request(
     _stop(local_stack, "rogue")
 
 
-def test_a_replayed_envelope_is_harmless(local_stack: LocalStack) -> None:
-    """A gateway replaying a sealed request to the node learns nothing new."""
+def test_a_replayed_envelope_is_refused(local_stack: LocalStack) -> None:
+    """An envelope a node answered, posted to it again: by anyone, 401 (not from a
+    gateway); by the gateway itself (it holds the forward key), 409 (already answered)."""
     asyncio.run(chat(local_stack, "replay me", max_tokens=4))
-    node_records = [
-        r
-        for r in read_audit(_merged_node_audit(local_stack))
-        if r["path"] == "/v1/sealed" and r["body_hex"]
-    ]
-    envelope = bytes.fromhex(node_records[-1]["body_hex"])
-    node_url = next(s.url for s in local_stack.procs.services if s.name == "node")
+    secret = _registration_env(local_stack)["OPENPCC_NODE_REGISTRATION_SECRET"]
+    answered_by = []
+    for svc in local_stack.procs.services:
+        if not svc.name.startswith("node"):
+            continue
+        records = [r for r in read_audit(local_stack.audit[svc.name])
+                   if r["path"] == "/v1/sealed" and r["body_hex"]]  # fmt: skip
+        if not records:
+            continue
+        envelope = bytes.fromhex(records[-1]["body_hex"])
+        node_id = bytes.fromhex((local_stack.state / svc.name / "node_id").read_text().strip())
+        signed = sign_forward(forward_key(secret, node_id), envelope)
+        codes = [_post_envelope(svc.url, envelope, h) for h in ({}, {FORWARD_HEADER: signed})]
+        assert codes == [401, 409], (svc.name, codes)
+        answered_by.append(svc.name)
+    assert answered_by  # at least the node that answered "replay me"
 
-    def post() -> bytes:
-        req = urllib.request.Request(
-            node_url + "/v1/sealed",
-            data=envelope,
-            headers={"Content-Type": "application/openpcc-sealed-request"},
-        )
+
+def _post_envelope(url: str, envelope: bytes, headers: dict[str, str]) -> int:
+    req = urllib.request.Request(
+        url + "/v1/sealed",
+        data=envelope,
+        headers={"Content-Type": "application/openpcc-sealed-request", **headers},
+    )
+    try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            assert r.status == 200
-            return r.read()
-
-    first, second = post(), post()
-    assert first[:16] != second[:16]  # a fresh response nonce each time
-    for answer in (first, second):
-        assert b"Hello" not in answer and b"fake engine" not in answer
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

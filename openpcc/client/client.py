@@ -44,6 +44,7 @@ from openpcc.client.unwrap import (
     ResponseUnwrapper,
 )
 from openpcc.errors import OpenPCCError, VerificationError
+from openpcc.forwarding import SENT_AT_HEADER
 from openpcc.privacypass import auth
 from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
@@ -324,7 +325,12 @@ class Client:
                 b"https",
                 b"node",
                 path.encode(),
-                [(b"content-type", b"application/json")],
+                [
+                    (b"content-type", b"application/json"),
+                    # Inside the encryption: the node refuses an old envelope, whoever
+                    # replays it (openpcc/forwarding.py).
+                    (SENT_AT_HEADER, str(int(time.time())).encode()),
+                ],
                 json.dumps(body).encode(),
             )
         )

@@ -202,7 +202,9 @@ export class OpenPCCClient {
     const chosen = randomSample(nodes, Math.min(this.k, nodes.length));
     const inner = encodeRequest({
       method: 'POST', scheme: 'https', authority: 'node', path,
-      headers: [['content-type', 'application/json']],
+      // openpcc-sent-at, inside the encryption: the node refuses an old envelope, whoever
+      // replays it (docs/PROTOCOL.md).
+      headers: [['content-type', 'application/json'], ['openpcc-sent-at', String(Math.floor(Date.now() / 1000))]],
       content: te.encode(JSON.stringify(body)),
     });
     const sreq = await sealRequest(chosen.map((n) => ({ nodeId: n.nodeId, publicKey: n.publicKey })), model, inner);
