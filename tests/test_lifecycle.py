@@ -141,6 +141,15 @@ def test_sigkill_to_up_takes_vllm_down_too(tmp_path: Path) -> None:
     end_up_and_check(proc, out, signal.SIGKILL, within=60)
 
 
+def _parent_of_one(script: str) -> tuple[subprocess.Popen[str], int]:
+    """A Python process running ``script``, which starts one child and prints its pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
 def test_a_stopped_parent_is_noticed_through_the_lifeline(tmp_path: Path) -> None:
     """The portable half alone (no parent-death signal): a child on the service kit's
     watch_parent sees end of file on the pipe when its parent is SIGKILLed."""
@@ -165,12 +174,8 @@ def test_a_stopped_parent_is_noticed_through_the_lifeline(tmp_path: Path) -> Non
         "print(p.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    assert proc.stdout is not None
-    child_pid = int(proc.stdout.readline())
-    assert proc.stdout.readline().strip() == "watching"
+    proc, child_pid = _parent_of_one(parent)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "watching"
     assert not marker.exists()
     proc.kill()
     proc.wait()
@@ -201,11 +206,7 @@ def test_die_with_parent_alone_takes_a_child_down() -> None:
         "print(p.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    assert proc.stdout is not None
-    child_pid = int(proc.stdout.readline())
+    proc, child_pid = _parent_of_one(parent)
     assert alive(child_pid)
     proc.kill()
     proc.wait()
