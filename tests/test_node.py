@@ -751,7 +751,8 @@ async def test_node_with_real_vllm(tmp_path: Path) -> None:
             "temperature": 0,
         }
         req = sealed.seal_request([key], SERVED_NAME, inner_request(body=body))
-        ans = await asyncio.wait_for(post(f"http://127.0.0.1:{port}", req.envelope, req), 120)
+        FORWARD_KEYS[node.url] = forward_key(SECRET, key.node_id)  # post as its gateway
+        ans = await asyncio.wait_for(post(node.url, req.envelope, req), 120)
         assert ans.error is None and ans.head is not None, ans
         assert ans.head.status == 200, ans.body
         assert ans.body.rstrip().endswith(b"data: [DONE]")
