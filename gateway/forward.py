@@ -44,10 +44,9 @@ class Forwarder:
         forward_secret: str,
     ) -> None:
         self.registry = registry
-        # Per-node keys for OpenPCC-Forward (openpcc/forwarding.py): nodes open only what
-        # a gateway forwarded. Derived once per node id from the registration secret.
+        # OpenPCC-Forward (openpcc/forwarding.py): nodes open only what a gateway forwarded,
+        # signed under a per-node key derived from this secret (two HMACs per forward).
         self.forward_secret = forward_secret
-        self._forward_keys: dict[bytes, bytes] = {}
         self.redeemer = redeemer
         self.metrics = metrics
         self.trace = trace
@@ -98,14 +97,6 @@ class Forwarder:
             *inner_problem(503, "Service Unavailable", "no usable candidate node for this request")
         )
 
-    def _forward_key(self, node_id: bytes) -> bytes:
-        key = self._forward_keys.get(node_id)
-        if key is None:
-            if len(self._forward_keys) > 4 * 1024:  # nodes come and go: keep it bounded
-                self._forward_keys.clear()
-            key = self._forward_keys[node_id] = forward_key(self.forward_secret, node_id)
-        return key
-
     async def _forward(self, ex: Exchange, reg: Registration, envelope: bytes, sink: Sink) -> bool:
         """Try one node. False if it failed before its first byte (the caller tries the next)."""
         assert self.session is not None
@@ -117,7 +108,9 @@ class Forwarder:
                     data=envelope,
                     headers={
                         "Content-Type": sealed.REQUEST_MEDIA_TYPE,
-                        FORWARD_HEADER: sign_forward(self._forward_key(reg.node_id), envelope),
+                        FORWARD_HEADER: sign_forward(
+                            forward_key(self.forward_secret, reg.node_id), envelope
+                        ),
                     },
                     allow_redirects=False,
                 )

@@ -32,6 +32,7 @@ class Redeemer:
         self.spent_ttl = spent_ttl
         self._warned: set[bytes] = set()
         self._first: dict[bytes, float] = {}  # token key id -> first redeemed (the store's)
+        self._max_key_age = spent_ttl - min(KEY_AGE_MARGIN, spent_ttl // 10)
 
     def _key_too_old(self, key_id: bytes) -> tuple[int, list[bhttp.Field], bytes]:
         """A key accepted longer than spent tokens are remembered would let a token be
@@ -81,7 +82,7 @@ class Redeemer:
             if first is None:  # never changes once stored: one store call per key
                 first = await self.spent.key_first_redeemed(token.token_key_id, time.time())
                 self._first[token.token_key_id] = first
-            if time.time() - first >= self.spent_ttl - min(KEY_AGE_MARGIN, self.spent_ttl // 10):
+            if time.time() - first >= self._max_key_age:
                 return self._key_too_old(token.token_key_id)
             fresh = await self.spent.mark_spent(token.token_key_id, token.nonce, self.spent_ttl)
         except Exception as exc:  # the store is down: refuse rather than risk double spend

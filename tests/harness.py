@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openpcc.devstack.processes import free_port
+from openpcc.devstack.processes import free_port, read_port_file
 from openpcc.lifecycle import Lifeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,13 +129,11 @@ def spawn(
 
 
 def _wait_port_file(p: Proc, path: Path, timeout: float) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if p.proc.poll() is not None or time.monotonic() > deadline:
-            p.stop()
-            raise AssertionError(f"{p.name} did not report its ports:\n{p.output()[-4000:]}")
-        time.sleep(0.02)
-    return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+    ports = read_port_file(path, p.proc, timeout)
+    if ports is None:
+        p.stop()
+        raise AssertionError(f"{p.name} did not report its ports:\n{p.output()[-4000:]}")
+    return ports
 
 
 def openpcc(

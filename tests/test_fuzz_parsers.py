@@ -22,6 +22,7 @@ import random
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -63,6 +64,7 @@ pytestmark = pytest.mark.fuzz
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 SIGSTORE = VECTORS / "sigstore"
+GPU_EVIDENCE = SAMPLES / "nvidia-gpu/h100-nvtrust-sample/attestation_report.bin"
 SIGSTORE_SIGNER = SignerIdentity("aryadeeptade@gmail.com", "https://github.com/login/oauth")
 
 
@@ -224,15 +226,15 @@ def _pem(der: bytes) -> bytes:
 
 
 @functools.cache
-def _pck_chain() -> list[x509.Certificate]:
+def _pck_chain() -> tuple[x509.Certificate, ...]:
     quote = (SAMPLES / "tdx/emr-v5-uptodate-gotdxguest/quote_v5_sample.dat").read_bytes()
-    return TdxQuote.parse(quote).pck_chain()
+    return tuple(TdxQuote.parse(quote).pck_chain())
 
 
 @functools.cache
-def _gpu_chain() -> list[x509.Certificate]:
+def _gpu_chain() -> tuple[x509.Certificate, ...]:
     pem = (SAMPLES / "nvidia-gpu/h100-nvtrust-sample/gpu_cert_chain.pem").read_bytes()
-    return load_certificates(pem)
+    return tuple(load_certificates(pem))
 
 
 # -- the parsers, each fed one input -------------------------------------------------------------
@@ -271,22 +273,31 @@ def _snp_vcek_chain(data: bytes) -> None:
 
 def _tdx_pck_chain(data: bytes) -> None:
     """The PEM chain of a quote's certification data, its leaf replaced by ``data``."""
-    rest = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in _pck_chain()[1:])
-    tdx.verify_chain(load_certificates(_pem(data) + rest), tdx.intel_sgx_root_ca(), NOW)
+    chain = load_certificates(_pem(data) + _rest_pem(_pck_chain()))
+    tdx.verify_chain(chain, tdx.intel_sgx_root_ca(), NOW)
 
 
 def _gpu_cert_chain(data: bytes) -> None:
     """verify_gpu with the device chain's leaf replaced by ``data``."""
-    evidence = (SAMPLES / "nvidia-gpu/h100-nvtrust-sample/attestation_report.bin").read_bytes()
-    rest = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in _gpu_chain()[1:])
-    verify_gpu(evidence, _pem(data) + rest, now=NOW, expected_nonce=None)
+    verify_gpu(_sample(GPU_EVIDENCE), _pem(data) + _rest_pem(_gpu_chain()), now=NOW,
+               expected_nonce=None)  # fmt: skip
 
 
 def _sigstore_bundle(data: bytes) -> None:
-    verify_blob(
-        (SIGSTORE / "new_bundle.txt").read_bytes(), data, SIGSTORE_SIGNER, _sigstore_root(),
-        now=NOW,
-    )  # fmt: skip
+    verify_blob(_sample(SIGSTORE / "new_bundle.txt"), data, SIGSTORE_SIGNER, _sigstore_root(),
+                now=NOW)  # fmt: skip
+
+
+@functools.cache
+def _sample(path: Path) -> bytes:
+    """A sample file, read once for all cases (not once per case)."""
+    return path.read_bytes()
+
+
+@functools.cache
+def _rest_pem(chain: tuple[x509.Certificate, ...]) -> bytes:
+    """The chain above the leaf, as the PEM the target appends to the mutated leaf."""
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[1:])
 
 
 @functools.cache

@@ -16,12 +16,12 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"OPENPCC_ISSUER_{name}", default)
 
 
-def _common(p: argparse.ArgumentParser, only: tuple[str, ...] = ("state_dir", "redis")) -> None:
+def _common(p: argparse.ArgumentParser) -> None:
     """--state and --redis for the admin commands: the same fields as `issuer serve`'s."""
     from openpcc.service.config import add_config_args
     from tokens.config import ENV_PREFIX, IssuerConfig
 
-    add_config_args(p, IssuerConfig, ENV_PREFIX, only=only)
+    add_config_args(p, IssuerConfig, ENV_PREFIX, only=("state_dir", "redis"))
 
 
 def register(sub: Any) -> None:
@@ -60,9 +60,11 @@ def register(sub: Any) -> None:
     rot = ksub.add_parser(
         "rotate", help="publish a new key with a future not-before; old keys stay until expiry"
     )
-    rot.add_argument("--not-before-in", type=int, default=3600, metavar="SECONDS")
-    rot.add_argument("--lifetime", type=int, default=30 * 86400, metavar="SECONDS")
-    _common(rot, ("state_dir", "redis", "max_key_lifetime"))
+    from openpcc.service.config import add_config_args
+    from tokens.config import ENV_PREFIX, KeyRotation
+
+    add_config_args(rot, KeyRotation, ENV_PREFIX)
+    _common(rot)
     rot.set_defaults(func=_keys_rotate)
     kl = ksub.add_parser("list", help="list token keys (JSON lines)")
     _common(kl)
@@ -144,25 +146,21 @@ def _account_set_quota(args: argparse.Namespace) -> int:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
+    from openpcc.service.config import config_from_args
+    from tokens.config import KeyRotation
     from tokens.keys import KeyRing
 
-    if args.lifetime < 1:
-        print("openpcc issuer keys rotate: --lifetime must be positive", file=sys.stderr)
-        return 2
-    if args.lifetime + max(0, args.not_before_in) > args.max_key_lifetime:
-        # Gateways refuse a key redeemed for longer than their --spent-ttl: they could not
-        # otherwise tell a replayed token once its spent record has expired.
-        print(
-            f"openpcc issuer keys rotate: --lifetime {args.lifetime} s plus --not-before-in "
-            f"{args.not_before_in} s exceeds --max-key-lifetime {args.max_key_lifetime} s; "
-            "gateways would refuse the key's tokens before it expires (their --spent-ttl)",
-            file=sys.stderr,
-        )
+    try:
+        rotation = config_from_args(KeyRotation, args)
+    except ValueError as exc:
+        print(f"openpcc issuer keys rotate: {exc}", file=sys.stderr)
         return 2
     now = time.time()
     ring = KeyRing.load(args.state_dir)
     pruned = ring.prune(now)
-    new = ring.generate(now=now, not_before=now + args.not_before_in, lifetime=args.lifetime)
+    new = ring.generate(
+        now=now, not_before=now + rotation.not_before_in, lifetime=rotation.lifetime
+    )
     for kid in pruned:
         print(f"removed expired key {kid}")
     print(f"new key {new.key_id_hex}: not-before {new.not_before}, expires {new.expires_at}")

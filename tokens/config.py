@@ -51,12 +51,6 @@ class IssuerConfig:
     max_batch: int = field(
         default=MAX_BATCH, metadata=option("tokens per batch request", kind="int")
     )
-    max_key_lifetime: int = field(
-        default=MAX_KEY_LIFETIME,
-        metadata=option("longest token key lifetime plus rotation lead `keys rotate` accepts; "
-                        "keep it below every gateway's --spent-ttl (32 days by default), which "
-                        "refuses a key redeemed for longer", kind="int", metavar="SECONDS"),
-    )  # fmt: skip
     shutdown_timeout: float = field(
         default=10.0,
         metadata=option("on SIGTERM, stop accepting and let in-flight requests finish this long",
@@ -73,11 +67,43 @@ class IssuerConfig:
             raise ValueError("--port must be 0..65535")
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise ValueError(f"--max-batch must be 1..{MAX_BATCH}")
-        if self.max_key_lifetime < 1:
-            raise ValueError("--max-key-lifetime must be positive")
         if self.directory_max_age < 0:
             raise ValueError("--directory-max-age must be >= 0")
         if self.shutdown_timeout < 0:
             raise ValueError("--shutdown-timeout must be >= 0")
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
             raise ValueError("--public-url must be an absolute http(s) URL")
+
+
+@dataclass(frozen=True)
+class KeyRotation:
+    """`issuer keys rotate`: the new key's schedule, and the longest one allowed.
+
+    Why a limit: gateways refuse tokens under a key they have redeemed for longer than
+    their --spent-ttl (past it they no longer remember which were spent), so a key that
+    lives longer would stop working before it expires."""
+
+    not_before_in: int = field(
+        default=3600,
+        metadata=option("seconds until the new key is in force (it is listed from now on; "
+                        "negative: in force at once)", kind="int", metavar="SECONDS"),
+    )  # fmt: skip
+    lifetime: int = field(
+        default=30 * 24 * 3600,
+        metadata=option("seconds the new key is in force", kind="int", metavar="SECONDS"),
+    )
+    max_key_lifetime: int = field(
+        default=MAX_KEY_LIFETIME,
+        metadata=option("longest lifetime plus lead accepted; keep it below every gateway's "
+                        "--spent-ttl (32 days by default)", kind="int", metavar="SECONDS"),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.lifetime < 1:
+            raise ValueError("--lifetime must be positive")
+        if self.lifetime + max(0, self.not_before_in) > self.max_key_lifetime:
+            raise ValueError(
+                f"--lifetime {self.lifetime} s plus --not-before-in {self.not_before_in} s "
+                f"exceeds --max-key-lifetime {self.max_key_lifetime} s; gateways would refuse "
+                "the key's tokens before it expires (their --spent-ttl)"
+            )

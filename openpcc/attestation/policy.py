@@ -54,6 +54,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -536,6 +537,12 @@ class TrustPolicy:
         by ``unsigned_for_tests`` has no time checks."""
         if self.key_id != "unsigned":
             check_manifest_validity(self.manifest, now, clock_skew=clock_skew)
+
+    @property
+    def valid_until(self) -> float:
+        """Unix time the manifest stops being trusted (never, for ``unsigned_for_tests``):
+        nothing verified under it may be trusted longer."""
+        return math.inf if self.key_id == "unsigned" else float(self.manifest.expires_at)
 
     @property
     def development(self) -> bool:

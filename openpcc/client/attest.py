@@ -43,7 +43,5 @@ class BundleVerifier:
             raise VerificationError("; ".join(f"{c.name}: {c.detail}" for c in verdict.failures()))
         # Trusted until the claims or the manifest that admitted them expire, whichever is
         # first: the client's cache of verdicts must not outlive the manifest.
-        until = min(claims.expires_at, self.policy.manifest.expires_at)
-        if self.policy.key_id == "unsigned":
-            until = claims.expires_at
-        return VerifiedNode(claimed_id, claims.hpke_public_key, models, float(until))
+        until = min(float(claims.expires_at), self.policy.valid_until)
+        return VerifiedNode(claimed_id, claims.hpke_public_key, models, until)

@@ -52,14 +52,15 @@ def remember_serial(policy: TrustPolicy, path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             seen = json.loads(path.read_text())
-            assert isinstance(seen, dict)
         except FileNotFoundError:
             seen = {}
-        except (ValueError, AssertionError) as exc:
+        except ValueError as exc:
             raise DecodeError(f"{path} is not a serial record: {exc}") from exc
-        highest = seen.get(policy.key_id, 0)
+        highest = seen.get(policy.key_id, 0) if isinstance(seen, dict) else None
+        if not isinstance(highest, int):
+            raise DecodeError(f"{path} is not a serial record (signer -> serial)")
         serial = policy.manifest.serial
-        if not isinstance(highest, int) or serial < highest:
+        if serial < highest:
             raise VerificationError(
                 f"release manifest serial {serial} is older than {highest}, which this "
                 f"profile verified before (rollback; {path})"

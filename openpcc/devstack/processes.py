@@ -164,15 +164,26 @@ class Processes:
 
 def _read_ports(svc: Service, path: Path, timeout: float) -> dict[str, int]:
     """The ports a party bound, from the file it writes once listening."""
+    ports = read_port_file(path, svc.proc, timeout)
+    if ports is not None:
+        return ports
+    if svc.proc.poll() is not None:
+        raise StackStartError(
+            f"{svc.name} exited with {svc.proc.returncode}; log {svc.log}:\n"
+            + svc.log.read_text()[-3000:]
+        )
+    raise StackStartError(f"{svc.name} not listening after {timeout:.0f} s (log {svc.log})")
+
+
+def read_port_file(
+    path: Path, proc: subprocess.Popen[bytes], timeout: float
+) -> dict[str, int] | None:
+    """``{"public": PORT, ...}`` once the child (``--port-file path``) listens; None if it
+    exits first or ``timeout`` passes. Atomic on the writer's side (write_port_file)."""
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if svc.proc.poll() is not None:
-            raise StackStartError(
-                f"{svc.name} exited with {svc.proc.returncode}; log {svc.log}:\n"
-                + svc.log.read_text()[-3000:]
-            )
-        if time.monotonic() > deadline:
-            raise StackStartError(f"{svc.name} not listening after {timeout:.0f} s (log {svc.log})")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return None
         time.sleep(0.02)
     return {k: int(v) for k, v in json.loads(path.read_text()).items()}
 
