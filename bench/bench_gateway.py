@@ -77,7 +77,6 @@ COMPLETION = (
     b'client address from the gateway; the gateway cannot read the request."},'
     b'"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":19}}'
 )
-SECRET = "bench-registration-secret-0123456789"
 GATEWAY_PATH, RELAY_PATH = "/gateway", "/"
 CTYPE = "message/ohttp-chunked-req"
 
@@ -96,11 +95,18 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         keepalive_requests 1000000;
-        location = /v1/sealed {{
+        # One path prefix per node id (/n<id>), so each answers its gateway health
+        # check with its own id, as a node does.
+        location = /v1/sealed {{  # the direct and proxy baselines
             default_type application/openpcc-sealed-response; return 200 "{body}";
         }}
+        location ~ "^/n[0-9a-f]{{32}}/v1/sealed$" {{
+            default_type application/openpcc-sealed-response; return 200 "{body}";
+        }}
+        location ~ "^/n(?<nid>[0-9a-f]{{32}})/readyz$" {{
+            default_type application/json; return 200 '{{"status":"ok","node_id":"$nid"}}';
+        }}
         location = /healthz {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
-        location = /readyz {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
     }}
 }}
 """
@@ -414,6 +420,7 @@ def start_upstream(workdir: Path, body: bytes) -> Any:
 
 def start_gateway(workdir: Path, issuer_url: str) -> tuple[Any, int]:
     """`openpcc gateway serve` with its defaults (SQLite spent store, no audit log)."""
+    from tests.gateway_support.procs import admission
     from tests.harness import spawn, wait_http
 
     profile = os.environ.get("OPENPCC_BENCH_GATEWAY_PROFILE")
@@ -422,26 +429,32 @@ def start_gateway(workdir: Path, issuer_url: str) -> tuple[Any, int]:
         *prefix, "-m", "openpcc.cli", "gateway", "serve",
         "--host", "127.0.0.1", "--port", "0",
         "--internal-host", "127.0.0.1", "--internal-port", "0",
-        "--issuer", issuer_url, "--state", str(workdir / "gw-state"),
+        "--issuer", issuer_url, "--state", str(workdir / "gw-state"), *admission(workdir),
     ]  # fmt: skip
-    env = {"OPENPCC_GATEWAY_REGISTRATION_SECRET": SECRET}
-    proc = spawn("gateway", cmd, workdir, env=env)
+    proc = spawn("gateway", cmd, workdir)
     wait_http(proc.url + "/healthz", proc)
     wait_http(proc.internal + "/healthz", proc)
     proc.extra["internal"] = proc.internal
     return proc, proc.port
 
 
-def _heartbeat(docs: list[bytes], internal: str, stop: threading.Event, every: float) -> None:
-    """Register (and re-register) the nodes as real nodes do: every TTL/3 seconds."""
+def _heartbeat(
+    nodes: list[tuple[Any, dict]], cred: str, internal: str, stop: threading.Event, every: float
+) -> None:
+    """Register (and re-register) the nodes as real nodes do: every TTL/3 seconds, each
+    registration signed by the node's attested key (tests/admission_support.py)."""
+    from openpcc.admission import SIGNATURE_HEADER
+
     while True:
-        for doc in docs:
+        for ident, doc in nodes:
+            body, signature = ident.signed(doc)
             req = urllib.request.Request(
                 internal + "/internal/nodes",
-                data=doc,
-                headers={"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"},
+                data=body,
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {cred}",
+                         SIGNATURE_HEADER: signature},
                 method="POST",
-            )
+            )  # fmt: skip
             try:
                 with urllib.request.urlopen(req, timeout=5) as r:
                     r.read()
@@ -474,7 +487,8 @@ def _key_config(gateway_url: str) -> Any:
 def stack(workdir: Path) -> Iterator[Stack]:
     """Upstream node (nginx), real issuer, real gateway, three registered node ids."""
     from openpcc.wire import hpke, sealed
-    from tests.gateway_support.procs import cli, start_issuer
+    from tests.admission_support import AttestedIdentity, simulated_tee
+    from tests.gateway_support.procs import cli, credential, start_issuer
 
     started: list[Any] = []
     stop = threading.Event()
@@ -492,20 +506,18 @@ def stack(workdir: Path) -> Iterator[Stack]:
             raise RuntimeError(out.stdout + out.stderr)
         gateway, port = start_gateway(workdir, issuer.url)
         started.append(gateway)
-        keys, docs = [], []
+        keys, nodes = [], []
+        tee = simulated_tee(workdir / "simulated-tee")
         for i in range(K):
             pk = hpke.generate_key_pair().public_key
             keys.append(sealed.NodeKey(bytes([0xA0 + i]) * 16, pk))
-            doc = {
-                "node_id": keys[-1].node_id.hex(),
-                "url": f"http://127.0.0.1:{upstream.port}",
-                "public_key": pk.hex(),
-                "models": [MODEL],
-                "bundle": {"bench": True},
-            }
-            docs.append(json.dumps(doc).encode())
+            ident = AttestedIdentity(tee, keys[-1].node_id, pk)
+            url = f"http://127.0.0.1:{upstream.port}/n{keys[-1].node_id.hex()}"
+            nodes.append((ident, ident.document(url, [MODEL])))
         beat = threading.Thread(
-            target=_heartbeat, args=(docs, gateway.extra["internal"], stop, 10.0), daemon=True
+            target=_heartbeat,
+            args=(nodes, credential(workdir), gateway.extra["internal"], stop, 10.0),
+            daemon=True,
         )
         beat.start()
         _wait_healthy(gateway.url, K)

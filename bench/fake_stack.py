@@ -37,7 +37,7 @@ class FakeStack:
         return self.stack.urls[name]
 
     def env_of(self, name: str, var: str) -> str:
-        """A variable from a party's environment (e.g. the registration secret)."""
+        """A variable from a party's environment."""
         for item in Path(f"/proc/{self.pid(name)}/environ").read_bytes().split(b"\0"):
             if item.startswith(var.encode() + b"="):
                 return item.split(b"=", 1)[1].decode()

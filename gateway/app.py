@@ -12,7 +12,9 @@ the lifecycle, the inner routes and node registration.
 
 Two listeners: the public one (``/.well-known/ohttp-gateway``, ``/gateway``, health,
 metrics) that the relay reaches, and an internal one (``/internal/nodes``) that only
-nodes reach, guarded by a shared registration secret.
+nodes reach. A node is listed only with an admission credential, at a URL inside the
+node networks, with a bundle that verifies under the operator's trust policy, and
+signed by the key its attested claims carry (gateway/admission.py).
 
 Mid-stream node failure: once the first byte of a node's sealed answer is forwarded, the
 gateway cannot fail over (the node may have acted on the prompt). If the node then dies,
@@ -26,21 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from gateway.admission import LOOPBACK, Admission, PolicyFile, parse_networks
 from gateway.config import GatewayConfig
 from gateway.forward import Forwarder
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.keys import OhttpKeyRing
 from gateway.limits import DEFAULT_MAX_BODY
-from gateway.nodestore import RedisNodeStore, RegistryFullError
+from gateway.nodestore import RedisNodeStore
 from gateway.outer import (
     Exchange,
     OuterLayer,
@@ -49,14 +53,10 @@ from gateway.outer import (
     inner_problem,
 )
 from gateway.redeem import Redeemer
-from gateway.registry import (
-    MAX_REGISTRATION_BYTES,
-    NodeRegistry,
-    RegistrationError,
-    parse_registration,
-)
+from gateway.registry import MAX_REGISTRATION_BYTES, NodeRegistry, Registration
 from gateway.spent import SpentStore
 from openpcc import audit
+from openpcc.admission import SIGNATURE_HEADER, CredentialStore
 from openpcc.audit import AuditLog
 from openpcc.bodies import read_at_most
 from openpcc.errors import OpenPCCError
@@ -81,6 +81,7 @@ class Gateway:
     spent: SpentStore
     issuer: IssuerDirectoryCache
     registry: NodeRegistry
+    admission: Admission
     audit_log: AuditLog | None = None
     # With --redis: registrations go to Redis and every replica mirrors it (nodestore.py).
     shared_nodes: RedisNodeStore | None = None
@@ -96,7 +97,7 @@ class Gateway:
             self.metrics,
             self.trace,
             self.config.node_first_byte_timeout,
-            forward_secret=self.config.registration_secret or "",
+            forward_secret=self._forward_secret,
         )
         limits = OuterLimits(
             self.config.max_body or DEFAULT_MAX_BODY,
@@ -107,6 +108,7 @@ class Gateway:
         self._routes = {
             "/v1/nodes": ("GET", self._nodes),
             "/v1/issuer-directory": ("GET", self._issuer_directory),
+            "/v1/release-manifest": ("GET", self._release_manifest),
             "/v1/infer": ("POST", self.forwarder.infer),
         }
         m = self.metrics
@@ -156,6 +158,15 @@ class Gateway:
             await self.session.close()
         await self.spent.close()
 
+    def _forward_secret(self, reg: Registration) -> bytes | None:
+        """The credential a node was admitted with keys its forwards (openpcc/forwarding)."""
+        try:
+            cred = self.admission.credentials.current().get(reg.credential)
+        except OpenPCCError as exc:
+            log.error("node credentials unreadable: %s", exc)
+            return None
+        return cred.token.encode() if cred is not None else None
+
     async def _sync_nodes(self) -> None:
         """Mirror the shared registry; on failure keep routing with the last copy.
 
@@ -164,7 +175,7 @@ class Gateway:
         """
         assert self.shared_nodes is not None
         try:
-            await self.shared_nodes.sync(self.registry)
+            await self.shared_nodes.sync(self.registry, self.admission.recheck)
         except Exception as exc:  # redis errors, timeouts: logged by type only
             self.metrics.inc("registry_syncs_total", outcome="error")
             log.warning("node registry sync from Redis failed: %s", type(exc).__name__)
@@ -280,20 +291,35 @@ class Gateway:
             return
         await sink.respond(200, [(b"content-type", DIRECTORY_MEDIA_TYPE.encode())], snap.raw)
 
+    async def _release_manifest(self, _ex: Exchange, inner: bhttp.Request, sink: Sink) -> None:
+        """The signed manifest this gateway admits nodes under, for clients to refresh
+        theirs through the relay before it expires. Clients verify it against their own
+        pinned release key and serial; the gateway only hands the bytes out (ETag: their
+        SHA-256, so an unchanged manifest costs a 304)."""
+        try:
+            self.admission.policy.current(time.time())  # the one in use, still valid
+            data = self.admission.policy.raw
+        except OpenPCCError:
+            await sink.respond(
+                *inner_problem(503, "Service Unavailable", "no valid release manifest")
+            )
+            return
+        etag = b'"' + hashlib.sha256(data).hexdigest().encode() + b'"'
+        headers = [(b"etag", etag), (b"cache-control", b"no-cache")]
+        wanted = [v for k, v in inner.headers if k == b"if-none-match"]
+        if any(etag in [t.strip() for t in v.split(b",")] for v in wanted):
+            await sink.respond(304, headers, b"")
+            return
+        await sink.respond(200, [(b"content-type", b"application/json"), *headers], data)
+
     # -- internal routes ----------------------------------------------------------------
     async def register(self, request: web.Request) -> web.Response:
+        """``POST /internal/nodes``: admit (gateway/admission.py), then record, locally or
+        in Redis. Each refusal has its status from its error type (``status_hint``); its
+        message names the rule, never a value from the body."""
         outcome = "ok"
         try:
-            value = request.headers.get("Authorization", "")
-            scheme, _, secret = value.partition(" ")
-            expected = (self.config.registration_secret or "").encode()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                secret.strip().encode(), expected
-            ):
-                outcome = "unauthorized"
-                resp = problem(401, "Unauthorized", "bad registration secret")
-                resp.headers["WWW-Authenticate"] = 'Bearer realm="openpcc-gateway"'
-                return resp
+            cred = self.admission.credential(request.headers.get("Authorization"))
             if request.content_type != "application/json":
                 outcome = "bad_request"
                 return problem(415, "Unsupported Media Type", "use application/json")
@@ -301,29 +327,34 @@ class Gateway:
             if len(body) > MAX_REGISTRATION_BYTES:
                 outcome = "too_large"
                 return problem(413, "Content Too Large")
-            try:
-                reg = parse_registration(body)
-            except RegistrationError as exc:  # its message names the field, never a value
-                outcome = "bad_request"
-                return problem_for(exc, str(exc))
+            admitted = self.admission.admit(cred, body, request.headers.get(SIGNATURE_HEADER))
+            reg = admitted.reg
             if self.shared_nodes is not None:
                 # Redis first: a registration only this replica knew would not reach
-                # the others, and the node would not know to retry.
+                # the others, and the node would not know to retry. The rules that need
+                # shared state run in Redis, atomically.
                 try:
-                    await self.shared_nodes.put(reg, body, self.registry.ttl)
-                except RegistryFullError as exc:
-                    outcome = "full"
-                    return problem_for(exc, "node registry is full")
+                    await self.shared_nodes.put(
+                        reg, body, self.registry.ttl, admitted.signed_ms, cred.max_nodes
+                    )
+                except OpenPCCError:
+                    raise
                 except Exception as exc:
                     outcome = "unavailable"
                     log.warning("node registry write to Redis failed: %s", type(exc).__name__)
                     return problem(503, "Service Unavailable", "node registry unavailable")
-            if not self.registry.register(reg):
-                outcome = "full"
-                return problem(503, "Service Unavailable", "node registry is full")
+                self.registry.heard(reg, time.monotonic(), admitted.signed_ms)
+            else:
+                self.registry.register(reg, admitted.signed_ms, cred.max_nodes)
             return web.json_response(
                 {"status": "registered", "key_id": reg.key_id.hex(), "ttl": self.registry.ttl}
             )
+        except OpenPCCError as exc:  # messages name the rule, never a value from the body
+            outcome = type(exc).__name__
+            resp = problem_for(exc, str(exc))
+            if resp.status == 401:
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="openpcc-gateway"'
+            return resp
         finally:
             self.metrics.inc("registrations_total", outcome=outcome)
 
@@ -358,6 +389,11 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         spent=open_spent_store(config.state_dir, config.redis, config.redis_prefix),
         issuer=IssuerDirectoryCache(str(config.issuer), config.token_issuer_name),
         registry=NodeRegistry(ttl=config.node_ttl, health_interval=config.health_interval),
+        admission=Admission(
+            CredentialStore(config.credentials_path),
+            PolicyFile(Path(str(config.trust_policy)), [Path(str(config.release_pubkey))]),
+            parse_networks(config.node_network or LOOPBACK),
+        ),
         audit_log=AuditLog(config.audit_log, "gateway") if config.audit_log else None,
         shared_nodes=(RedisNodeStore(config.redis, config.redis_prefix) if config.redis else None),
     )

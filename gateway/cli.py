@@ -1,4 +1,4 @@
-"""`openpcc gateway ...`: run the gateway, rotate its OHTTP keys."""
+"""`openpcc gateway ...`: run the gateway, rotate its OHTTP keys, issue node credentials."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -20,6 +21,14 @@ def _state(p: argparse.ArgumentParser) -> None:
     from openpcc.service.config import add_config_args
 
     add_config_args(p, GatewayConfig, ENV_PREFIX, only=("state_dir",))
+
+
+def _credentials_file(p: argparse.ArgumentParser) -> None:
+    """--state and --node-credentials, as `gateway serve` reads them."""
+    from gateway.config import ENV_PREFIX, GatewayConfig
+    from openpcc.service.config import add_config_args
+
+    add_config_args(p, GatewayConfig, ENV_PREFIX, only=("state_dir", "node_credentials"))
 
 
 def register(sub: Any) -> None:
@@ -45,6 +54,67 @@ def register(sub: Any) -> None:
     lst = ksub.add_parser("list", help="list OHTTP keys (key id, public key, expiry)")
     _state(lst)
     lst.set_defaults(func=_keys_list)
+
+    creds = gsub.add_parser(
+        "credentials",
+        help="issue and revoke node admission credentials (one per node or pool)",
+        description="A node registers with a credential (opnc1.NAME.SECRET) and lists at "
+        "most --max-nodes nodes under it. The running gateway notices changes to the file. "
+        "See docs/gateway.md, Node admission.",
+    )
+    csub = creds.add_subparsers(dest="credentials_command", metavar="COMMAND", required=True)
+    add = csub.add_parser("add", help="issue a credential; print it once (give it to the node)")
+    _credentials_file(add)
+    add.add_argument("name", metavar="NAME", help="a name for logs and metrics, e.g. pool-a")
+    add.add_argument("--max-nodes", type=int, default=1, metavar="N",
+                     help="how many nodes may be listed under it at once (default 1)")  # fmt: skip
+    add.set_defaults(func=_credentials_add)
+    ls = csub.add_parser("list", help="list credentials (names and caps, never secrets)")
+    _credentials_file(ls)
+    ls.set_defaults(func=_credentials_list)
+    rev = csub.add_parser(
+        "revoke", help="revoke a credential: its nodes drop out at their next heartbeat"
+    )
+    _credentials_file(rev)
+    rev.add_argument("name", metavar="NAME")
+    rev.set_defaults(func=_credentials_revoke)
+
+
+def _credential_store(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from openpcc.admission import CredentialStore
+
+    return CredentialStore(args.node_credentials or Path(args.state_dir) / "node-credentials.json")
+
+
+def _credentials_add(args: argparse.Namespace) -> int:
+    try:
+        cred = _credential_store(args).add(args.name, args.max_nodes)
+    except ValueError as exc:
+        print(f"openpcc gateway credentials add: {exc}", file=sys.stderr)
+        return 2
+    print(f"credential {cred.name!r} for up to {cred.max_nodes} node(s); give the node:")
+    print(cred.token)
+    return 0
+
+
+def _credentials_list(args: argparse.Namespace) -> int:
+    import json
+
+    for cred in _credential_store(args).current().values():
+        print(json.dumps({"name": cred.name, "max_nodes": cred.max_nodes}))
+    return 0
+
+
+def _credentials_revoke(args: argparse.Namespace) -> int:
+    try:
+        _credential_store(args).revoke(args.name)
+    except ValueError as exc:
+        print(f"openpcc gateway credentials revoke: {exc}", file=sys.stderr)
+        return 2
+    print(f"revoked {args.name!r}")
+    return 0
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ Fields without ``option`` metadata are internal settings tests and benchmarks ma
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -73,11 +74,38 @@ class GatewayConfig:
             metavar="SECONDS",
         ),
     )
-    registration_secret: str | None = field(
+    node_credentials: Path | None = field(
         default=None,
         metadata=option(
-            "bearer secret nodes register with, at least 16 characters (prefer the variable: "
-            "flags show up in ps)"
+            "node admission credentials (gateway credentials add); default: "
+            "STATE/node-credentials.json",
+            kind="path",
+            metavar="FILE",
+        ),
+    )
+    trust_policy: Path | None = field(
+        default=None,
+        metadata=option(
+            "signed release manifest nodes' bundles must verify under before they are "
+            "listed (the one clients use; reloaded when it changes; required)",
+            kind="path",
+            metavar="FILE",
+        ),
+    )
+    release_pubkey: Path | None = field(
+        default=None,
+        metadata=option(
+            "the release public key (PEM) --trust-policy must be signed by (required)",
+            kind="path",
+            metavar="PEM",
+        ),
+    )
+    node_network: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "network node URLs must be inside, as CIDR (repeatable; default: loopback only)",
+            kind="list",
+            metavar="CIDR",
         ),
     )
     node_ttl: float = field(
@@ -151,11 +179,17 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not self.issuer:
             raise ValueError(f"--issuer URL is required (or {ENV_PREFIX}ISSUER)")
-        if not self.registration_secret or len(self.registration_secret) < 16:
+        if self.trust_policy is None or self.release_pubkey is None:
             raise ValueError(
-                f"--registration-secret (or {ENV_PREFIX}REGISTRATION_SECRET) of at least 16 "
-                "characters is required"
+                f"--trust-policy FILE and --release-pubkey PEM ({ENV_PREFIX}TRUST_POLICY, "
+                f"{ENV_PREFIX}RELEASE_PUBKEY) are required: nodes are listed only once "
+                "their attestation verifies under them"
             )
+        for net in self.node_network:
+            try:
+                ipaddress.ip_network(net.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"--node-network {net!r} is not a CIDR network") from None
         if not self.issuer_name and not urlsplit(self.issuer).hostname:
             raise ValueError("cannot derive --issuer-name from --issuer")
         for name in ("port", "internal_port"):
@@ -163,6 +197,10 @@ class GatewayConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0..65535")
         if (self.max_body is not None and self.max_body < 1) or self.spent_ttl < 1:
             raise ValueError("--max-body and --spent-ttl must be positive")
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.node_credentials or self.state_dir / "node-credentials.json"
 
     @property
     def token_issuer_name(self) -> str:

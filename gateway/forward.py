@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -41,11 +42,12 @@ class Forwarder:
         trace: StageTrace,
         first_byte_timeout: float,
         *,
-        forward_secret: str,
+        forward_secret: Callable[[Registration], bytes | None],
     ) -> None:
         self.registry = registry
         # OpenPCC-Forward (openpcc/forwarding.py): nodes open only what a gateway forwarded,
-        # signed under a per-node key derived from this secret (two HMACs per forward).
+        # signed under a per-node key derived from the credential the node was admitted
+        # with (two HMACs per forward). None: the credential was revoked.
         self.forward_secret = forward_secret
         self.redeemer = redeemer
         self.metrics = metrics
@@ -109,7 +111,7 @@ class Forwarder:
                     headers={
                         "Content-Type": sealed.REQUEST_MEDIA_TYPE,
                         FORWARD_HEADER: sign_forward(
-                            forward_key(self.forward_secret, reg.node_id), envelope
+                            forward_key(self.forward_secret(reg) or b"", reg.node_id), envelope
                         ),
                     },
                     allow_redirects=False,

@@ -11,7 +11,14 @@ Layout under ``PREFIX`` (no SCAN: the same Redis holds the spent-token keys):
 - ``PREFIX nodes``: ZSET, member node id (hex), score = expiry in Redis server time;
 - ``PREFIX nodes:body``: HASH node id -> registration body as received;
 - ``PREFIX nodes:digest``: HASH node id -> SHA-256 of that body, so a sync fetches
-  only bodies that changed (a heartbeat only moves the score).
+  only bodies that changed (a heartbeat only moves the score);
+- ``PREFIX nodes:key``: HASH node id -> the attested signing key (hex) it is bound to;
+- ``PREFIX nodes:signed``: HASH node id -> the latest signed registration time (ms);
+- ``PREFIX nodes:cred``: HASH node id -> the name of the credential that listed it.
+
+The admission rules that need shared state (gateway/registry.py ``check``: id bound to
+its key, replays, the per-credential cap, the global cap) run inside ``_PUT``, so two
+replicas cannot both admit what one of them alone would refuse.
 
 Times come from Redis (``TIME`` inside the scripts), so replicas' clocks don't matter.
 What is read back is validated with ``parse_registration`` again: Redis is trusted like
@@ -20,17 +27,23 @@ the spent store, but a bad entry must cost one node, not the sync.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.registry import (
     MAX_NODES,
+    CredentialCapError,
+    NodeIdTakenError,
     NodeRegistry,
     Registration,
     RegistrationError,
+    RegistryFullError,
+    ReplayedRegistrationError,
     parse_registration,
 )
 from openpcc.errors import OpenPCCError
@@ -44,21 +57,33 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 if #gone > 0 then
-  redis.call('HDEL', KEYS[2], unpack(gone))
-  redis.call('HDEL', KEYS[3], unpack(gone))
+  for i = 2, 6 do redis.call('HDEL', KEYS[i], unpack(gone)) end
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 end
 """
-# Drop expired members, then refuse a new member once the set is full; a heartbeat of a
-# known node always passes. The body is written only when its digest changed.
+# Drop expired members; a known node must come with its bound key and a later signed
+# time; a new one within its credential's cap (ARGV[8]) and the global one. The body is
+# written only when its digest changed. 1: recorded; 0 full; -1 taken; -2 replay; -3 cap.
 _PUT = (
     _EXPIRE
     + """
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
-  return 0
+if known then
+  if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[6] then return -1 end
+  local last = redis.call('HGET', KEYS[5], ARGV[1])
+  if last and tonumber(last) >= tonumber(ARGV[7]) then return -2 end
+else
+  local listed = 0
+  for _, c in ipairs(redis.call('HVALS', KEYS[6])) do
+    if c == ARGV[9] then listed = listed + 1 end
+  end
+  if listed >= tonumber(ARGV[8]) then return -3 end
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[9])
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[4] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[5])
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
@@ -71,26 +96,30 @@ _SNAPSHOT = (
     _EXPIRE
     + """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local digests = {}
+local digests, creds = {}, {}
 if #members > 0 then
   local ids = {}
   for i = 1, #members, 2 do ids[#ids + 1] = members[i] end
   digests = redis.call('HMGET', KEYS[3], unpack(ids))
+  creds = redis.call('HMGET', KEYS[6], unpack(ids))
 end
-return {tostring(now), members, digests}
+return {tostring(now), members, digests, creds}
 """
 )
 
 
-class RegistryFullError(OpenPCCError):
-    """The shared registry holds MAX_NODES live nodes already."""
-
-    status_hint = 503
+_REFUSED: dict[int, OpenPCCError] = {
+    0: RegistryFullError("node registry is full"),
+    -1: NodeIdTakenError("node id is held by another attested node key"),
+    -2: ReplayedRegistrationError("registration is older than one already heard"),
+    -3: CredentialCapError("the credential lists as many nodes as its cap"),
+}
 
 
 @dataclass
 class _Known:
     digest: bytes
+    credential: bytes
     reg: Registration | None  # None: the body failed validation (skipped, logged once)
 
 
@@ -111,45 +140,64 @@ class RedisNodeStore:
         self._r = aioredis.from_url(
             self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
         )
-        self._keys = [self.prefix + k for k in ("nodes", "nodes:body", "nodes:digest")]
+        names = ("nodes", "nodes:body", "nodes:digest", "nodes:key", "nodes:signed", "nodes:cred")
+        self._keys = [self.prefix + k for k in names]
         self._put = self._r.register_script(_PUT)
         self._snapshot = self._r.register_script(_SNAPSHOT)
 
-    async def put(self, reg: Registration, body: bytes, ttl: float) -> None:
-        """Record a registration or heartbeat; RegistryFullError, or redis errors."""
+    async def put(
+        self, reg: Registration, body: bytes, ttl: float, signed_ms: int, max_nodes: int
+    ) -> None:
+        """Record an admitted registration or heartbeat; the registry's refusals
+        (RegistryFullError, NodeIdTakenError, ...), or redis errors."""
         digest = hashlib.sha256(body).hexdigest()
-        args = [reg.node_id.hex(), ttl, MAX_NODES, digest, body]
-        if not await self._put(keys=self._keys, args=args):
-            raise RegistryFullError
+        args = [
+            reg.node_id.hex(), ttl, MAX_NODES, digest, body, reg.signing_key.hex(), signed_ms,
+            max_nodes, reg.credential,
+        ]  # fmt: skip
+        code = int(await self._put(keys=self._keys, args=args))
+        if code != 1:
+            raise _REFUSED.get(code, RegistryFullError("node registry refused"))
 
-    async def sync(self, registry: NodeRegistry) -> None:
+    async def sync(
+        self, registry: NodeRegistry, judge: Callable[[Registration], Registration | None]
+    ) -> None:
         """Make the local registry match Redis; raises redis errors (local state kept).
 
-        Each entry's local expiry follows its heartbeat time in Redis, not this sync.
+        ``judge`` admits what another replica wrote under this replica's trust policy
+        (None: not listed here). Each entry's local expiry follows its heartbeat time in
+        Redis, not this sync.
         """
-        now_s, members, digests = await self._snapshot(keys=self._keys)
+        now_s, members, digests, creds = await self._snapshot(keys=self._keys)
         server_now, mono = float(now_s), time.monotonic()
         pairs = zip(members[::2], members[1::2], strict=True)
         expiry = {m.decode(errors="replace"): float(s) for m, s in pairs}
         ids = list(expiry)
-        changed: dict[str, bytes] = {}
-        for nid, d in zip(ids, digests, strict=True):
+        changed: dict[str, tuple[bytes, bytes]] = {}
+        for nid, d, c in zip(ids, digests, creds, strict=True):
             known = self._known.get(nid)
-            if known is not None and known.digest == (d or b""):
+            if known is not None and (known.digest, known.credential) == (d or b"", c or b""):
                 continue
             if d is None:  # no digest: not written by a gateway
-                self._known[nid] = _Known(b"", _parse(nid, b""))
+                self._known[nid] = _Known(b"", b"", _parse(nid, b""))
             else:
-                changed[nid] = d
+                changed[nid] = (d, c or b"")
         if changed:
             # The digest read with the snapshot marks the version: a body rewritten
             # since is fetched again on the next sync, as its digest differs then.
             bodies = await self._r.hmget(self._keys[1], list(changed))
-            for (nid, d), body in zip(changed.items(), bodies, strict=True):
+            for (nid, (d, c)), body in zip(changed.items(), bodies, strict=True):
                 if body is None:  # expired between the two calls: next sync
                     self._known.pop(nid, None)
                     continue
-                self._known[nid] = _Known(d, _parse(nid, body))
+                reg = _parse(nid, body)
+                if reg is not None:
+                    cred = c.decode(errors="replace")
+                    judged = judge(dataclasses.replace(reg, credential=cred))
+                    if judged is None:
+                        log.warning("a node in the shared registry does not verify here")
+                    reg = judged
+                self._known[nid] = _Known(d, c, reg)
         for nid in [n for n in self._known if n not in expiry]:
             del self._known[nid]
         for nid, exp in expiry.items():

@@ -2,10 +2,17 @@
 
 A node (re-)registers through the internal listener every heartbeat; an entry that
 misses ``ttl`` seconds of heartbeats (3 x the node's interval) disappears. A new entry
-is listed only after its first ``GET {url}/readyz`` passed, and a failing check or a
-connection error while forwarding takes it out of rotation until a check passes again.
-The gateway does not judge the attestation bundle (clients do); it stores the JSON
-object as received and hands it out unchanged.
+is listed only after its first ``GET {url}/readyz`` passed (and named this node), and a
+failing check or a connection error while forwarding takes it out of rotation until a
+check passes again.
+
+Who may register is settled before this module (gateway/admission.py: credential,
+network, attested bundle, the node's signature). Here the registry holds what needs its
+state: a node id stays bound to the signing key that first listed it until the entry
+expires (no takeover), a registration signed no later than one already heard is a
+replay, and each credential lists at most its cap of nodes (no one fills the registry).
+A node is routed to only while its attestation verdict lasts (``trusted_until``). The
+bundle is handed to clients unchanged: they verify it themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -25,7 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from openpcc.bodies import read_at_most
-from openpcc.errors import DecodeError
+from openpcc.errors import DecodeError, OpenPCCError
 from openpcc.wire import sealed
 
 log = logging.getLogger("openpcc.gateway")
@@ -44,6 +52,30 @@ class RegistrationError(DecodeError):
     """A registration body that does not meet the contract (answered 400)."""
 
 
+class NodeIdTakenError(OpenPCCError):
+    """The node id is bound to another signing key (another attested boot) right now."""
+
+    status_hint = 409
+
+
+class ReplayedRegistrationError(OpenPCCError):
+    """Signed no later than a registration of this node already heard."""
+
+    status_hint = 409
+
+
+class CredentialCapError(OpenPCCError):
+    """The credential already lists as many nodes as it may."""
+
+    status_hint = 403
+
+
+class RegistryFullError(OpenPCCError):
+    """The registry holds MAX_NODES live nodes already."""
+
+    status_hint = 503
+
+
 @dataclass(frozen=True)
 class Registration:
     node_id: bytes
@@ -51,6 +83,10 @@ class Registration:
     public_key: bytes
     models: tuple[str, ...]
     bundle: dict[str, Any]
+    # Filled in by admission (gateway/admission.py), not read from the body:
+    signing_key: bytes = b""  # the attested Ed25519 key the node id is bound to
+    trusted_until: float = math.inf  # Unix time its attestation verdict ends
+    credential: str = ""  # name of the admission credential that listed it
 
     @functools.cached_property
     def key_id(self) -> bytes:  # checked against every request's candidates: hash once
@@ -113,6 +149,7 @@ def parse_registration(body: bytes) -> Registration:
 class NodeEntry:
     reg: Registration
     last_seen: float
+    signed_ms: int = 0  # the latest signed registration time heard (replays are older)
     healthy: bool = False  # listed and routed to only once a health check passed
     checked_at: float = 0.0
     check: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -147,29 +184,47 @@ class NodeRegistry:
         if self._session is not None:
             await self._session.close()
 
-    def register(self, reg: Registration, now: float | None = None) -> bool:
-        """Record a registration or heartbeat; False if the registry is full."""
-        t = time.monotonic() if now is None else now
-        self._expire(t)
-        return self.heard(reg, t)
+    def check(self, reg: Registration, signed_ms: int, max_nodes: int, now: float) -> None:
+        """What ``register`` would refuse, without recording anything: NodeIdTakenError,
+        ReplayedRegistrationError, CredentialCapError or RegistryFullError."""
+        self._expire(now)
+        entry = self._nodes.get(reg.node_id)
+        if entry is not None:
+            if entry.reg.signing_key != reg.signing_key:
+                raise NodeIdTakenError("node id is held by another attested node key")
+            if signed_ms <= entry.signed_ms:
+                raise ReplayedRegistrationError("registration is older than one already heard")
+            return
+        listed = sum(e.reg.credential == reg.credential for e in self._nodes.values())
+        if listed >= max_nodes:
+            raise CredentialCapError(f"credential {reg.credential!r} lists {listed} nodes, its cap")
+        if len(self._nodes) >= MAX_NODES:
+            raise RegistryFullError("node registry is full")
 
-    def heard(self, reg: Registration, last_seen: float) -> bool:
-        """As ``register``, for a heartbeat heard earlier (or by another replica)."""
+    def register(
+        self, reg: Registration, signed_ms: int, max_nodes: int, now: float | None = None
+    ) -> None:
+        """Record an admitted registration or heartbeat (see ``check`` for refusals)."""
+        t = time.monotonic() if now is None else now
+        self.check(reg, signed_ms, max_nodes, t)
+        self.heard(reg, t, signed_ms)
+
+    def heard(self, reg: Registration, last_seen: float, signed_ms: int = 0) -> None:
+        """Record ``reg`` as heard at ``last_seen``: for registrations another replica
+        admitted (Redis holds the binding, replay and cap state then)."""
         t = last_seen
         entry = self._nodes.get(reg.node_id)
         if entry is None:
-            if len(self._nodes) >= MAX_NODES:
-                return False
-            entry = NodeEntry(reg, t)
+            entry = NodeEntry(reg, t, signed_ms)
             self._nodes[reg.node_id] = entry
             self._check_soon(entry)
-            return True
+            return
         changed = entry.reg.url != reg.url or entry.reg.public_key != reg.public_key
         entry.reg, entry.last_seen = reg, t
+        entry.signed_ms = max(entry.signed_ms, signed_ms)
         if changed:
             entry.healthy = False  # new endpoint or key: prove it before routing to it
             self._check_soon(entry)
-        return True
 
     def ids(self) -> set[bytes]:
         return set(self._nodes)
@@ -191,10 +246,14 @@ class NodeRegistry:
                 entry.check.cancel()
 
     def live(self, now: float | None = None) -> list[NodeEntry]:
-        """Registered, unexpired and healthy nodes, ordered by node id."""
+        """Registered, unexpired, healthy and still attested nodes, ordered by node id."""
         t = time.monotonic() if now is None else now
         self._expire(t)
-        return sorted((e for e in self._nodes.values() if e.healthy), key=lambda e: e.reg.node_id)
+        wall = time.time()
+        return sorted(
+            (e for e in self._nodes.values() if e.healthy and wall < e.reg.trusted_until),
+            key=lambda e: e.reg.node_id,
+        )
 
     def counts(self) -> tuple[int, int]:
         self._expire(time.monotonic())
@@ -206,14 +265,14 @@ class NodeRegistry:
         Registered, unexpired (as in ``_expire``) and healthy, like ``live()``, but looked
         up by id: per request this costs the few candidates, not a pass over every node.
         """
-        t = time.monotonic()
+        t, wall = time.monotonic(), time.time()
         out = []
         for node_id, key_id in wanted:
             entry = self._nodes.get(node_id)
             if entry is None or not entry.healthy or t - entry.last_seen > self.ttl:
                 continue
             reg = entry.reg
-            if model in reg.models and reg.key_id == key_id:
+            if model in reg.models and reg.key_id == key_id and wall < reg.trusted_until:
                 out.append(reg)
         return out
 
@@ -230,7 +289,13 @@ class NodeRegistry:
             async with self._session.get(entry.reg.url + "/readyz", allow_redirects=False) as r:
                 if r.status == 200:
                     doc = json.loads(await read_at_most(r.content, 4096))
-                    ok = isinstance(doc, dict) and doc.get("status") == "ok"
+                    # The node names itself: a URL pointing at another service that
+                    # happens to answer {"status": "ok"} never passes.
+                    ok = (
+                        isinstance(doc, dict)
+                        and doc.get("status") == "ok"
+                        and doc.get("node_id") == entry.reg.node_id.hex()
+                    )
         except (aiohttp.ClientError, TimeoutError, ValueError):
             ok = False
         entry.checked_at = time.monotonic()

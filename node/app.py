@@ -25,12 +25,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from node.engine import Engine
 from node.evidence import EvidenceSource, make_claims
 from node.policy import Forward, Rejected, RequestLimits, check_request
 from node.register import Registrar, RegistrationConfig
 from openpcc import audit
+from openpcc.admission import sign_registration
 from openpcc.attestation.claims import Claims
 from openpcc.errors import OpenPCCError
 from openpcc.forwarding import (
@@ -68,7 +70,7 @@ class NodeConfig:
     engine_connect_timeout: float = 5.0
     engine_read_timeout: float = 300.0
     claims_lifetime: int = 3600
-    # The registration secret: with it, only envelopes a gateway forwarded (and signed
+    # The admission credential: with it, only envelopes a gateway forwarded (and signed
     # with this node's key) are opened, each once (openpcc/forwarding.py). Without it (no
     # gateway configured) the node has no way to tell a gateway from anyone else.
     forward_secret: str | None = None
@@ -120,6 +122,10 @@ class NodeService:
         self._private_key = hpke.load_private_key(pair.private_key)
         self.public_key = pair.public_key
         self.key_id = sealed.key_id_for(self.public_key)
+        # Per boot, in memory only, committed to by the claims: registrations signed with
+        # it are this attested node's (openpcc/admission.py).
+        self._signing_key = ed25519.Ed25519PrivateKey.generate()
+        self.signing_key = self._signing_key.public_key().public_bytes_raw()
         self._claims: Claims | None = None
         self._bundle: dict[str, Any] | None = None
         self._bundle_lock = asyncio.Lock()
@@ -134,7 +140,8 @@ class NodeService:
             registration = [registration]
         # One heartbeat per gateway replica: each replica keeps its own registry.
         self.registrars = [
-            Registrar(r, self.registration_document, self.engine_ready) for r in registration or ()
+            Registrar(r, self.registration_document, self.engine_ready, self.sign_registration)
+            for r in registration or ()
         ]
         self.registrar = self.registrars[0] if self.registrars else None
 
@@ -156,11 +163,15 @@ class NodeService:
                     model_digest=self.config.model_digest,
                     release_id=self.config.release_id,
                     lifetime=self.config.claims_lifetime,
+                    signing_key=self.signing_key,
                     now=now,
                 )
                 self._bundle = await asyncio.to_thread(self.evidence.bundle, claims)
                 self._claims = claims
             return self._bundle
+
+    def sign_registration(self, body: bytes) -> str:
+        return sign_registration(self._signing_key, body)
 
     async def registration_document(self) -> dict[str, Any]:
         return {
@@ -265,6 +276,7 @@ class NodeService:
         body: dict[str, Any] = {
             "status": "ok" if ok else "unavailable",
             "engine": self._engine_state(),
+            "node_id": self.config.node_id.hex(),  # gateways check they reached this node
         }
         if self.registrars:
             body["registered"] = sum(1 for r in self.registrars if r.registered > 0)

@@ -160,8 +160,17 @@ def _node_serve(ns: argparse.Namespace) -> int:
     if not args.engine_url and not args.vllm_model:
         raise ValueError("give --engine-url URL or --vllm-model DIR")
     settings = serve_settings_from_args(ns)
-    if args.gateway_internal and not args.registration_secret:
-        raise ValueError(f"--gateway-internal needs --registration-secret ({NODE_ENV}...)")
+    if args.gateway_internal:
+        from openpcc.admission import parse_credential
+        from openpcc.errors import DecodeError
+
+        try:
+            parse_credential(args.admission_credential or "")
+        except DecodeError as exc:
+            raise ValueError(
+                f"--gateway-internal needs --admission-credential "
+                f"({NODE_ENV}ADMISSION_CREDENTIAL): {exc}"
+            ) from None
     if args.heartbeat <= 0:
         raise ValueError("--heartbeat must be positive")
     tee_dir = None
@@ -229,12 +238,12 @@ def _node_serve(ns: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         engine_read_timeout=args.engine_timeout,
         claims_lifetime=args.claims_lifetime,
-        forward_secret=args.registration_secret if args.gateway_internal else None,
+        forward_secret=args.admission_credential if args.gateway_internal else None,
     )
     registration = [
         RegistrationConfig(
             gateway_internal=gateway.strip(),
-            secret=args.registration_secret,
+            credential=str(args.admission_credential),
             heartbeat=args.heartbeat,
         )
         for gateway in args.gateway_internal

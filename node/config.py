@@ -32,9 +32,13 @@ class NodeServeConfig:
             metavar="URL",
         ),
     )
-    registration_secret: str | None = field(
+    admission_credential: str | None = field(
         default=None,
-        metadata=option("bearer secret for registration (prefer the environment variable)"),
+        metadata=option(
+            "the opnc1.NAME.SECRET credential the gateway operator issued this node "
+            "(gateway credentials add; prefer the environment variable: flags show in ps)",
+            metavar="CREDENTIAL",
+        ),
     )
     heartbeat: float = field(
         default=10.0,

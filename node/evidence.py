@@ -317,6 +317,7 @@ def check_source(
         tee=source.tee,
         model_digest=model_digest,
         release_id=release_id,
+        signing_key=secrets.token_bytes(32),
     )
     source.bundle(claims)
 
@@ -328,6 +329,7 @@ def make_claims(
     tee: str,
     model_digest: bytes,
     release_id: str,
+    signing_key: bytes,
     lifetime: int = DEFAULT_LIFETIME,
     now: float | None = None,
 ) -> Claims:
@@ -342,4 +344,5 @@ def make_claims(
         release_id=release_id,
         issued_at=issued,
         expires_at=issued + lifetime,
+        signing_key=signing_key,
     )

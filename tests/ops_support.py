@@ -12,9 +12,8 @@ from typing import Any
 
 from tests.harness import Proc, cli, fake, get, openpcc, wait_http
 
-__all__ = ["MODEL", "SECRET", "Stack", "chat", "get"]
+__all__ = ["MODEL", "Stack", "chat", "get"]
 
-SECRET = "ops-test-registration-secret-0123456789"
 MODEL = "fake-model"
 
 
@@ -66,10 +65,38 @@ class Stack:
     ) -> Proc:
         args = [
             "gateway", "serve", "--issuer", issuer, "--state", str(state),
-            "--health-interval", "0.5", *extra, *(["--redis", redis] if redis else []),
+            "--health-interval", "0.5", *self._admission(), *extra,
+            *(["--redis", redis] if redis else []),
         ]  # fmt: skip
-        env = {"OPENPCC_GATEWAY_REGISTRATION_SECRET": SECRET}
-        return self.party(name, *args, env=env, internal=True)
+        return self.party(name, *args, internal=True)
+
+    def _admission(self) -> list[str]:
+        """Every gateway of the stack admits the stack's nodes: one credentials file, and a
+        manifest trusting the stack's simulated TEE and model (tests/admission_support)."""
+        import hashlib
+
+        from tests.admission_support import (
+            gateway_admission_args,
+            issue_credential,
+            publish_policy,
+            simulated_tee,
+        )
+
+        policy, pub = self.dir / "admission" / "trust-policy.json", None
+        if not policy.exists():
+            digest = hashlib.sha256(MODEL.encode()).digest()  # the --engine-url node's digest
+            tee = simulated_tee(self.dir / "tee")
+            policy, pub = publish_policy(self.dir / "admission", tee, model_digests=(digest,))
+            (self.dir / "credential").write_text(issue_credential(self.dir, "ops"))
+        pub = self.dir / "admission" / "release-key.pub.pem"
+        return [*gateway_admission_args(policy, pub),
+                "--node-credentials", str(self.dir / "node-credentials.json")]  # fmt: skip
+
+    @property
+    def credential(self) -> str:
+        if not (self.dir / "credential").exists():
+            self._admission()
+        return (self.dir / "credential").read_text()
 
     def relay(self, name: str, gateway: str, *extra: str) -> Proc:
         args = ["relay", "serve", "--gateway", gateway + "/gateway", "--rate-limit", "0"]
@@ -85,7 +112,7 @@ class Stack:
         ]  # fmt: skip
         for g in gateways:
             args += ["--gateway-internal", g]
-        env = {"OPENPCC_NODE_REGISTRATION_SECRET": SECRET}
+        env = {"OPENPCC_NODE_ADMISSION_CREDENTIAL": self.credential} if gateways else None
         node = self.party(name, *args, env=env, wait=wait)
         node.extra["gateways"] = list(gateways)
         if wait == "/readyz":
@@ -120,12 +147,14 @@ class Stack:
 
         tee_dir = self.dir / "tee"
         tee = SimulatedTEE.load(tee_dir)
+        if not (self.dir / "release" / "release-key.pem").exists():
+            self.cli("release", "keygen", "--out", str(self.dir / "release"))
         return _publish_release(self.dir, {"gateway": gateway, "issuer": issuer}, tee, None, MODEL)
 
     def simulated_tee(self) -> None:
-        from openpcc.attestation.simulated import SimulatedTEE
+        from tests.admission_support import simulated_tee
 
-        SimulatedTEE.create(self.dir / "tee")
+        simulated_tee(self.dir / "tee")
 
     def client_config(
         self, name: str, relay: str, issuer: str, key_file: Path, policy: tuple[Path, Path]

@@ -45,6 +45,7 @@ def claims_at(t: int, tee: str = "simulated-snp", **kw) -> Claims:
         release_id=REL,
         issued_at=t - 60,
         expires_at=t + 3600,
+        signing_key=b"\x44" * 32,
     )
     base.update(kw)
     return Claims(**base)

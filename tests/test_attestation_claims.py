@@ -35,6 +35,7 @@ def example(**kw) -> Claims:
         "release_id": "openpcc-2026.11.0",
         "issued_at": T0,
         "expires_at": T0 + 3600,
+        "signing_key": b"\xcc" * 32,
     }
     base.update(kw)
     return Claims(**base)
@@ -49,6 +50,7 @@ GOLDEN = (
     b'"model_digest":"' + b"bb" * 32 + b'",'
     b'"node_id":"node-a1",'
     b'"release_id":"openpcc-2026.11.0",'
+    b'"signing_key":"' + b"cc" * 32 + b'",'
     b'"tee":"sev-snp"}'
 )
 
@@ -190,6 +192,7 @@ _claims = st.builds(
     release_id=_ids,
     issued_at=st.integers(0, 2**53 - 1),
     expires_at=st.integers(0, 2**53 - 1),
+    signing_key=st.binary(min_size=32, max_size=32),
 )
 
 

@@ -251,7 +251,9 @@ def test_bundle_with_simulated_tee(keys, tmp_path):
     now = datetime(2026, 11, 25, 12, tzinfo=UTC)
     t = int(now.timestamp())
     tee = SimulatedTEE.create(tmp_path / "tee", now=now)
-    claims = Claims("node-1", b"\x01" * 32, "simulated-snp", None, b"\x02" * 32, "dev", t, t + 600)
+    claims = Claims(
+        "node-1", b"\x01" * 32, "simulated-snp", None, b"\x02" * 32, "dev", t, t + 600, b"\x03" * 32
+    )
     bundle = tmp_path / "bundle.json"
     bundle.write_bytes(make_simulated_bundle(tee, claims, bytes(48)).encode())
     dev = manifest(

@@ -296,7 +296,15 @@ def test_nvml_provider():
 
 def test_simulated_provider_end_to_end(tee):
     claims = Claims(
-        "node-7", b"\x07" * 32, "simulated-snp", None, b"\x08" * 32, "dev", T0, T0 + 600
+        "node-7",
+        b"\x07" * 32,
+        "simulated-snp",
+        None,
+        b"\x08" * 32,
+        "dev",
+        T0,
+        T0 + 600,
+        b"\x09" * 32,
     )
     measurement = b"\x09" * 48
     bundle = pv.collect_bundle(pv.SimulatedProvider(tee, measurement), claims)
@@ -319,7 +327,7 @@ def test_simulated_provider_end_to_end(tee):
     with pytest.raises(pv.ProviderError, match="claims say sev-snp"):
         pv.collect_bundle(
             pv.SimulatedProvider(tee),
-            Claims("n", b"\0" * 32, "sev-snp", None, b"\0" * 32, "dev", T0, T0 + 1),
+            Claims("n", b"\0" * 32, "sev-snp", None, b"\0" * 32, "dev", T0, T0 + 1, b"\0" * 32),
         )
     # GPU evidence is collected for the claims' nonce: the replayed sample is refused.
     with pytest.raises(pv.ProviderError, match="another nonce"):

@@ -190,6 +190,7 @@ def test_claims_end_to_end(tee):
         release_id="dev",
         issued_at=issued,
         expires_at=issued + 3600,
+        signing_key=b"\x33" * 32,
     )
     report = tee.issue_report(report_data_for(claims), measurement=MEASUREMENT)
     received = Claims.decode(claims.encode())

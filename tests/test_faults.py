@@ -282,6 +282,7 @@ async def test_engine_crash_makes_the_node_unhealthy_until_restarted(tmp_path: P
         engine_ready=lambda: eng.ready.is_set(),
         engine=eng,
         registrars=[],
+        config=types.SimpleNamespace(node_id=b"\x01" * 16),
         _engine_state=lambda: "ready" if eng.ready.is_set() else "not ready",
     )
 

@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.fake_stack import FakeStack, fake_stack
+from openpcc.admission import CredentialStore
 from openpcc.forwarding import FORWARD_HEADER, SENT_AT_HEADER, forward_key, sign_forward
 from openpcc.privacypass import batched, issuance
 from openpcc.privacypass.directory import IssuerDirectory
@@ -90,7 +91,11 @@ def endpoints(fs: FakeStack) -> dict[str, Endpoint]:
     ).select_key()
     treq, _ = issuance.begin_token_request(tk.token_key, CHALLENGE)
     internal = fs.url("internal")
-    secret = fs.env_of("gateway", "OPENPCC_GATEWAY_REGISTRATION_SECRET")
+    secret = (
+        CredentialStore(fs.stack.state / "gateway" / "node-credentials.json")
+        .current()["devstack"]
+        .token
+    )
     node_key = forward_key(secret, key.node_id)
     registration = json.dumps(
         {"node_id": "ab" * 16, "url": "http://127.0.0.1:9", "public_key": "cd" * 32,

@@ -123,6 +123,7 @@ def world() -> dict[str, object]:
         node_id="node-1", hpke_public_key=b"\x11" * 32, tee="simulated-snp",
         gpu_evidence_digest=None, model_digest=b"\x4d" * 32, release_id="dev",
         issued_at=int(NOW.timestamp()) - 60, expires_at=int(NOW.timestamp()) + 3600,
+        signing_key=b"\x55" * 32,
     )  # fmt: skip
     bundle = make_simulated_bundle(tee, claims, bytes(range(48)))
     registration = {

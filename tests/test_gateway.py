@@ -8,6 +8,7 @@ client sees (chunked OHTTP, streamed BHTTP, sealed response) is checked end to e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import stat
@@ -22,9 +23,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import nodestore
-from gateway.nodestore import RedisNodeStore, RegistryFullError
-from gateway.registry import NodeRegistry, Registration, RegistrationError, parse_registration
+from gateway.nodestore import RedisNodeStore
+from gateway.registry import (
+    CredentialCapError,
+    NodeIdTakenError,
+    NodeRegistry,
+    Registration,
+    RegistrationError,
+    RegistryFullError,
+    ReplayedRegistrationError,
+    parse_registration,
+)
 from gateway.spent import RedisSpentStore, SpentStore, SQLiteSpentStore
+from openpcc.admission import SIGNATURE_HEADER, CredentialStore
+from openpcc.attestation.simulated import SimulatedTEE
 from openpcc.errors import TruncatedError
 from openpcc.forwarding import forward_key, verify_forward
 from openpcc.privacypass import issuance
@@ -38,6 +50,7 @@ from openpcc.wire import hpke, sealed
 from openpcc.wire.bhttp import Response
 from openpcc.wire.bhttp_stream import StreamHead
 from openpcc.wire.ohttp import KeyConfig, parse_key_configs
+from tests.admission_support import AttestedIdentity, simulated_tee
 from tests.gateway_support.client import (
     CHALLENGE,
     ChunkedCall,
@@ -52,10 +65,10 @@ from tests.gateway_support.client import (
     sealed_events,
 )
 from tests.gateway_support.procs import (
-    SECRET,
     Proc,
     cli,
     control,
+    credential,
     start_gateway,
     start_issuer,
     start_node,
@@ -192,11 +205,8 @@ async def test_nodes_directory_lists_bundles_as_received(
         assert entry["public_key"] == node.extra["public_key"].hex()
         assert entry["key_id"] == sealed.key_id_for(node.extra["public_key"]).hex()
         assert entry["models"] == ["tiny"]
-        assert entry["bundle"] == {
-            "fake": True,
-            "node": node.extra["node_id"].hex(),
-            "nested": {"list": [1, 2, 3]},
-        }
+        # The bundle as the node sent it (clients verify it themselves).
+        assert entry["bundle"]["version"] == 1 and entry["bundle"]["tee"] == "simulated-snp"
 
 
 async def test_unhealthy_and_expired_nodes_are_dropped(ready: list[Proc], gw: Proc):
@@ -212,22 +222,51 @@ async def test_unhealthy_and_expired_nodes_are_dropped(ready: list[Proc], gw: Pr
     await asyncio.to_thread(wait_listed, gw, all_ids)
 
 
-async def test_registration_requires_the_secret_and_a_strict_body(
-    gw: Proc, session: aiohttp.ClientSession
-):
-    good = {
-        "node_id": "ab" * 16,
-        "url": "http://127.0.0.1:9",
-        "public_key": "cd" * 32,
-        "models": ["tiny"],
-        "bundle": {"x": 1},
+def identity(workdir: Path, node_id: bytes, pk: bytes | None = None) -> AttestedIdentity:
+    """A node identity attested by the workdir's simulated TEE (which the gateways trust)."""
+    return AttestedIdentity(simulated_tee(workdir / "simulated-tee"), node_id, pk or b"\xcd" * 32)
+
+
+async def post_registration(
+    session: aiohttp.ClientSession,
+    gw: Proc,
+    ident: AttestedIdentity,
+    *,
+    url: str = "http://127.0.0.1:9",
+    cred: str | None = None,
+    now: float | None = None,
+    doc: dict | None = None,
+    signed: tuple[bytes, str] | None = None,
+) -> tuple[int, str]:
+    """One registration as a node sends it; (status, problem detail)."""
+    body, sig = signed or ident.signed(doc or ident.document(url, ["tiny"]), now)
+    headers = {
+        "Authorization": f"Bearer {cred or credential(gw.log.parent)}",
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sig,
     }
+    async with session.post(gw.extra["internal"] + "/internal/nodes", data=body,
+                            headers=headers) as r:  # fmt: skip
+        text = await r.text()
+        return r.status, (json.loads(text).get("detail", "") if r.status != 200 else "")
+
+
+async def test_registration_requires_a_credential_and_a_strict_body(
+    gw: Proc, workdir: Path, session: aiohttp.ClientSession
+):
+    ident = identity(workdir, b"\xab" * 16)
+    body, sig = ident.signed(ident.document("http://127.0.0.1:9", ["tiny"]))
     url = gw.extra["internal"] + "/internal/nodes"
-    auth = {"Authorization": f"Bearer {SECRET}"}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SECRET}):
-        async with session.post(url, json=good, headers=headers) as r:
+    good_cred = credential(workdir)
+    forged = f"opnc1.{good_cred.split('.')[1]}." + "A" * 43
+    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": good_cred},
+                 {"Authorization": f"Bearer {forged}"},
+                 {"Authorization": "Bearer opnc1.nobody." + "A" * 43}):  # fmt: skip
+        headers = {**auth, "Content-Type": "application/json", SIGNATURE_HEADER: sig}
+        async with session.post(url, data=body, headers=headers) as r:
             assert r.status == 401
             assert r.content_type == "application/problem+json"
+    good = ident.document("http://127.0.0.1:9", ["tiny"])
     bad_bodies = [
         {**good, "node_id": "ab" * 15},
         {**good, "node_id": "AB" * 16},
@@ -242,19 +281,112 @@ async def test_registration_requires_the_secret_and_a_strict_body(
         {**good, "extra": 1},
         {k: v for k, v in good.items() if k != "bundle"},
     ]
-    for body in bad_bodies:
-        async with session.post(url, json=body, headers=auth) as r:
-            assert r.status == 400, body
-    async with session.post(url, data=b"{not json", headers=auth) as r:
+    for doc in bad_bodies:
+        assert (await post_registration(session, gw, ident, doc=doc))[0] == 400, doc
+    headers = {"Authorization": f"Bearer {good_cred}", "Content-Type": "application/json"}
+    async with session.post(url, data=b"{not json", headers=headers) as r:
         assert r.status in (400, 415)
-    async with session.post(url, json=good, headers=auth) as r:
-        assert r.status == 200
-        assert (await r.json())["key_id"] == sealed.key_id_for(bytes.fromhex("cd" * 32)).hex()
+    assert await post_registration(session, gw, ident) == (200, "")
     # Registration is not on the public listener at all.
-    async with session.post(gw.url + "/internal/nodes", json=good, headers=auth) as r:
+    async with session.post(gw.url + "/internal/nodes", data=body, headers=headers) as r:
         assert r.status in (404, 405)
     # That node never passes a health check (nothing listens on port 9): never listed.
     assert "ab" * 16 not in await asyncio.to_thread(nodes_listed, gw)
+
+
+async def test_only_the_attested_node_lists_itself_under_its_id(
+    ready: list[Proc], gw: Proc, workdir: Path, session: aiohttp.ClientSession
+):
+    """The takeover of issue 18, refused: holding a credential is not enough to list a
+    node id, its URL or its key; only the key the node's attested claims carry is."""
+    victim = ready[0]
+    vid = victim.extra["node_id"]
+    # Another attested node (a real bundle, its own key) claiming the victim's id: 409
+    # while the victim's entry lives, however often it tries.
+    impostor = identity(workdir, vid, victim.extra["public_key"])
+    for _ in range(3):
+        status, detail = await post_registration(session, gw, impostor, url="http://127.0.0.1:9")
+        assert status == 409 and "another attested node key" in detail
+    # The victim's own bundle (as the public directory shows it) with the attacker's URL,
+    # signed by the attacker: the bundle's claims name another signing key.
+    copied = impostor.document("http://127.0.0.1:9", ["tiny"])
+    copied["bundle"] = await asyncio.to_thread(victim_bundle, gw, vid)
+    status, detail = await post_registration(session, gw, impostor, doc=copied)
+    assert status == 401 and "attested node key" in detail
+    # An id that is not the one the claims name.
+    other = identity(workdir, b"\x5a" * 16)
+    doc = other.document("http://127.0.0.1:9", ["tiny"])
+    doc["node_id"] = "5b" * 16
+    assert (await post_registration(session, gw, other, doc=doc))[0] == 403
+    # The victim still gets its requests.
+    assert vid.hex() in await asyncio.to_thread(nodes_listed, gw)
+    assert not control(victim, "state")["refusals"]
+
+
+def victim_bundle(gw: Proc, node_id: bytes) -> dict:
+    async def go() -> dict:
+        async with aiohttp.ClientSession() as s:
+            kc = await key_config(s, gw.url)
+            _, resp = await plain(s, gw.url, kc, inner_request("GET", "/v1/nodes"))
+            assert isinstance(resp, Response)
+            nodes = json.loads(resp.content)["nodes"]
+            return next(n["bundle"] for n in nodes if n["node_id"] == node_id.hex())
+
+    return asyncio.run(go())
+
+
+async def test_stale_replayed_outside_and_unattested_registrations_are_refused(
+    gw: Proc, workdir: Path, session: aiohttp.ClientSession, tmp_path: Path
+):
+    ident = identity(workdir, b"\x6c" * 16)
+    # Signed two minutes ago (a copy kept for later): stale.
+    status, detail = await post_registration(session, gw, ident, now=time.time() - 120)
+    assert status == 401 and "60 s" in detail
+    status, detail = await post_registration(session, gw, ident, now=time.time() + 120)
+    assert status == 401
+    # A fresh one passes once; the same bytes and signature again are a replay.
+    signed = ident.signed(ident.document("http://127.0.0.1:9", ["tiny"]))
+    assert (await post_registration(session, gw, ident, signed=signed))[0] == 200
+    status, detail = await post_registration(session, gw, ident, signed=signed)
+    assert status == 409 and "older" in detail
+    # A signature over other bytes, or none.
+    body, _ = ident.signed(ident.document("http://127.0.0.1:9", ["tiny"]))
+    _, sig = ident.signed({"other": 1})
+    assert (await post_registration(session, gw, ident, signed=(body, sig)))[0] == 401
+    assert (await post_registration(session, gw, ident, signed=(body, "")))[0] == 401
+    # URLs outside --node-network (loopback here), and host names (rebinding), refused.
+    for url in ("http://10.1.2.3:8080", "http://192.168.0.9", "http://localhost:9",
+                "http://[::1]:9", "http://node.internal:9"):  # fmt: skip
+        status, detail = await post_registration(session, gw, identity(workdir, b"\x6d" * 16),
+                                                 url=url)  # fmt: skip
+        assert status == 403 and "inside" in detail, url
+    # A bundle from a TEE the operator's manifest does not trust.
+    rogue = AttestedIdentity(SimulatedTEE.create(tmp_path / "rogue-tee"), b"\x6e" * 16,
+                             b"\xcd" * 32)  # fmt: skip
+    status, detail = await post_registration(session, gw, rogue)
+    assert status == 403 and "does not verify" in detail
+    assert "6e" * 16 not in await asyncio.to_thread(nodes_listed, gw)
+
+
+async def test_each_credential_lists_at_most_its_cap(
+    gw: Proc, workdir: Path, session: aiohttp.ClientSession
+):
+    """One credential cannot fill the registry: a pool's cap binds it, and the running
+    gateway picks up a new or revoked credential from its file."""
+    store = CredentialStore(workdir / "node-credentials.json")
+    cred = store.add("pool-of-two", 2).token
+    first = [identity(workdir, bytes([0x70 + i]) * 16) for i in range(3)]
+    assert (await post_registration(session, gw, first[0], cred=cred))[0] == 200
+    assert (await post_registration(session, gw, first[1], cred=cred))[0] == 200
+    status, detail = await post_registration(session, gw, first[2], cred=cred)
+    assert status == 403 and "cap" in detail
+    # Known nodes keep heartbeating under it; another credential is not affected.
+    assert (await post_registration(session, gw, first[0], cred=cred))[0] == 200
+    assert (await post_registration(session, gw, first[2]))[0] == 200
+    out = cli("gateway", "credentials", "revoke", "pool-of-two",
+              "--node-credentials", str(workdir / "node-credentials.json"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (await post_registration(session, gw, first[0], cred=cred))[0] == 401
 
 
 def test_parse_registration_rejects_oversized_bundles():
@@ -426,7 +558,8 @@ async def test_sealed_request_round_trip_chunked_and_plain(
     names = {k.lower() for k, _ in req["headers"]}
     assert names <= {"host", "content-type", "content-length", "openpcc-forward"}, names
     mac = next(v for k, v in req["headers"] if k.lower() == "openpcc-forward")
-    verify_forward(forward_key(SECRET, node.extra["node_id"]), sr.envelope, mac, time.time())
+    key = forward_key(node.extra["credential"], node.extra["node_id"])
+    verify_forward(key, sr.envelope, mac, time.time())
 
     sr = seal_chat([node_key(ready[2])])
     kc = await key_config(session, gw.url)
@@ -760,6 +893,7 @@ def test_parse_registration_only_ever_raises_registration_error(body: bytes):
 
 
 def _reg_body(node_id: str, *, url: str = "http://127.0.0.1:9", pk: str = "cd" * 32) -> bytes:
+    """A body for the Redis store's own rules (admission is tested with processes)."""
     doc = {"node_id": node_id, "url": url, "public_key": pk, "models": ["tiny"], "bundle": {}}
     return json.dumps(doc).encode()
 
@@ -774,9 +908,22 @@ async def node_stores(redis_url: str) -> Iterator[list[RedisNodeStore]]:
         await s.close()
 
 
-async def put(store: RedisNodeStore, body: bytes, ttl: float = 30) -> Registration:
-    reg = parse_registration(body)
-    await store.put(reg, body, ttl)
+async def put(
+    store: RedisNodeStore,
+    body: bytes,
+    ttl: float = 30,
+    *,
+    key: bytes = b"\x01" * 32,
+    cred: str = "test",
+    cap: int = 100,
+    signed_ms: int | None = None,
+) -> Registration:
+    reg = dataclasses.replace(parse_registration(body), signing_key=key, credential=cred)
+    await store.put(reg, body, ttl, signed_ms or time.time_ns() // 1000, cap)
+    return reg
+
+
+def admit_all(reg: Registration) -> Registration:
     return reg
 
 
@@ -786,18 +933,19 @@ async def test_shared_registry_sync_follows_redis_heartbeat_time(node_stores):
     reg = await put(a, _reg_body("a1" * 16))
     beat = time.monotonic()
     await asyncio.sleep(0.5)
-    await b.sync(local)
+    await b.sync(local, admit_all)
     assert local.ids() == {reg.node_id}
     entry = local._nodes[reg.node_id]
     # Last seen at the heartbeat, not at the sync half a second later.
-    assert abs(entry.last_seen - beat) < 0.2 and entry.reg == reg
+    assert abs(entry.last_seen - beat) < 0.2 and entry.reg.node_id == reg.node_id
+    assert entry.reg.credential == "test"
     assert local.live() == []  # listed only after this replica's own check
     # A changed key or URL is a changed body: fetched again and marked for a new check.
     entry.healthy = True
     reg2 = await put(a, _reg_body("a1" * 16, pk="ef" * 32))
-    await b.sync(local)
+    await b.sync(local, admit_all)
     entry = local._nodes[reg.node_id]
-    assert entry.reg == reg2 and entry.healthy is False
+    assert entry.reg.public_key == reg2.public_key and entry.healthy is False
 
 
 async def test_shared_registry_entries_expire_everywhere(node_stores):
@@ -806,10 +954,10 @@ async def test_shared_registry_entries_expire_everywhere(node_stores):
     keep, gone = "b1" * 16, "b2" * 16
     await put(a, _reg_body(keep), ttl=30)
     await put(a, _reg_body(gone), ttl=0.5)
-    await b.sync(local)
+    await b.sync(local, admit_all)
     assert local.ids() == {bytes.fromhex(keep), bytes.fromhex(gone)}
     await asyncio.sleep(0.7)
-    await b.sync(local)
+    await b.sync(local, admit_all)
     assert local.ids() == {bytes.fromhex(keep)}
     # Removed from Redis too (atomically, by the script), bodies included.
     assert await b._r.zrange(b._keys[0], 0, -1) == [keep.encode()]
@@ -820,7 +968,7 @@ async def test_shared_registry_skips_bad_entries_planted_in_redis(node_stores, c
     a, b = node_stores
     local = NodeRegistry(ttl=30)
     good = await put(a, _reg_body("c1" * 16))
-    r, (zset, bodies, digests) = a._r, a._keys
+    r, (zset, bodies, digests) = a._r, a._keys[:3]
     far = time.time() + 3600  # the scores are Redis TIME; the local clock is close enough here
     planted = {
         "c2" * 16: b"{secret-not-json",  # not JSON
@@ -833,8 +981,8 @@ async def test_shared_registry_skips_bad_entries_planted_in_redis(node_stores, c
         await r.hset(digests, nid, "x")
     await r.zadd(zset, {"not-hex\xff": far, "c6" * 16: far})  # no body or digest at all
     with caplog.at_level("WARNING", logger="openpcc.gateway"):
-        await b.sync(local)
-        await b.sync(local)  # unchanged bad entries are not fetched or logged again
+        await b.sync(local, admit_all)
+        await b.sync(local, admit_all)  # unchanged bad entries are not fetched or logged again
     assert local.ids() == {good.node_id}
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 5, warnings
@@ -849,6 +997,27 @@ async def test_shared_registry_enforces_max_nodes(node_stores, monkeypatch):
     with pytest.raises(RegistryFullError):
         await put(a, _reg_body("d3" * 16))
     await put(a, _reg_body("d1" * 16))  # a heartbeat of a known node still passes
+
+
+async def test_shared_registry_keeps_ids_bound_replays_out_and_caps_per_credential(node_stores):
+    """The admission rules that need shared state hold across replicas (in Redis)."""
+    a, b = node_stores
+    t = time.time_ns() // 1000
+    await put(a, _reg_body("e1" * 16), key=b"\x01" * 32, signed_ms=t)
+    with pytest.raises(NodeIdTakenError):  # another key for a listed id, via the other replica
+        await put(b, _reg_body("e1" * 16), key=b"\x02" * 32, signed_ms=t + 5)
+    with pytest.raises(ReplayedRegistrationError):
+        await put(b, _reg_body("e1" * 16), signed_ms=t)
+    await put(b, _reg_body("e1" * 16), signed_ms=t + 5)
+    await put(a, _reg_body("e2" * 16), cred="pool", cap=2)
+    await put(b, _reg_body("e3" * 16), cred="pool", cap=2)
+    with pytest.raises(CredentialCapError):
+        await put(a, _reg_body("e4" * 16), cred="pool", cap=2)
+    await put(a, _reg_body("e4" * 16), cred="other", cap=2)
+    # Expiry frees the id and the cap.
+    await put(a, _reg_body("e5" * 16), key=b"\x05" * 32, cred="short", cap=1, ttl=0.3)
+    await asyncio.sleep(0.5)
+    await put(b, _reg_body("e5" * 16), key=b"\x06" * 32, cred="short", cap=1)
 
 
 # -- shared node registry: replicas as processes -----------------------------------------------
@@ -890,12 +1059,10 @@ def gauge(gw: Proc, series: str) -> float | None:
     return None
 
 
-async def register_raw(session: aiohttp.ClientSession, gw: Proc, body: bytes) -> int:
-    headers = {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"}
-    async with session.post(
-        gw.extra["internal"] + "/internal/nodes", data=body, headers=headers
-    ) as r:
-        return r.status
+async def register_as(
+    session: aiohttp.ClientSession, gw: Proc, ident: AttestedIdentity, url: str
+) -> int:
+    return (await post_registration(session, gw, ident, url=url))[0]
 
 
 async def test_node_registered_with_one_replica_is_listed_and_served_by_both(
@@ -924,24 +1091,32 @@ async def test_shared_heartbeat_expiry_removes_the_node_from_both(shared_ready: 
         await asyncio.to_thread(wait_listed, g, {SHARED_NODE.hex()})
 
 
-async def test_shared_re_registration_with_a_new_key_and_url_is_checked_again(
+async def test_shared_re_registration_at_a_new_url_is_checked_again(
     shared_ready: dict, session: aiohttp.ClientSession
 ):
     node, (g0, g1) = shared_ready["node"], shared_ready["gateways"]
-    control(node, "set", {"heartbeat": False})
-    moved = _reg_body(SHARED_NODE.hex(), url="http://127.0.0.1:9", pk="ef" * 32)
-    # Heartbeat the moved registration through replica 1 for longer than the TTL: the
-    # entry stays, but no replica lists it, as nothing answers /healthz at the new URL.
-    for _ in range(12):
-        assert await register_raw(session, g1, moved) == 200
-        await asyncio.sleep(0.25)
+    # The node itself moves (signed by its own key) to a URL where nothing answers, for
+    # longer than the TTL: the entry stays, but no replica lists it.
+    control(node, "set", {"url": "http://127.0.0.1:9"})
+    for g in (g0, g1):
+        await asyncio.to_thread(wait_listed, g, set())
+    await asyncio.sleep(2.5)
     for g in (g0, g1):
         assert await asyncio.to_thread(nodes_listed, g) == set()
         assert gauge(g, 'openpcc_gateway_nodes{health="unhealthy"}') == 1
-    # Back to its real URL and key (through replica 0): checked again, listed again.
-    control(node, "set", {"heartbeat": True})
+    # Back to its real URL: checked again, listed again.
+    control(node, "set", {"url": node.url})
     for g in (g0, g1):
         await asyncio.to_thread(wait_listed, g, {SHARED_NODE.hex()})
+
+
+async def test_shared_replicas_refuse_a_takeover_of_a_node_listed_by_the_other(
+    shared_ready: dict, workdir: Path, session: aiohttp.ClientSession
+):
+    node, (_, g1) = shared_ready["node"], shared_ready["gateways"]
+    impostor = identity(workdir, SHARED_NODE, node.extra["public_key"])
+    status, detail = await post_registration(session, g1, impostor)
+    assert status == 409 and "another attested node key" in detail
 
 
 def test_shared_registry_skips_an_entry_planted_in_redis(shared_ready: dict):
@@ -972,9 +1147,9 @@ async def test_shared_registry_redis_down_then_back(
 ):
     gws, redis = shared_ready["gateways"], shared_ready["redis"]
     redis.stop()
-    other = _reg_body("f8" * 16)
+    other = identity(workdir, b"\xf8" * 16)
     for g in gws:
-        assert await register_raw(session, g, other) == 503
+        assert await register_as(session, g, other, "http://127.0.0.1:9") == 503
         # Routing goes on with the last synced copy until the entries' TTL runs out ...
         assert await asyncio.to_thread(nodes_listed, g) == {SHARED_NODE.hex()}
         async with session.get(g.url + "/readyz") as r:
@@ -984,6 +1159,6 @@ async def test_shared_registry_redis_down_then_back(
     shared_ready["redis"] = start_redis(workdir, redis.port)
     for g in gws:
         await asyncio.to_thread(wait_listed, g, {SHARED_NODE.hex()}, 20)
-        assert await register_raw(session, g, other) == 200
+        assert await register_as(session, g, other, "http://127.0.0.1:9") == 200
         async with session.get(g.url + "/readyz") as r:
             assert r.status == 200

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from node.evidence import simulated_measurement
 from node.policy import Rejected, RequestLimits, check_request
 from openpcc import audit
+from openpcc.admission import AdmissionError, verify_registration
 from openpcc.attestation.bundle import AttestationBundle
 from openpcc.attestation.claims import report_data_for
 from openpcc.attestation.simulated import SimulatedTEE
@@ -46,6 +47,7 @@ from openpcc.forwarding import (
 from openpcc.wire import bhttp, hpke, sealed
 from tests.harness import openpcc
 from tests.node_support.procs import (
+    CREDENTIAL,
     Proc,
     free_port,
     http_json,
@@ -56,7 +58,7 @@ from tests.node_support.procs import (
 )
 
 MODEL = "fake-model"
-SECRET = "test-secret"
+SECRET = CREDENTIAL
 PROMPT = "Tell me a secret about the purple elephant"
 
 
@@ -229,6 +231,15 @@ def test_registers_with_verifiable_bundle(stack: Stack) -> None:
     assert claims.gpu_evidence_digest is None
     assert claims.model_digest == hashlib.sha256(MODEL.encode()).digest()  # --engine-url mode
     assert claims.issued_at <= time.time() + 5 < claims.expires_at
+    # Every registration is signed, over its exact bytes and a fresh time, by the per-boot
+    # key the attested claims carry (openpcc/admission.py): the gateway admits on that.
+    for r in regs:
+        t_ms = verify_registration(
+            claims.signing_key, r["raw"].encode(), r["signature"], time.time()
+        )
+        assert abs(t_ms / 1000 - r["time"]) < 5
+    with pytest.raises(AdmissionError):
+        verify_registration(claims.signing_key, b"{}", regs[-1]["signature"], time.time())
 
     tee = SimulatedTEE.load(stack.workdir / "state" / "simulated-tee")
     verdict = verify_snp(
@@ -507,8 +518,9 @@ async def test_garbage_is_400_and_node_stays_up(stack: Stack) -> None:
     assert ans.status == 413
     assert http_json(stack.node.port, "GET", "/readyz") == (
         200,
-        {"status": "ok", "engine": "ready", "registered": 1, "gateways": 1},
-    )
+        {"status": "ok", "engine": "ready", "registered": 1, "gateways": 1,
+         "node_id": stack.node_key().node_id.hex()},
+    )  # fmt: skip
     req = seal(key, inner_request(body=chat_body()))
     ans = await post(stack.node_url, req.envelope, req)
     assert ans.error is None and ans.head is not None and ans.head.status == 200
@@ -730,7 +742,7 @@ async def test_node_with_real_vllm(tmp_path: Path) -> None:
         "--vllm-model", str(info["dir"]), "--vllm-log", str(tmp_path / "vllm.log"),
         "--state", str(tmp_path / "state"), "--heartbeat", "1",
         "--gateway-internal", f"http://127.0.0.1:{gateway.port}",
-        "--registration-secret", SECRET,
+        "--admission-credential", SECRET,
     )  # fmt: skip
     port = node.port
     try:

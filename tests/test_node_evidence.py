@@ -62,7 +62,13 @@ def tsm(tmp_path) -> Path:
 
 def claims_for(tee: str) -> Claims:
     return make_claims(
-        node_id=NODE_ID, public_key=KEY, tee=tee, model_digest=MODEL, release_id="dev", now=T0
+        node_id=NODE_ID,
+        public_key=KEY,
+        tee=tee,
+        model_digest=MODEL,
+        release_id="dev",
+        signing_key=b"\x05" * 32,
+        now=T0,
     )
 
 

@@ -88,8 +88,10 @@ def test_node_ready_when_its_engine_answers(stack: Stack) -> None:
     # The engine comes up, the gateway still does not answer: ready, 0 of 1 registered.
     stack.engine(port=engine_port)
     stack.wait("node", "/readyz", timeout=15)
-    assert json.loads(get(node.url + "/readyz")[1]) == {
+    doc = json.loads(get(node.url + "/readyz")[1])
+    assert doc == {
         "status": "ok", "engine": "ready", "registered": 0, "gateways": 1,
+        "node_id": doc["node_id"],
     }  # fmt: skip
     # A real gateway: the node registers, the gateway's check passes, it is listed.
     gw = stack.gateway("gateway", stack.dir / "gw", issuer.url)

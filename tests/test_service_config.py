@@ -106,21 +106,27 @@ def test_gateway_config_one_meaning_of_max_body_and_clear_errors(
     """`--max-body` is a size everywhere (it was bytes in the gateway, "8m" in the relay)."""
     from gateway.config import ENV_PREFIX, GatewayConfig
 
-    for var in ("ISSUER", "REGISTRATION_SECRET", "MAX_BODY"):
+    for var in ("ISSUER", "TRUST_POLICY", "RELEASE_PUBKEY", "MAX_BODY", "NODE_NETWORK"):
         monkeypatch.delenv(ENV_PREFIX + var, raising=False)
     p = argparse.ArgumentParser()
     add_config_args(p, GatewayConfig, ENV_PREFIX)
     with pytest.raises(ValueError, match="--issuer URL is required"):
         config_from_args(GatewayConfig, p.parse_args([]))
     args = p.parse_args(["--issuer", "http://issuer.example:8401", "--max-body", "9m"])
-    with pytest.raises(ValueError, match="at least 16 characters"):
+    with pytest.raises(ValueError, match="--trust-policy FILE and --release-pubkey PEM"):
         config_from_args(GatewayConfig, args)
-    monkeypatch.setenv(ENV_PREFIX + "REGISTRATION_SECRET", "s" * 16)
+    monkeypatch.setenv(ENV_PREFIX + "TRUST_POLICY", "/etc/openpcc/trust-policy.json")
+    monkeypatch.setenv(ENV_PREFIX + "RELEASE_PUBKEY", "/etc/openpcc/release.pub.pem")
     p = argparse.ArgumentParser()
     add_config_args(p, GatewayConfig, ENV_PREFIX)
+    bad = p.parse_args(["--issuer", "http://i.example", "--node-network", "10.0.0.0/33"])
+    with pytest.raises(ValueError, match=r"10\.0\.0\.0/33"):
+        config_from_args(GatewayConfig, bad)
     config = config_from_args(
-        GatewayConfig, p.parse_args(["--issuer", "http://issuer.example:8401", "--max-body", "9m"])
-    )
+        GatewayConfig, p.parse_args(["--issuer", "http://issuer.example:8401", "--max-body", "9m",
+                                     "--node-network", "10.8.0.0/16"])
+    )  # fmt: skip
+    assert config.node_network == ("10.8.0.0/16",)
     assert config.max_body == 9 << 20
     assert config.token_issuer_name == "issuer.example"
 

@@ -7,7 +7,7 @@ claims, so the GPU's SPDM nonce cannot depend on it: :func:`gpu_nonce_for` hashe
 every claim *except* ``gpu_evidence_digest``. Encoding (exact, see
 docs/ATTESTATION.md):
 
-* canonical JSON: one object with exactly the 8 keys below, sorted by key, no
+* canonical JSON: one object with exactly the 9 keys below, sorted by key, no
   whitespace (separators ``,`` and ``:``), ASCII only, UTF-8 bytes;
 * byte strings as lower-case hex; times as integer Unix seconds (UTC);
   ``gpu_evidence_digest`` is ``null`` when the node has no GPU;
@@ -51,9 +51,15 @@ _FIELDS = (
     "model_digest",
     "node_id",
     "release_id",
+    "signing_key",
     "tee",
 )
-_HEX_LEN = {"hpke_public_key": 32, "model_digest": 32, "gpu_evidence_digest": 32}
+_HEX_LEN = {
+    "hpke_public_key": 32,
+    "model_digest": 32,
+    "gpu_evidence_digest": 32,
+    "signing_key": 32,
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class Claims:
     ``gpu_evidence_digest``: :func:`gpu_evidence_digest_for` over the GPU reports, or None.
     ``model_digest``: SHA-256 of the served weights (the release manifest's digest).
     ``issued_at`` / ``expires_at``: Unix seconds, UTC.
+    ``signing_key``: the node's per-boot Ed25519 public key (32 bytes). It signs the node's
+    registrations with a gateway, so only the attested node can list itself under its id.
     """
 
     node_id: str
@@ -74,6 +82,7 @@ class Claims:
     release_id: str
     issued_at: int
     expires_at: int
+    signing_key: bytes
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -202,7 +211,7 @@ def gpu_nonce_for(claims: Claims) -> bytes:
 
     SHA-256(GPU_NONCE_LABEL || canonical JSON of the claims with the
     ``gpu_evidence_digest`` key removed); i.e. it covers node_id, hpke_public_key, tee,
-    model_digest, release_id, issued_at and expires_at. The value of
+    model_digest, release_id, issued_at, expires_at and signing_key. The value of
     ``gpu_evidence_digest`` (if any) is ignored, which breaks the circularity: the node
     derives the nonce, collects GPU evidence, then fills in the digest.
     """

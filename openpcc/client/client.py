@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 import aiohttp
 
@@ -49,6 +49,9 @@ from openpcc.privacypass import auth
 from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
 from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
+
+if TYPE_CHECKING:
+    from openpcc.client.manifest import ManifestRefresher
 
 GATEWAY_AUTHORITY = b"gateway"  # the inner requests' authority; the gateway ignores it
 
@@ -130,7 +133,11 @@ class Client:
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        refresher: ManifestRefresher | None = None,
     ) -> None:
+        """``refresher`` (openpcc/client/manifest.py) keeps the release manifest behind
+        ``verifier`` and ``trust`` current: when it brings a newer one, both are swapped
+        (``use_policy``)."""
         if not 1 <= k <= sealed.MAX_CANDIDATES:
             raise ValueError(f"k must be 1..{sealed.MAX_CANDIDATES}")
         self._relay = relay_url.rstrip("/")
@@ -142,6 +149,7 @@ class Client:
         self._own_session = session is None
         self._clock = clock
         self._rng = rng or random.SystemRandom()
+        self._refresher = refresher
         self._trace = StageTrace("client")
         self._key_config: ohttp.KeyConfig | None = None
         self._verdicts = _Verdicts()
@@ -194,11 +202,13 @@ class Client:
         return self._key_config
 
     @_typed
-    async def _inner_get(self, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+    async def _inner_get(
+        self, path: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
         """A small GET to the gateway inside plain OHTTP (no token: discovery only)."""
         cfg = await self.key_config()
         req = bhttp.encode_request(
-            bhttp.Request(b"GET", b"https", GATEWAY_AUTHORITY, path.encode())
+            bhttp.Request(b"GET", b"https", GATEWAY_AUTHORITY, path.encode(), list(headers))
         )
         enc, ctx = ohttp.encapsulate_request(cfg, req)
         try:
@@ -213,7 +223,7 @@ class Client:
         except aiohttp.ClientError as exc:
             raise RelayError(f"cannot reach the relay: {exc}") from exc
         resp = bhttp.decode_response(ctx.decapsulate_response(body))
-        return resp.status, dict(resp.headers), resp.content
+        return resp.status, {k.lower(): v for k, v in resp.headers}, resp.content
 
     async def issuer_directory(self) -> bytes:
         """The issuer directory as the gateway sees it, fetched anonymously.
@@ -225,8 +235,31 @@ class Client:
             raise GatewayError(status, _problem(body))
         return body
 
+    def use_policy(self, trust: KeyPins, verifier: NodeVerifier) -> None:
+        """Trust a newer release manifest from now on. Every verdict reached under the old
+        one is dropped (it may have retired a measurement or a key), and so is the gateway
+        key, which is checked again against the new pins when next needed."""
+        self._trust = trust
+        self._verifier = verifier
+        self._verdicts = _Verdicts()
+        self._nodes = []
+        self._nodes_at = 0.0
+        self._key_config = None
+
+    async def _keep_policy_current(self) -> None:
+        """Before judging nodes: refresh the manifest if due (a cheap check otherwise).
+
+        A failed refresh is logged and never fails the request by itself; only an expired
+        manifest does, through the verifier's usual refusal."""
+        if self._refresher is None:
+            return
+        update = await self._refresher.refresh_if_due(self)
+        if update is not None:
+            self.use_policy(*update)
+
     async def verified_nodes(self, *, refresh: bool = False) -> list[VerifiedNode]:
         """Every node in the gateway's directory whose bundle verifies, cached."""
+        await self._keep_policy_current()
         now = self._clock()
         if refresh or not self._nodes or now - self._nodes_at > self.directory_ttl:
             status, _, body = await self._inner_get("/v1/nodes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +21,8 @@ from openpcc.errors import DecodeError
 
 if TYPE_CHECKING:
     from openpcc.attestation.policy import TrustPolicy
+
+log = logging.getLogger("openpcc.client")
 
 # Where `openpcc up` writes the profile (its --state, then client.json); env
 # OPENPCC_CLIENT_CONFIG points the client commands elsewhere.
@@ -36,12 +39,17 @@ def default_profile() -> Path:
 # signer (TrustPolicy.key_id). A lower one is a rollback: an older manifest, validly signed,
 # that may still trust a measurement a newer one retired.
 SERIALS_FILE = "release-serials.json"
+# Beside client.json: the newest signed manifest a refresh brought (openpcc/client/manifest.py),
+# 0600, so a restarted client starts from it rather than from the older configured file.
+MANIFEST_FILE = "release-manifest.json"
 
 
-def remember_serial(policy: TrustPolicy, path: Path) -> None:
+def remember_serial(policy: TrustPolicy, path: Path, *, manifest: bytes | None = None) -> None:
     """Refuse ``policy`` if its manifest is older than one this profile verified before;
-    else record its serial. The read-modify-write holds a lock, so a proxy and a `chat`
-    loading the same profile at once cannot lose the higher serial."""
+    else record its serial, and write ``manifest`` (its signed bytes) to ``MANIFEST_FILE``
+    beside ``path``. The read-modify-write holds a lock, so a proxy and a `chat` using the
+    same profile at once cannot lose the higher serial, nor keep an older manifest file
+    than the serial record (which would refuse it at the next start)."""
     import fcntl
 
     from openpcc.errors import VerificationError
@@ -68,6 +76,8 @@ def remember_serial(policy: TrustPolicy, path: Path) -> None:
         if serial > highest:
             seen[policy.key_id] = serial
             write_private(path, (json.dumps(seen, indent=1, sort_keys=True) + "\n").encode())
+        if manifest is not None:
+            write_private(path.with_name(MANIFEST_FILE), manifest)
 
 
 def policy_from_client_config(cfg: Mapping[str, Any], now: datetime) -> TrustPolicy:
@@ -101,6 +111,36 @@ def policy_from_client_config(cfg: Mapping[str, Any], now: datetime) -> TrustPol
     )
 
 
+def newest_policy(cfg: Mapping[str, Any], folder: Path, now: datetime) -> TrustPolicy:
+    """The policy a client starts with: the newer valid one of the configured manifest and
+    the one a refresh persisted in ``folder`` (``MANIFEST_FILE``; Ed25519 form only), so a
+    restart neither goes back to the older file nor fails once the configured one expires.
+    With neither valid, the configured one's error."""
+    from openpcc.attestation.policy import TrustPolicy
+    from openpcc.errors import OpenPCCError
+
+    try:
+        configured: TrustPolicy | None = policy_from_client_config(cfg, now)
+        problem: Exception | None = None
+    except (OSError, OpenPCCError) as exc:
+        configured, problem = None, exc
+    stored = folder / MANIFEST_FILE
+    persisted = None
+    if cfg.get("sigstore") is None and stored.exists():
+        try:
+            keys = [Path(cfg["release_pubkey"]).read_bytes()]
+            persisted = TrustPolicy.from_signed(stored.read_bytes(), keys, now)
+        except (OSError, OpenPCCError) as exc:
+            log.warning("ignoring the refreshed release manifest %s: %s", stored, exc)
+    if configured is None and persisted is None:
+        assert problem is not None
+        raise problem
+    if configured is None:
+        log.warning("configured release manifest not usable (%s); using %s", problem, stored)
+    candidates = [p for p in (configured, persisted) if p is not None]
+    return max(candidates, key=lambda p: p.manifest.serial)
+
+
 def client_from_config(
     config_path: Path,
     *,
@@ -110,15 +150,18 @@ def client_from_config(
     """(Client, wallet, model, shared session or None) from `STATE/client.json`.
 
     Call inside a running event loop; the caller closes all three. ``clock`` (Unix
-    seconds) is what the client judges manifests, claims and its caches by.
+    seconds) is what the client judges manifests, claims and its caches by, and when it
+    refreshes the manifest (``manifest_url``, openpcc/client/manifest.py).
     """
     from openpcc.client.attest import BundleVerifier
     from openpcc.client.client import Client
+    from openpcc.client.manifest import refresher_from_config
     from openpcc.client.wallet import TokenWallet
 
     cfg = json.loads(config_path.read_text())
-    policy = policy_from_client_config(cfg, datetime.fromtimestamp(clock(), UTC))
+    policy = newest_policy(cfg, config_path.parent, datetime.fromtimestamp(clock(), UTC))
     remember_serial(policy, config_path.parent / SERIALS_FILE)
+    refresher = refresher_from_config(cfg, policy, config_path.parent, clock=clock)
     api_key = Path(cfg["api_key_file"]).read_text().strip()
     client: Client | None = None
     session = None
@@ -150,6 +193,7 @@ def client_from_config(
         trust=policy,
         session=session,
         clock=clock,
+        refresher=refresher,
     )
     return client, wallet, cfg["model"], session
 

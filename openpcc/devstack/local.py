@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
-import secrets
 import sys
 import time
 import urllib.request
@@ -196,17 +196,31 @@ def start_local_stack(
             )  # fmt: skip
             write_private(key_file, out.strip().splitlines()[-1].encode())
 
-        secret = secrets.token_urlsafe(24)
+        # Node admission (openpcc/admission.py): one credential for this stack's nodes,
+        # node URLs on loopback only, and bundles judged by the manifest published below
+        # (the gateway picks it up when it appears; nodes retry until then).
+        from openpcc.admission import CredentialStore
+
+        creds = CredentialStore(state / "gateway" / "node-credentials.json")
+        with contextlib.suppress(ValueError):
+            creds.revoke("devstack")
+        credential = creds.add("devstack", max(1, nodes)).token
+        release_dir = state / "release"
+        if not (release_dir / "release-key.pem").exists():
+            run_cli("release", "keygen", "--out", str(release_dir))
+        policy_path = state / "trust-policy.json"
         gateway = procs.start(
             "gateway",
             cmd(
                 "gateway",
                 "gateway", "serve", "--issuer", urls["issuer"],
                 "--state", str(state / "gateway"), "--health-interval", str(health_interval),
+                "--trust-policy", str(policy_path),
+                "--release-pubkey", str(release_dir / "release-key.pub.pem"),
+                "--node-network", "127.0.0.0/8",
             ),
             logs / "gateway.log",
             internal=True,
-            env={"OPENPCC_GATEWAY_REGISTRATION_SECRET": secret},
         )  # fmt: skip
         urls["gateway"], urls["internal"] = gateway.url, gateway.internal
         relay = procs.start(
@@ -245,7 +259,7 @@ def start_local_stack(
                 name,
                 cmd(name, *node_args),
                 logs / f"{name}.log",
-                env={"OPENPCC_NODE_REGISTRATION_SECRET": secret},
+                env={"OPENPCC_NODE_ADMISSION_CREDENTIAL": credential},
                 health="/readyz",
                 timeout=start_timeout,
                 progress=log,
@@ -302,8 +316,6 @@ def _publish_release(
     from openpcc.wire import ohttp
 
     release_dir = state / "release"
-    if not (release_dir / "release-key.pem").exists():
-        run_cli("release", "keygen", "--out", str(release_dir))
     with urllib.request.urlopen(urls["gateway"] + "/.well-known/ohttp-gateway") as r:
         configs = ohttp.parse_key_configs(r.read())
     with urllib.request.urlopen(

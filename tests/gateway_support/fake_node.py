@@ -2,8 +2,9 @@
 
 It opens sealed requests for real (``sealed.open_request``) and answers with a real
 sealed stream, so the tests check the gateway end to end without vLLM. It heartbeats
-to the gateway like a node does. Behaviour is switched over ``/_control/*`` (which the
-gateway never calls):
+to the gateway like a node does: with its admission credential, a simulated-TEE bundle
+whose claims carry its signing key, and each registration signed with that key.
+Behaviour is switched over ``/_control/*`` (which the gateway never calls):
 
 - ``ok``: head, first data chunk, the rest and the authenticated end.
 - ``gated``: as ``ok``, but after the first chunk wait for ``/_control/release`` (at most
@@ -12,6 +13,7 @@ gateway never calls):
 - ``status500``: answer 500 before any byte.  ``drop``: close the socket at once.
 - ``die_mid``: head and one chunk, then cut the connection.
 - ``healthy``: ``/readyz`` answers 200 (true) or 503 (false).
+- ``url``: register this URL instead of its own (a takeover or a pointer elsewhere).
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import argparse
 import asyncio
 import contextlib
 import sys
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from openpcc.admission import SIGNATURE_HEADER
 from openpcc.wire import bhttp, hpke, sealed
+from tests.admission_support import AttestedIdentity, simulated_tee
 
 
 class State:
@@ -34,6 +39,9 @@ class State:
         self.sk = bytes.fromhex(args.private_key)
         self.pk = hpke.public_key_from_private(self.sk)
         self.mode = "ok"
+        self.url: str | None = None
+        self.refusals: list[int] = []
+        self.identity = AttestedIdentity(simulated_tee(Path(args.tee_dir)), self.node_id, self.pk)
         self.healthy = True
         self.heartbeat = True
         self.release = asyncio.Event()
@@ -88,7 +96,7 @@ async def readyz(request: web.Request) -> web.Response:
     st: State = request.app["state"]
     if not st.healthy:
         return web.json_response({"status": "unavailable"}, status=503)
-    return web.json_response({"status": "ok", "engine": "ready"})
+    return web.json_response({"status": "ok", "engine": "ready", "node_id": st.args.node_id})
 
 
 async def control(request: web.Request) -> web.Response:
@@ -99,6 +107,7 @@ async def control(request: web.Request) -> web.Response:
         st.mode = doc.get("mode", st.mode)
         st.healthy = doc.get("healthy", st.healthy)
         st.heartbeat = doc.get("heartbeat", st.heartbeat)
+        st.url = doc.get("url", st.url)
     elif what == "release":
         st.release.set()
     elif what == "reset":
@@ -111,6 +120,7 @@ async def control(request: web.Request) -> web.Response:
             "requests": st.requests,
             "sent_last": st.sent_last,
             "public_key": st.pk.hex(),
+            "refusals": st.refusals,
         }
     )
 
@@ -118,24 +128,25 @@ async def control(request: web.Request) -> web.Response:
 async def heartbeat(app: web.Application, port: int) -> None:
     st: State = app["state"]
     a = st.args
-    doc = {
-        "node_id": a.node_id,
-        "url": f"http://127.0.0.1:{port}",
-        "public_key": st.pk.hex(),
-        "models": [a.model],
-        "bundle": {"fake": True, "node": a.node_id, "nested": {"list": [1, 2, 3]}},
-    }
     async with aiohttp.ClientSession() as session:
         while True:
             if st.heartbeat:
+                doc = st.identity.document(st.url or f"http://127.0.0.1:{port}", [a.model])
+                body, signature = st.identity.signed(doc)
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with session.post(
                         a.gateway + "/internal/nodes",
-                        json=doc,
-                        headers={"Authorization": f"Bearer {a.secret}"},
+                        data=body,
+                        headers={
+                            "Authorization": f"Bearer {a.credential}",
+                            "Content-Type": "application/json",
+                            SIGNATURE_HEADER: signature,
+                        },
                     ) as r:
                         if r.status != 200:
-                            print("registration refused", r.status, file=sys.stderr)
+                            st.refusals.append(r.status)
+                            print("registration refused", r.status, await r.text(),
+                                  file=sys.stderr)  # fmt: skip
             await asyncio.sleep(a.interval)
 
 
@@ -147,7 +158,8 @@ def main() -> None:
     p.add_argument("--private-key", required=True)
     p.add_argument("--model", default="tiny")
     p.add_argument("--gateway", required=True, help="gateway internal base URL")
-    p.add_argument("--secret", required=True)
+    p.add_argument("--credential", required=True)
+    p.add_argument("--tee-dir", required=True)
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--hold", type=float, default=10.0)
     args = p.parse_args(fake_args())

@@ -7,12 +7,37 @@ import urllib.request
 from pathlib import Path
 
 from openpcc.wire import hpke
+from tests.admission_support import (
+    gateway_admission_args,
+    issue_credential,
+    publish_policy,
+    simulated_tee,
+)
 from tests.harness import Proc, cli, fake, openpcc, start_redis, wait_http
 
-__all__ = ["SECRET", "Proc", "cli", "control", "start_gateway", "start_issuer", "start_node",
-           "start_redis", "wait_http"]  # fmt: skip
+__all__ = ["Proc", "cli", "control", "credential", "start_gateway", "start_issuer",
+           "start_node", "start_redis", "wait_http"]  # fmt: skip
 
-SECRET = "test-registration-secret-0123456789"
+
+def credential(workdir: Path, name: str = "test", max_nodes: int = 64) -> str:
+    """The admission credential ``name``, issued once per workdir: every gateway of a
+    workdir reads one credentials file (replicas share their credentials)."""
+    path = workdir / f"credential-{name}"
+    if not path.exists():
+        path.write_text(issue_credential(workdir, name, max_nodes))
+    return path.read_text()
+
+
+def admission(workdir: Path) -> list[str]:
+    """Gateway flags: the workdir's credentials, and a manifest trusting its simulated TEE."""
+    tee = simulated_tee(workdir / "simulated-tee")
+    policy = workdir / "release" / "trust-policy.json"
+    pub = workdir / "release" / "release-key.pub.pem"
+    if not policy.exists():
+        policy, pub = publish_policy(workdir / "release", tee)
+    credential(workdir)
+    return [*gateway_admission_args(policy, pub),
+            "--node-credentials", str(workdir / "node-credentials.json")]  # fmt: skip
 
 
 def start_issuer(workdir: Path) -> Proc:
@@ -38,8 +63,7 @@ def start_gateway(
         name, workdir,
         "gateway", "serve", "--host", "127.0.0.1", "--internal-host", "127.0.0.1",
         "--issuer", issuer_url, "--state", str(state), "--audit-log", str(audit),
-        *(extra or []),
-        env={"OPENPCC_GATEWAY_REGISTRATION_SECRET": SECRET},
+        *admission(workdir), *(extra or []),
         internal=True,
     )  # fmt: skip
     wait_http(proc.internal + "/healthz", proc)
@@ -48,17 +72,26 @@ def start_gateway(
 
 
 def start_node(
-    workdir: Path, gateway_internal: str, node_id: bytes, *, model: str = "tiny", hold: float = 10
+    workdir: Path,
+    gateway_internal: str,
+    node_id: bytes,
+    *,
+    model: str = "tiny",
+    hold: float = 10,
+    cred: str | None = None,
 ) -> Proc:
+    """A fake node with a real attested identity (tests/admission_support.py), admitted
+    with the workdir's credential unless ``cred`` names another."""
     pair = hpke.generate_key_pair()
+    cred = cred or credential(workdir)
     proc = fake(
         f"node-{node_id.hex()[:8]}", workdir, "gateway_support.fake_node",
         "--node-id", node_id.hex(), "--private-key", pair.private_key.hex(), "--model", model,
-        "--gateway", gateway_internal, "--secret", SECRET, "--interval", "0.5",
-        "--hold", str(hold),
+        "--gateway", gateway_internal, "--credential", cred, "--interval", "0.5",
+        "--hold", str(hold), "--tee-dir", str(workdir / "simulated-tee"),
         wait="/readyz",
     )  # fmt: skip
-    proc.extra.update(node_id=node_id, public_key=pair.public_key)
+    proc.extra.update(node_id=node_id, public_key=pair.public_key, credential=cred)
     return proc
 
 

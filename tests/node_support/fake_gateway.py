@@ -1,7 +1,8 @@
 """A recording stand-in for the gateway's internal registration endpoint (own process).
 
-``python -m tests.node_support.fake_gateway SECRET --port-file F``: ``POST /internal/nodes``
-records the bearer token check and the JSON body and answers 204 (401 on a wrong secret);
+``python -m tests.node_support.fake_gateway CREDENTIAL --port-file F``: ``POST /internal/nodes``
+records the bearer credential check, the JSON body, the raw body and the node's signature
+header, and answers 204 (401 on a wrong credential);
 ``POST /_control/fail?n=N`` makes the next N registrations fail with 503;
 ``GET /_control/registrations`` returns what was recorded.
 """
@@ -23,7 +24,8 @@ def build_app(secret: str) -> web.Application:
         auth_ok = request.headers.get("Authorization") == f"Bearer {secret}"
         registrations.append(
             {"time": time.time(), "auth_ok": auth_ok, "failed": fail["n"] > 0,
-             "body": json.loads(raw)}
+             "body": json.loads(raw), "raw": raw.decode(),
+             "signature": request.headers.get("OpenPCC-Node-Signature")}
         )  # fmt: skip
         if not auth_ok:
             return web.json_response({"title": "unauthorized"}, status=401)

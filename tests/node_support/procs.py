@@ -12,8 +12,12 @@ from typing import Any
 
 from tests.harness import Proc, fake, free_port, openpcc, spawn
 
-__all__ = ["Proc", "free_port", "http_json", "spawn", "start_engine", "start_gateway",
-           "start_node", "wait_until"]  # fmt: skip
+__all__ = ["CREDENTIAL", "Proc", "free_port", "http_json", "spawn", "start_engine",
+           "start_gateway", "start_node", "wait_until"]  # fmt: skip
+
+# An admission credential as `gateway credentials add` prints one (the fake gateway
+# checks only that the node sends it).
+CREDENTIAL = "opnc1.test." + "B" * 42 + "A"
 
 
 def http_json(port: int, method: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
@@ -61,7 +65,7 @@ def start_node(
     engine_url: str,
     model: str | None,
     gateway_port: int | None,
-    secret: str = "test-secret",
+    secret: str = CREDENTIAL,
     extra: list[str] | None = None,
     wait_ready: bool = True,
 ) -> Proc:
@@ -77,6 +81,6 @@ def start_node(
     ]  # fmt: skip
     if gateway_port is not None:
         args += ["--gateway-internal", f"http://127.0.0.1:{gateway_port}"]
-        args += ["--registration-secret", secret]
+        args += ["--admission-credential", secret]
     name = f"node-{len(list(workdir.glob('node-*.log')))}"
     return openpcc(name, workdir, *args, wait="/readyz" if wait_ready else "/healthz")

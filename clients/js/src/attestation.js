@@ -101,6 +101,19 @@ export function parseManifest(bytes) {
  * outside its validity window, or a serial below minSerial.
  */
 export async function loadTrustPolicy(signed, releaseKeys, { now = Date.now() / 1000, minSerial = 0 } = {}) {
+  const policy = await verifySignedManifest(signed, releaseKeys);
+  policy.checkCurrent(now);
+  const m = policy.manifest;
+  if (m.serial < minSerial) throw new VerificationError(`manifest serial ${m.serial} < ${minSerial} (rollback)`);
+  return policy;
+}
+
+/**
+ * The signature half of loadTrustPolicy: pinned key and Ed25519 signature only, NOT the
+ * validity window (the client checks that at every use; it starts from an expired
+ * manifest only to refresh it).
+ */
+export async function verifySignedManifest(signed, releaseKeys) {
   let doc = signed;
   if (typeof signed === 'string') {
     try { doc = JSON.parse(signed); } catch (e) { throw new DecodeError(`signed manifest is not JSON: ${e.message}`); }
@@ -117,11 +130,7 @@ export async function loadTrustPolicy(signed, releaseKeys, { now = Date.now() / 
   const pub = await subtle().importKey('raw', key, { name: 'Ed25519' }, false, ['verify']);
   const ok = await subtle().verify({ name: 'Ed25519' }, pub, sig, concat(SIGNING_LABEL, manifestBytes));
   if (!ok) throw new VerificationError('release manifest signature does not verify');
-  const m = parseManifest(manifestBytes);
-  const policy = new TrustPolicy(m, String(doc.key_id).toLowerCase());
-  policy.checkCurrent(now);
-  if (m.serial < minSerial) throw new VerificationError(`manifest serial ${m.serial} < ${minSerial} (rollback)`);
-  return policy;
+  return new TrustPolicy(parseManifest(manifestBytes), String(doc.key_id).toLowerCase());
 }
 
 export class TrustPolicy {
@@ -146,7 +155,7 @@ export class TrustPolicy {
 
 // ------------------------------------------------------------------------- claims
 
-const CLAIM_FIELDS = ['expires_at', 'gpu_evidence_digest', 'hpke_public_key', 'issued_at', 'model_digest', 'node_id', 'release_id', 'tee'];
+const CLAIM_FIELDS = ['expires_at', 'gpu_evidence_digest', 'hpke_public_key', 'issued_at', 'model_digest', 'node_id', 'release_id', 'signing_key', 'tee'];
 
 function canonicalClaims(obj) {
   return '{' + CLAIM_FIELDS.map((k) => `${JSON.stringify(k)}:${JSON.stringify(obj[k])}`).join(',') + '}';
@@ -160,7 +169,7 @@ export function decodeClaims(bytes) {
   let obj;
   try { obj = JSON.parse(text); } catch (e) { throw new DecodeError(`claims are not JSON: ${e.message}`); }
   strictObj(obj, 'claims', CLAIM_FIELDS);
-  for (const k of ['hpke_public_key', 'model_digest', 'gpu_evidence_digest']) {
+  for (const k of ['hpke_public_key', 'model_digest', 'gpu_evidence_digest', 'signing_key']) {
     if (k === 'gpu_evidence_digest' && obj[k] === null) continue;
     if (typeof obj[k] !== 'string' || !HEX_RE.test(obj[k]) || obj[k].length !== 64) throw new DecodeError(`${k} must be 32 bytes of lower-case hex`);
   }
@@ -168,7 +177,7 @@ export function decodeClaims(bytes) {
   for (const k of ['node_id', 'release_id']) if (typeof obj[k] !== 'string' || !ID_RE.test(obj[k])) throw new DecodeError(`${k} is malformed`);
   if (!['sev-snp', 'tdx', 'simulated-snp'].includes(obj.tee)) throw new DecodeError('unknown tee');
   if (canonicalClaims(obj) !== text) throw new DecodeError('claims are not in canonical form');
-  return { ...obj, hpkePublicKey: fromHex(obj.hpke_public_key), modelDigest: obj.model_digest };
+  return { ...obj, hpkePublicKey: fromHex(obj.hpke_public_key), modelDigest: obj.model_digest, signingKey: fromHex(obj.signing_key) };
 }
 
 /** REPORT_DATA = SHA-512("OpenPCC attestation v1 claims\0" ‖ canonical claims). */
@@ -479,5 +488,5 @@ export async function verifyNodeEntry(entry, policy, now = Date.now() / 1000) {
   }
   // Trusted until the claims or the manifest that admitted them expire, whichever is first.
   const expiresAt = Math.min(claims.expires_at, policy.manifest.expiresAt);
-  return { nodeId: listedId, publicKey: claims.hpkePublicKey, models: (entry.models ?? []).map(String), expiresAt, checks };
+  return { nodeId: listedId, publicKey: claims.hpkePublicKey, signingKey: claims.signingKey, models: (entry.models ?? []).map(String), expiresAt, checks };
 }

@@ -6,7 +6,7 @@
 // stream required. Runs in browsers and Node >= 20 (fetch, WebCrypto, streams only).
 import { decodeResponse, encodeRequest } from './bhttp.js';
 import { fromHex, randomBytes, te, toHex } from './bytes.js';
-import { loadTrustPolicy, verifyNodeEntry } from './attestation.js';
+import { loadTrustPolicy, verifyNodeEntry, verifySignedManifest } from './attestation.js';
 import {
   DecodeError, GatewayError, NoCapacityError, NoVerifiedNodeError, NodeError, OpenPCCError, RelayError,
   TokenRejectedError, TruncatedError, TruncatedResponseError, VerificationError,
@@ -18,6 +18,11 @@ import { NodeTruncatedError, ResponseUnwrapper } from './unwrap.js';
 
 const GATEWAY_AUTHORITY = 'gateway';
 const KEYS_PATH = '/.well-known/ohttp-gateway';
+const MANIFEST_PATH = '/v1/release-manifest';
+// A manifest is due for refresh once less than this share of its lifetime remains.
+const MANIFEST_REFRESH_SHARE = 0.25;
+// At most one refresh attempt per this many seconds (by the client's clock).
+const MANIFEST_RETRY_S = 60;
 
 /** Incremental Server-Sent Events parser: feed(bytes) -> parsed JSON objects or DONE. */
 export const DONE = Symbol('DONE');
@@ -56,6 +61,36 @@ function problemOf(bytes) {
   try { const o = JSON.parse(new TextDecoder().decode(bytes)); return o && typeof o === 'object' ? o : null; } catch { return null; }
 }
 
+function fieldValue(fields, name) {
+  const td = new TextDecoder();
+  for (const [n, v] of fields ?? []) if (td.decode(n).toLowerCase() === name) return td.decode(v);
+  return null;
+}
+
+/**
+ * Where a refreshed release manifest comes from: undefined or 'gateway' -> the gateway's
+ * GET /v1/release-manifest through the relay; an absolute https:// URL -> fetched directly;
+ * null -> never refreshed.
+ */
+function manifestSource(manifestUrl) {
+  if (manifestUrl === null) return null;
+  if (manifestUrl === undefined || manifestUrl === 'gateway') return { kind: 'gateway' };
+  let url;
+  try { url = new URL(manifestUrl); } catch { url = null; }
+  if (typeof manifestUrl !== 'string' || !url || url.protocol !== 'https:') {
+    throw new TypeError("manifestUrl must be 'gateway', an absolute https:// URL or null");
+  }
+  return { kind: 'url', url: url.href };
+}
+
+/** The policy that should replace `b`: a higher serial, or the same one re-signed for longer. */
+const supersedes = (a, b) => a.manifest.serial > b.manifest.serial
+  || (a.manifest.serial === b.manifest.serial && a.manifest.expiresAt > b.manifest.expiresAt);
+
+function isCurrent(policy, now) {
+  try { policy.checkCurrent(now); return true; } catch { return false; }
+}
+
 export class OpenPCCClient {
   /**
    * @param {object} o
@@ -65,8 +100,12 @@ export class OpenPCCClient {
    * @param {number} [o.k]
    * @param {typeof fetch} [o.fetch]
    * @param {() => number} [o.clock] Unix seconds (default: Date.now() / 1000)
+   * @param {any} [o.releasePublicKey] pinned release key(s): without them no refresh
+   * @param {string | null} [o.manifestUrl] refresh source (see createClient)
+   * @param {object | null} [o.manifestStore] where a refreshed manifest is kept
+   * @param {object | null} [o.serialStore] highest serial seen, per signer
    */
-  constructor({ relayUrl, wallet, policy, k = 3, fetch: f, clock }) {
+  constructor({ relayUrl, wallet, policy, k = 3, fetch: f, clock, releasePublicKey, manifestUrl, manifestStore, serialStore }) {
     if (!(k >= 1 && k <= MAX_CANDIDATES)) throw new RangeError(`k must be 1..${MAX_CANDIDATES}`);
     this.relayUrl = relayUrl.replace(/\/+$/, '');
     this.wallet = wallet;
@@ -83,6 +122,18 @@ export class OpenPCCClient {
     this.rejected = {};
     this.directoryTtl = 30;
     this.tokenKeyChecked = null;
+    // Manifest refresh: only with pinned keys to verify a new manifest under.
+    const source = manifestSource(manifestUrl);
+    this.manifestSource = releasePublicKey ? source : null;
+    this.releaseKeys = releasePublicKey ?? null;
+    this.manifestStore = manifestStore === undefined ? defaultManifestStore() : manifestStore;
+    this.serialStore = serialStore === undefined ? defaultSerialStore() : serialStore;
+    this.manifestEtag = null;
+    this.manifestAttemptAt = -Infinity;
+    this.manifestRefreshing = null;
+    /** The last refresh failure (a refused manifest, an unreachable source), or null. */
+    this.manifestRefreshError = null;
+    this.policyGeneration = 0;
     const self = this;
     this.chat = { completions: { create: (params) => self.#createChat(params) } };
     this.completions = { create: (params) => self.#createCompletion(params) };
@@ -119,9 +170,9 @@ export class OpenPCCClient {
   }
 
   /** A small GET to the gateway inside plain OHTTP (discovery; no token). */
-  async innerGet(path) {
+  async innerGet(path, { headers = [] } = {}) {
     const cfg = await this.keyConfig();
-    const req = encodeRequest({ method: 'GET', scheme: 'https', authority: GATEWAY_AUTHORITY, path });
+    const req = encodeRequest({ method: 'GET', scheme: 'https', authority: GATEWAY_AUTHORITY, path, headers });
     const enc = await encapsulateRequest(cfg, req);
     const r = await this.#post(enc.request, MEDIA_TYPE_REQUEST);
     if (r.status !== 200) throw new RelayError(`relay/gateway answered ${r.status} to an OHTTP request`);
@@ -129,16 +180,94 @@ export class OpenPCCClient {
     return resp;
   }
 
+  /**
+   * Refresh the release manifest if it is due: less than a quarter of its lifetime left,
+   * or expired. At most one attempt per 60 s (client clock); a failure is kept in
+   * manifestRefreshError and fails nothing, unless the manifest has expired (then this
+   * throws VerificationError: nothing can be verified under it any more).
+   */
+  async #refreshManifestIfDue() {
+    if (!this.manifestSource) return;
+    if (this.manifestRefreshing) await this.manifestRefreshing;
+    let policy = await this.policy();
+    const now = this.clock();
+    const { issuedAt, expiresAt } = policy.manifest;
+    if (expiresAt - now >= (expiresAt - issuedAt) * MANIFEST_REFRESH_SHARE) return;
+    if (now - this.manifestAttemptAt >= MANIFEST_RETRY_S && !this.manifestRefreshing) {
+      this.manifestAttemptAt = now;
+      this.manifestRefreshing = this.#refreshManifest(policy, now)
+        .then(() => { this.manifestRefreshError = null; }, (e) => { this.manifestRefreshError = e; })
+        .finally(() => { this.manifestRefreshing = null; });
+    }
+    if (this.manifestRefreshing) await this.manifestRefreshing;
+    policy = await this.policy();
+    const later = this.clock();
+    if (later >= policy.manifest.expiresAt) {
+      const why = this.manifestRefreshError ? `; refreshing it failed: ${this.manifestRefreshError.message}` : '; no newer one yet';
+      throw new VerificationError(`release manifest expired at ${new Date(policy.manifest.expiresAt * 1000).toISOString()}${why}`);
+    }
+  }
+
+  /** One refresh attempt: fetch, verify (pinned key, window, serial), store, swap. */
+  async #refreshManifest(current, now) {
+    const got = await this.#fetchManifest();
+    if (!got) return; // 304: what we have is what there is
+    const next = await loadTrustPolicy(got.text, this.releaseKeys, { now });
+    if (next.manifest.serial < current.manifest.serial) {
+      throw new VerificationError(`refreshed release manifest has serial ${next.manifest.serial}, older than the current ${current.manifest.serial} (rollback); keeping the current one`);
+    }
+    if (supersedes(next, current)) {
+      await rememberSerial(next, this.serialStore);
+      try { await this.manifestStore?.set(got.text); } catch { /* kept in memory only */ }
+      this.#swapPolicy(next);
+    }
+    this.manifestEtag = got.etag;
+  }
+
+  /** {text, etag} of the source's manifest; null when unchanged (304). */
+  async #fetchManifest() {
+    const etag = this.manifestEtag;
+    if (this.manifestSource.kind === 'gateway') {
+      const resp = await this.innerGet(MANIFEST_PATH, { headers: etag ? [['if-none-match', etag]] : [] });
+      if (resp.status === 304) return null;
+      if (resp.status !== 200) throw new GatewayError(resp.status, problemOf(resp.content));
+      return { text: new TextDecoder('utf-8', { fatal: true }).decode(resp.content), etag: fieldValue(resp.headers, 'etag') };
+    }
+    let r;
+    try {
+      r = await this.fetch(this.manifestSource.url, { headers: etag ? { 'If-None-Match': etag } : {} });
+    } catch (e) {
+      throw new OpenPCCError(`cannot reach the manifest URL: ${e.message}`);
+    }
+    if (r.status === 304) return null;
+    if (r.status !== 200) throw new OpenPCCError(`the manifest URL answered ${r.status}`);
+    return { text: await r.text(), etag: r.headers.get('etag') };
+  }
+
+  /** Trust `next` from now on: nodes, the gateway's keys and the token key are checked again. */
+  #swapPolicy(next) {
+    this.policyPromise = Promise.resolve(next);
+    this.policyGeneration += 1;
+    this.nodes = null;
+    this.nodesAt = 0;
+    this.rejected = {};
+    this.keyConfigPromise = null;
+    this.tokenKeyChecked = null;
+  }
+
   /** Every node in the gateway's directory whose bundle verifies (cached briefly). */
   async verifiedNodes({ refresh = false } = {}) {
+    await this.#refreshManifestIfDue();
     const now = this.clock();
     if (refresh || !this.nodes || now - this.nodesAt > this.directoryTtl) {
+      const generation = this.policyGeneration;
+      const policyPromise = this.policy();
       const resp = await this.innerGet('/v1/nodes');
       if (resp.status !== 200) throw new GatewayError(resp.status, problemOf(resp.content));
       let entries;
       try { entries = JSON.parse(new TextDecoder().decode(resp.content)).nodes; } catch { entries = null; }
       if (!Array.isArray(entries)) throw new GatewayError(502, { title: 'malformed node directory' });
-      const policy = await this.policy();
+      const policy = await policyPromise;
       const nodes = [];
       this.rejected = {};
       for (const e of entries) {
@@ -149,6 +278,8 @@ export class OpenPCCClient {
           this.rejected[String(e?.node_id ?? '?')] = [err.message];
         }
       }
+      // Verified under a policy swapped out meanwhile: good for this answer, not the cache.
+      if (generation !== this.policyGeneration) return nodes.filter((n) => n.expiresAt > now);
       this.nodes = nodes;
       this.nodesAt = now;
     }
@@ -271,24 +402,56 @@ export class OpenPCCClient {
 }
 
 /**
- * createClient({relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k?, fetch?, issuerName?, batchSize?})
+ * createClient({relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k?, fetch?, issuerName?,
+ * batchSize?, clock?, serialStore?, manifestUrl?, manifestStore?})
  * `policy`: the signed release manifest (JSON text or parsed object) or an already
  * verified TrustPolicy; `releasePublicKey`: the pinned Ed25519 key (PEM text, raw
- * 32 bytes, DER SPKI) or a list of them.
+ * 32 bytes, DER SPKI) or a list of them. The client starts from the newest valid of
+ * `policy` and the manifest in `manifestStore` (one an earlier refresh kept), and
+ * refreshes it before it expires from `manifestUrl` (default: the gateway, through the
+ * relay).
  */
 export function createClient(opts) {
-  const { relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k, fetch: f, issuerName, batchSize, clock } = opts;
+  const { relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k, fetch: f, issuerName, batchSize, clock, manifestUrl } = opts;
   if (!relayUrl || !issuerUrl || !apiKey || !policy) throw new TypeError('relayUrl, issuerUrl, apiKey and policy are required');
-  let trust;
-  if (typeof policy?.acceptsTokenKey === 'function') trust = policy;
-  else {
-    if (!releasePublicKey) throw new TypeError('releasePublicKey is required to verify the signed release manifest');
-    const serials = opts.serialStore === undefined ? defaultSerialStore() : opts.serialStore;
-    const now = (clock ?? (() => Date.now() / 1000))();
-    trust = loadTrustPolicy(policy, releasePublicKey, { now }).then((p) => rememberSerial(p, serials));
-  }
+  const preverified = typeof policy?.acceptsTokenKey === 'function';
+  if (!preverified && !releasePublicKey) throw new TypeError('releasePublicKey is required to verify the signed release manifest');
+  const refreshable = Boolean(releasePublicKey) && manifestSource(manifestUrl) !== null;
+  const serialStore = opts.serialStore === undefined ? defaultSerialStore() : opts.serialStore;
+  const manifestStore = opts.manifestStore === undefined ? defaultManifestStore() : opts.manifestStore;
+  const now = (clock ?? (() => Date.now() / 1000))();
+  const trust = startupPolicy(policy, releasePublicKey, { now, serialStore, manifestStore, allowExpired: refreshable });
   const wallet = new TokenWallet({ issuerUrl, apiKey, issuerName, batchSize, fetch: f });
-  return new OpenPCCClient({ relayUrl, wallet, policy: trust, k, fetch: f, clock });
+  return new OpenPCCClient({ relayUrl, wallet, policy: trust, k, fetch: f, clock, releasePublicKey, manifestUrl, manifestStore, serialStore });
+}
+
+/**
+ * The policy a client starts from: the newest valid of the configured one and the stored
+ * one (a stored manifest that does not verify under the pinned keys is ignored). With
+ * `allowExpired` (the client can refresh) an expired manifest is accepted as a starting
+ * point: it trusts no node, but its pinned OHTTP key lets the client fetch a new one.
+ */
+async function startupPolicy(configured, releaseKeys, { now, serialStore, manifestStore, allowExpired }) {
+  const preverified = typeof configured?.acceptsTokenKey === 'function';
+  const given = preverified ? configured : await verifySignedManifest(configured, releaseKeys);
+  let stored = null;
+  if (manifestStore && releaseKeys) {
+    try {
+      const text = await manifestStore.get();
+      if (text) stored = await verifySignedManifest(text, releaseKeys);
+    } catch { stored = null; }
+  }
+  let chosen = given;
+  if (stored) {
+    const [s, g] = [isCurrent(stored, now), isCurrent(given, now)];
+    if ((s && !g) || (s === g && supersedes(stored, given))) chosen = stored;
+  }
+  // A policy handed in already verified is taken as it is (no window check here, no
+  // serial memory), as before manifests were refreshed.
+  if (preverified && chosen === given) return chosen;
+  // Only an expired one (never one issued in the future) may wait for its refresh.
+  if (!(allowExpired && now >= chosen.manifest.expiresAt)) chosen.checkCurrent(now);
+  return rememberSerial(chosen, serialStore);
 }
 
 /**
@@ -320,6 +483,27 @@ export function webStorageSerialStore(storage, prefix = 'openpcc:release-serial:
 export function memorySerialStore() {
   const seen = new Map();
   return { get: (keyId) => seen.get(keyId), set: (keyId, serial) => { seen.set(keyId, serial); } };
+}
+
+/**
+ * The last refreshed signed manifest (text) kept in Web Storage, so a reload starts from
+ * it rather than from an older configured one.
+ */
+export function webStorageManifestStore(storage, key = 'openpcc:release-manifest') {
+  return { get: () => storage.getItem(key), set: (text) => storage.setItem(key, text) };
+}
+
+/** The last refreshed manifest kept in memory (for as long as the process). */
+export function memoryManifestStore() {
+  let text = null;
+  return { get: () => text, set: (t) => { text = t; } };
+}
+
+function defaultManifestStore() {
+  try {
+    if (globalThis.localStorage) return webStorageManifestStore(globalThis.localStorage);
+  } catch { /* storage disabled */ }
+  return memoryManifestStore();
 }
 
 function defaultSerialStore() {

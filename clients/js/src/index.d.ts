@@ -65,6 +65,8 @@ export interface ChatCreateParams {
 export interface VerifiedNode {
   nodeId: Uint8Array;
   publicKey: Uint8Array;
+  /** The node's attested per-boot Ed25519 public key (claims `signing_key`, 32 bytes). */
+  signingKey: Uint8Array;
   models: string[];
   expiresAt: number;
   checks: Check[];
@@ -97,7 +99,27 @@ export interface ClientOptions {
    * Default: localStorage where there is one, else memory; null: no memory.
    */
   serialStore?: SerialStore | null;
+  /**
+   * Where a newer release manifest is fetched from before the current one expires (due
+   * once less than a quarter of its lifetime is left, at most one attempt per 60 s):
+   * 'gateway' (default) — `GET /v1/release-manifest` through the relay; an absolute
+   * https:// URL — fetched directly; null — never refreshed. Needs `releasePublicKey`.
+   */
+  manifestUrl?: 'gateway' | string | null;
+  /**
+   * Where the last refreshed signed manifest is kept, so a reload starts from the newest
+   * valid of it and `policy`. Default: localStorage where there is one, else memory;
+   * null: not kept.
+   */
+  manifestStore?: ManifestStore | null;
 }
+
+export interface ManifestStore {
+  get(): string | null | undefined | Promise<string | null | undefined>;
+  set(signedManifest: string): void | Promise<void>;
+}
+export function webStorageManifestStore(storage: Storage, key?: string): ManifestStore;
+export function memoryManifestStore(): ManifestStore;
 
 export interface SerialStore {
   get(keyId: string): number | string | null | undefined | Promise<number | string | null | undefined>;
@@ -124,6 +146,8 @@ export class OpenPCCClient {
   models(): Promise<string[]>;
   /** Node ids whose bundles failed verification, with the reasons. */
   rejected: Record<string, string[]>;
+  /** Why the last release-manifest refresh failed (refused or unreachable), or null. */
+  readonly manifestRefreshError: Error | null;
 }
 
 export function createClient(opts: ClientOptions): OpenPCCClient;
@@ -137,7 +161,15 @@ export class TokenWallet {
 export function formatAuthorization(token: Uint8Array): string;
 
 // ------------------------------------------------------------------ attestation
+export interface ReleaseManifest {
+  serial: number;
+  issuedAt: number;
+  expiresAt: number;
+  [k: string]: unknown;
+}
 export class TrustPolicy {
+  /** The verified manifest, parsed. */
+  readonly manifest: ReleaseManifest;
   readonly development: boolean;
   /** The signing key's id (SHA-256 of the raw Ed25519 key, hex). */
   readonly keyId: string;
@@ -158,7 +190,23 @@ export function verifySnp(
   opts: { now: number; chainPem?: string; expectedReportData?: Uint8Array; policy?: Record<string, unknown> },
 ): Promise<{ platform: 'sev-snp' | 'simulated-snp'; product: string | null; checks: Check[] }>;
 export function parseSnpReport(report: Uint8Array): Record<string, unknown>;
-export function decodeClaims(bytes: Uint8Array): Record<string, unknown>;
+/** The attested claims (canonical JSON, 9 keys), with the byte strings decoded too. */
+export interface Claims {
+  expires_at: number;
+  gpu_evidence_digest: string | null;
+  hpke_public_key: string;
+  issued_at: number;
+  model_digest: string;
+  node_id: string;
+  release_id: string;
+  signing_key: string;
+  tee: 'sev-snp' | 'tdx' | 'simulated-snp';
+  hpkePublicKey: Uint8Array;
+  modelDigest: string;
+  /** The node's per-boot Ed25519 public key (32 bytes). */
+  signingKey: Uint8Array;
+}
+export function decodeClaims(bytes: Uint8Array): Claims;
 export function reportDataFor(claimsBytes: Uint8Array): Promise<Uint8Array>;
 
 // ------------------------------------------------------------------------ wire

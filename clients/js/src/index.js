@@ -1,5 +1,8 @@
 // @openpcc/client: browser and Node >= 20 entry point.
-export { createClient, OpenPCCClient, SSEParser, DONE, rememberSerial, webStorageSerialStore, memorySerialStore } from './client.js';
+export {
+  createClient, OpenPCCClient, SSEParser, DONE, rememberSerial, webStorageSerialStore, memorySerialStore,
+  webStorageManifestStore, memoryManifestStore,
+} from './client.js';
 export { TokenWallet, formatAuthorization } from './privacypass.js';
 export { loadTrustPolicy, TrustPolicy, verifyNodeEntry, verifySnp, parseSnpReport, decodeClaims, reportDataFor } from './attestation.js';
 export { sealRequest, ResponseOpener, keyIdFor } from './sealed.js';

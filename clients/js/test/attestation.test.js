@@ -4,9 +4,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
-import { verifySnp, loadTrustPolicy, verifyNodeEntry, VerificationError, rememberSerial, memorySerialStore, webStorageSerialStore } from '../src/index.js';
-import { REPO, readJson } from './helpers.js';
+import { verifySnp, loadTrustPolicy, verifyNodeEntry, decodeClaims, DecodeError, VerificationError, rememberSerial, memorySerialStore, webStorageSerialStore } from '../src/index.js';
+import { REPO, simFixture } from './helpers.js';
 
 const SAMPLES = path.resolve(REPO, 'tests/attestation-samples/sev-snp');
 const AT = Date.UTC(2025, 5, 1) / 1000; // inside every sample certificate's validity
@@ -34,17 +33,7 @@ test('real AWS VLEK report chains to the ASVK', async () => {
   for (const n of ['signature', 'chain', 'tcb']) assert.ok(c[n].ok, `${n}: ${c[n].detail}`);
 });
 
-let fixture = null;
-function sim(t) {
-  const py = process.env.PYTHON || 'python3';
-  try {
-    fixture ??= JSON.parse(execFileSync(py, [path.join(REPO, 'clients/js/test/make_sim_bundle.py')], { cwd: REPO }).toString());
-  } catch (e) {
-    t.skip(`python openpcc unavailable: ${e.message.split('\n')[0]}`);
-    return null;
-  }
-  return fixture;
-}
+const sim = simFixture;
 
 test('simulated-TEE bundle made by Python verifies under a manifest trusting its root', async (t) => {
   const f = sim(t);
@@ -52,7 +41,29 @@ test('simulated-TEE bundle made by Python verifies under a manifest trusting its
   const policy = await loadTrustPolicy(f.signed, f.release_pubkey_pem);
   const node = await verifyNodeEntry(f.entry, policy, f.now);
   assert.equal(Buffer.from(node.publicKey).toString('hex'), f.entry.public_key);
+  // make_sim_bundle.py's per-boot signing key: bytes 32..63.
+  assert.equal(Buffer.from(node.signingKey).toString('hex'), Buffer.from(Array.from({ length: 32 }, (_, i) => 32 + i)).toString('hex'));
   assert.ok(byName(node.checks)['tee.report_data'].ok);
+});
+
+test('claims: signing_key is required, 32 bytes of lower-case hex, sorted between release_id and tee', () => {
+  const claims = {
+    expires_at: 2000, gpu_evidence_digest: null, hpke_public_key: 'ab'.repeat(32), issued_at: 1000,
+    model_digest: 'cd'.repeat(32), node_id: '00112233445566778899aabbccddeeff', release_id: 'dev',
+    signing_key: 'ef'.repeat(32), tee: 'simulated-snp',
+  };
+  const enc = (o) => new TextEncoder().encode(JSON.stringify(o)); // insertion order = sorted above
+  const c = decodeClaims(enc(claims));
+  assert.equal(Buffer.from(c.signingKey).toString('hex'), 'ef'.repeat(32));
+  assert.equal(Buffer.from(c.hpkePublicKey).toString('hex'), 'ab'.repeat(32));
+  const { signing_key: _, ...eight } = claims;
+  assert.throws(() => decodeClaims(enc(eight)), (e) => e instanceof DecodeError && /missing signing_key/.test(e.message));
+  for (const bad of ['EF'.repeat(32), 'ef'.repeat(31), 'ef'.repeat(33), null, 7]) {
+    assert.throws(() => decodeClaims(enc({ ...claims, signing_key: bad })), /signing_key must be 32 bytes/);
+  }
+  const { tee, ...rest } = claims; // signing_key after tee: not canonical
+  const { signing_key: sk, ...noKey } = rest;
+  assert.throws(() => decodeClaims(enc({ ...noKey, tee, signing_key: sk })), /canonical/);
 });
 
 test('simulated-TEE bundle is rejected without a dev root, with another measurement, or a swapped key', async (t) => {

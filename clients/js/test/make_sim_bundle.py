@@ -25,6 +25,7 @@ claims = Claims(
     "dev",
     now - 10,
     now + 3600,
+    bytes(range(32, 64)),
 )
 DEV_MEASUREMENT = simulated_measurement("dev").hex()
 bundle = make_simulated_bundle(tee, claims, simulated_measurement("dev"))
