@@ -1,8 +1,10 @@
 #!/bin/sh
 # Launch the node as an SEV-SNP guest with measured direct boot (QEMU >= 9.1 with SNP).
 #   launch-qemu.sh OVMF.fd VCPUS VCPU_TYPE MODEL_DISK GPU_BDF NODE_ENV
-# NODE_ENV: per-VM, unmeasured settings (OPENPCC_NODE_PUBLIC_URL,
-# OPENPCC_NODE_GATEWAY_INTERNAL, OPENPCC_NODE_REGISTRATION_SECRET) via fw_cfg.
+# NODE_ENV: per-VM, unmeasured settings (OPENPCC_NODE_PUBLIC_URL, an IP address inside
+# the gateway's --node-network; OPENPCC_NODE_GATEWAY_INTERNAL; and
+# OPENPCC_NODE_ADMISSION_CREDENTIAL, the opnc1.NAME.SECRET the gateway operator issued)
+# via fw_cfg. It holds the credential: readable only by the user QEMU runs as.
 # The measurement the guest gets equals `openpcc release measure` over the same
 # OVMF/kernel/initrd/cmdline.txt/VCPUS/VCPU_TYPE, and the kernel-hashes=on option is
 # what puts kernel, initrd and command line into it.

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import aiohttp
 
@@ -49,9 +49,6 @@ from openpcc.privacypass import auth
 from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
 from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
-
-if TYPE_CHECKING:
-    from openpcc.client.manifest import ManifestRefresher
 
 GATEWAY_AUTHORITY = b"gateway"  # the inner requests' authority; the gateway ignores it
 
@@ -111,6 +108,12 @@ class TokenSource(Protocol):
     async def take(self) -> auth.Token: ...
 
 
+class PolicyRefresher(Protocol):
+    """Keeps the release manifest current (openpcc/client/manifest.py ManifestRefresher)."""
+
+    async def refresh_if_due(self, client: Client) -> tuple[KeyPins, NodeVerifier] | None: ...
+
+
 @dataclass
 class _Verdicts:
     """Cached verification results, keyed by the exact bundle, until the claims expire."""
@@ -133,7 +136,7 @@ class Client:
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        refresher: ManifestRefresher | None = None,
+        refresher: PolicyRefresher | None = None,
     ) -> None:
         """``refresher`` (openpcc/client/manifest.py) keeps the release manifest behind
         ``verifier`` and ``trust`` current: when it brings a newer one, both are swapped

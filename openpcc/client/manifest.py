@@ -50,13 +50,14 @@ import aiohttp
 
 from openpcc.attestation.policy import MAX_MANIFEST_SIZE, TrustPolicy
 from openpcc.bodies import read_at_most
-from openpcc.client.profile import SERIALS_FILE, remember_serial
+from openpcc.client.serials import SERIALS_FILE, remember_serial
 from openpcc.errors import DecodeError, LimitExceededError, OpenPCCError
 
 if TYPE_CHECKING:
     from openpcc.client.client import Client, KeyPins, NodeVerifier
 
 log = logging.getLogger("openpcc.client")
+
 
 GATEWAY = "gateway"
 OFF = "off"
