@@ -205,6 +205,15 @@ def test_key_folders_are_shared_read_only_in_production() -> None:
         assert v["secret"]["secretName"] == secret
         (m,) = [m for c in spec["containers"] for m in c["volumeMounts"] if m["name"] == vol]
         assert m["readOnly"] is True and "subPath" not in m  # subPath never updates
+    # Node admission: credentials and the release manifest, one read-only folder, no
+    # subPath (the gateway rereads both when the kubelet swaps them).
+    spec = _find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (v,) = [v for v in spec["volumes"] if v["name"] == "node-admission"]
+    names = {next(iter(src.values()))["name"] for src in v["projected"]["sources"]}
+    assert names == {"openpcc-node-credentials", "openpcc-release"}
+    (m,) = [m for c in spec["containers"] for m in c["volumeMounts"]
+            if m["name"] == "node-admission"]  # fmt: skip
+    assert m["readOnly"] is True and "subPath" not in m
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -391,3 +400,8 @@ def test_secrets_referenced_exist_in_dev() -> None:
                     assert ref["name"] in secrets
         for v in tmpl["spec"].get("volumes", []):
             assert "secret" not in v, "dev generates keys; it mounts no key Secret"
+            # A projected volume's Secrets (the node credentials) must be in dev too.
+            for src in v.get("projected", {}).get("sources", []):
+                if "secret" in src:
+                    assert src["secret"]["name"] in secrets, src
+                    assert "keys" not in src["secret"]["name"], "dev generates keys"
