@@ -36,6 +36,7 @@ from openpcc.admission import (
 from openpcc.attestation.bundle import AttestationBundle, verify_bundle
 from openpcc.attestation.policy import TrustPolicy
 from openpcc.errors import OpenPCCError
+from openpcc.files import file_stamp
 
 log = logging.getLogger("openpcc.gateway")
 
@@ -97,11 +98,7 @@ class PolicyFile:
         self._problem = "not loaded"
 
     def current(self, now: float) -> TrustPolicy:
-        try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = (0, 0)
+        stamp = file_stamp(self.path)
         if stamp != self._stamp:
             self._stamp = stamp
             self._load(now)

@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from openpcc.errors import DecodeError, OpenPCCError
-from openpcc.files import write_private
+from openpcc.files import file_stamp, write_private
 
 __all__ = [
     "CREDENTIALS_FORMAT",
@@ -180,11 +180,7 @@ class CredentialStore:
 
     def current(self) -> dict[str, Credential]:
         """The credentials as the file says now (read again only when it changed)."""
-        try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = (0, 0)
+        stamp = file_stamp(self.path)
         if stamp != self._stamp:
             self._stamp = stamp
             try:

@@ -25,3 +25,13 @@ def mtime_ns(folder: Path) -> int:
         return folder.stat().st_mtime_ns
     except FileNotFoundError:
         return 0
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(mtime_ns, size) of ``path``, (0, 0) if it is missing: a service rereads a file it
+    was given (credentials, a manifest) when this changes, without a restart."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)

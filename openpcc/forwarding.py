@@ -7,8 +7,8 @@ times (five engine runs, no token spent, replays included). Three checks close t
   an HMAC-SHA256 under a per-node key over the time and the envelope's SHA-256. The key
   is derived from the node's admission credential (openpcc/admission.py), which both
   already hold, and the node id, so every gateway replica can compute it and a key
-  learned from one node says nothing of another's. The node refuses a missing or wrong MAC, or a time off by more than
-  ``FORWARD_WINDOW`` seconds.
+  learned from one node says nothing of another's. The node refuses a missing or wrong
+  MAC, or a time off by more than ``FORWARD_WINDOW`` seconds.
 - **The client's time.** Inside the encryption the client puts ``openpcc-sent-at`` (Unix
   seconds) in its inner request; the node refuses one off by more than ``CLIENT_WINDOW``
   seconds, so not even a gateway can have an old envelope answered again later.
