@@ -98,6 +98,7 @@ class Gateway:
             self.trace,
             self.config.node_first_byte_timeout,
             forward_secret=self._forward_secret,
+            affinity_slack=self.config.affinity_slack,
         )
         limits = OuterLimits(
             self.config.max_body or DEFAULT_MAX_BODY,

@@ -116,6 +116,15 @@ class GatewayConfig:
             metavar="SECONDS",
         ),
     )
+    affinity_slack: int = field(
+        default=4,
+        metadata=option(
+            "route to the client's first candidate (its conversation's cache) unless its load "
+            "exceeds the least-loaded candidate's by more than this many requests",
+            kind="int",
+            metavar="N",
+        ),
+    )
     health_interval: float = field(
         default=5.0,
         metadata=option("how often to GET each node's /readyz", kind="float", metavar="SECONDS"),
@@ -195,6 +204,8 @@ class GatewayConfig:
         for name in ("port", "internal_port"):
             if not 0 <= getattr(self, name) <= 65535:  # 0: the kernel picks (--port-file)
                 raise ValueError(f"--{name.replace('_', '-')} must be 0..65535")
+        if self.affinity_slack < 0:
+            raise ValueError("--affinity-slack must be 0 or more")
         if (self.max_body is not None and self.max_body < 1) or self.spent_ttl < 1:
             raise ValueError("--max-body and --spent-ttl must be positive")
 

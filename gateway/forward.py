@@ -28,7 +28,33 @@ from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, sealed
 
 log = logging.getLogger("openpcc.gateway")
-_RANDOM = random.SystemRandom()  # candidate order: os.urandom, one instance for all
+_RANDOM = random.SystemRandom()  # tie breaks: os.urandom, one instance for all
+DEFAULT_AFFINITY_SLACK = 4
+
+
+def route(
+    usable: list[Registration],
+    first: bytes | None,
+    load: Callable[[bytes], int],
+    slack: int,
+    rng: random.Random = _RANDOM,
+) -> list[Registration]:
+    """The order to try ``usable`` nodes in (docs/PROTOCOL.md, "Routing").
+
+    The client's first candidate (``first``, where its cache for this conversation is)
+    leads unless its load exceeds the least-loaded candidate's by more than ``slack``;
+    the rest, or all then, go least-loaded first (power of k choices), ties at random.
+    """
+    keyed = [(load(r.node_id), rng.random(), r) for r in usable]
+    keyed.sort(key=lambda x: (x[0], x[1]))
+    order = [r for _, _, r in keyed]
+    if first is not None and keyed:
+        lowest = keyed[0][0]
+        lead = next((x for x in keyed if x[2].node_id == first), None)
+        if lead is not None and lead[0] <= lowest + slack:
+            order.remove(lead[2])
+            order.insert(0, lead[2])
+    return order
 
 
 class Forwarder:
@@ -43,8 +69,11 @@ class Forwarder:
         first_byte_timeout: float,
         *,
         forward_secret: Callable[[Registration], bytes | None],
+        affinity_slack: int = DEFAULT_AFFINITY_SLACK,
     ) -> None:
         self.registry = registry
+        self.affinity_slack = affinity_slack
+        self.inflight: dict[bytes, int] = {}  # this gateway's forwards in progress, per node
         # OpenPCC-Forward (openpcc/forwarding.py): nodes open only what a gateway forwarded,
         # signed under a per-node key derived from the credential the node was admitted
         # with (two HMACs per forward). None: the credential was revoked.
@@ -88,9 +117,20 @@ class Forwarder:
             note["candidates"] = [c.node_id.hex() for c in header.candidates]
         usable = self.registry.candidates(header.model, wanted)
         if len(usable) > 1:
-            _RANDOM.shuffle(usable)
+            first = header.candidates[0].node_id
+            usable = route(usable, first, self._load, self.affinity_slack)
         for reg in usable:
-            if await self._forward(ex, reg, envelope, sink):
+            nid = reg.node_id
+            self.inflight[nid] = self.inflight.get(nid, 0) + 1
+            try:
+                done = await self._forward(ex, reg, envelope, sink)
+            finally:
+                left = self.inflight[nid] - 1
+                if left:
+                    self.inflight[nid] = left
+                else:
+                    del self.inflight[nid]
+            if done:
                 if note is not None:
                     note["served_by"] = reg.node_id.hex()
                 return
@@ -98,6 +138,10 @@ class Forwarder:
         await sink.respond(
             *inner_problem(503, "Service Unavailable", "no usable candidate node for this request")
         )
+
+    def _load(self, node_id: bytes) -> int:
+        """Requests this gateway has in flight to the node, plus its reported queue."""
+        return self.inflight.get(node_id, 0) + self.registry.waiting(node_id)
 
     async def _forward(self, ex: Exchange, reg: Registration, envelope: bytes, sink: Sink) -> bool:
         """Try one node. False if it failed before its first byte (the caller tries the next)."""

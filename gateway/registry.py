@@ -145,11 +145,20 @@ def parse_registration(body: bytes) -> Registration:
     )
 
 
+def _reported_waiting(doc: dict[str, Any]) -> int:
+    load = doc.get("load")
+    waiting = load.get("waiting") if isinstance(load, dict) else None
+    if type(waiting) is not int or not 0 <= waiting <= 1_000_000:
+        return 0
+    return waiting
+
+
 @dataclass
 class NodeEntry:
     reg: Registration
     last_seen: float
     signed_ms: int = 0  # the latest signed registration time heard (replays are older)
+    waiting: int = 0  # the engine queue the node reported at its last health check
     healthy: bool = False  # listed and routed to only once a health check passed
     checked_at: float = 0.0
     check: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -282,6 +291,11 @@ class NodeRegistry:
         if entry is not None:
             entry.healthy = False
 
+    def waiting(self, node_id: bytes) -> int:
+        """The queue the node last reported (docs/PROTOCOL.md: aggregate, per health check)."""
+        entry = self._nodes.get(node_id)
+        return entry.waiting if entry is not None else 0
+
     async def _check(self, entry: NodeEntry) -> None:
         assert self._session is not None
         ok = False
@@ -296,6 +310,8 @@ class NodeRegistry:
                         and doc.get("status") == "ok"
                         and doc.get("node_id") == entry.reg.node_id.hex()
                     )
+                    if ok:
+                        entry.waiting = _reported_waiting(doc)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             ok = False
         entry.checked_at = time.monotonic()

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import inspect
 import json
 import logging
+import math
 import secrets
 import signal
 import time
@@ -54,6 +57,8 @@ log = logging.getLogger("openpcc.node")
 
 PROBLEM_JSON = b"application/problem+json"
 CACHE_SALT_BYTES = 32  # 64 hex characters; vLLM allows up to 128 without '/', '@', '\\'
+CACHE_SALT_LABEL = b"openpcc cache salt v1\x00"
+NODE_ID_HEADER = b"openpcc-node-id"
 _T0 = "openpcc.node.t0"  # when the handler started (stage trace)
 
 
@@ -88,6 +93,33 @@ def _sent_recently(inner: bhttp.Request, now: float) -> bool:
     if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 12:
         return False
     return abs(now - int(values[0])) <= CLIENT_WINDOW
+
+
+LOAD_INTERVAL = 1.0
+_WAITING = ("vllm:num_requests_waiting",)
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # new name, old name
+
+
+def engine_load(metrics_text: str) -> dict[str, float]:
+    """``waiting`` (requests queued) and ``kv_cache_usage`` (0..1) from vLLM's Prometheus
+    text, summed over its label sets; zeros for what is missing."""
+    waiting, kv = 0.0, 0.0
+    for line in metrics_text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in _WAITING or name in _KV_USAGE:
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            if not math.isfinite(value):
+                continue
+            if name in _WAITING:
+                waiting += value
+            else:
+                kv = max(kv, value)
+    return {"waiting": int(waiting), "kv_cache_usage": round(min(max(kv, 0.0), 1.0), 4)}
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -125,6 +157,9 @@ class NodeService:
         # Per boot, in memory only, committed to by the claims: registrations signed with
         # it are this attested node's (openpcc/admission.py).
         self._signing_key = ed25519.Ed25519PrivateKey.generate()
+        self._cache_key = secrets.token_bytes(32)  # per boot: keys cache namespaces
+        # Inside every sealed response head: which node answered (the client's affinity).
+        self._node_id_header = (NODE_ID_HEADER, config.node_id.hex().encode())
         self.signing_key = self._signing_key.public_key().public_bytes_raw()
         self._claims: Claims | None = None
         self._bundle: dict[str, Any] | None = None
@@ -132,6 +167,8 @@ class NodeService:
         self._inflight = 0
         self._session: aiohttp.ClientSession | None = None
         self._engine_task: asyncio.Task[Any] | None = None
+        self._load_task: asyncio.Task[Any] | None = None
+        self._engine_load: dict[str, float] = {"waiting": 0, "kv_cache_usage": 0.0}
         self.metrics = Metrics("openpcc_node")
         self.trace = StageTrace("node")
         self.metrics.describe("sealed_requests_total", "sealed requests by outcome")
@@ -170,6 +207,14 @@ class NodeService:
                 self._claims = claims
             return self._bundle
 
+    def cache_salt(self, client_salt: bytes | None) -> str:
+        """vLLM's prefix-cache namespace for one request: the client's conversation scope
+        keyed by this boot's secret (a client cannot name a namespace of its choosing, and
+        none outlives the boot), or a fresh one per request when the client gave none."""
+        if client_salt is None:
+            return secrets.token_hex(CACHE_SALT_BYTES)
+        return hmac.new(self._cache_key, CACHE_SALT_LABEL + client_salt, hashlib.sha256).hexdigest()
+
     def sign_registration(self, body: bytes) -> str:
         return sign_registration(self._signing_key, body)
 
@@ -195,6 +240,7 @@ class NodeService:
             timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
         )
         self._engine_task = asyncio.create_task(self._run_engine(), name="node-engine")
+        self._load_task = asyncio.create_task(self._watch_load(), name="node-load")
         await self.bundle()  # fail at start, not at the first heartbeat
 
     def on_bound(self, host: str, port: int, *, derive_url: bool) -> None:
@@ -245,6 +291,22 @@ class NodeService:
                     log.warning("engine stopped answering")
                     self.engine.ready.clear()
 
+    async def _watch_load(self) -> None:
+        """Every second, the engine's queue and KV-cache use from its /metrics (vLLM);
+        an engine without them reports zeros."""
+        assert self._session is not None
+        while True:
+            await asyncio.sleep(LOAD_INTERVAL)
+            if not self.engine_ready():
+                continue
+            try:
+                async with asyncio.timeout(2.0):
+                    async with self._session.get(self.engine.url.rstrip("/") + "/metrics") as r:
+                        text = (await r.read()).decode("utf-8", "replace") if r.ok else ""
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+            self._engine_load = engine_load(text)
+
     def _fatal(self) -> None:
         self.exit_code = 1
         signal.raise_signal(signal.SIGTERM)  # run_app's graceful shutdown, then exit 1
@@ -252,10 +314,11 @@ class NodeService:
     async def on_cleanup(self, _app: web.Application) -> None:
         for registrar in self.registrars:
             await registrar.stop()
-        if self._engine_task is not None and not self._engine_task.done():
-            self._engine_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._engine_task
+        for task in (self._engine_task, self._load_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await _maybe_await(self.engine.stop())
         if self._session is not None:
             await self._session.close()
@@ -281,6 +344,8 @@ class NodeService:
         if self.registrars:
             body["registered"] = sum(1 for r in self.registrars if r.registered > 0)
             body["gateways"] = len(self.registrars)
+        # Aggregate load for the gateways' routing (docs/PROTOCOL.md): nothing per request.
+        body["load"] = {"inflight": self._inflight, **self._engine_load}
         if not ok:
             body["reason"] = self.engine.problem or "the engine is not ready"
         return web.json_response(body, status=200 if ok else 503)
@@ -399,7 +464,8 @@ class NodeService:
     ) -> web.StreamResponse:
         """A refusal only the client can read: outer 200, inner ``status`` + problem JSON."""
         doc = json.dumps({"type": "about:blank", "title": title, "status": status}).encode()
-        body = sealer.head(status, [(b"content-type", PROBLEM_JSON)]) + sealer.end(doc)
+        head = [(b"content-type", PROBLEM_JSON), self._node_id_header]
+        body = sealer.head(status, head) + sealer.end(doc)
         return web.Response(
             status=200,
             body=body,
@@ -413,8 +479,7 @@ class NodeService:
         kwargs: dict[str, Any] = {}
         if fwd.body is not None:
             body = dict(fwd.body)
-            # Per-request prefix-cache namespace: no cross-user timing side channel.
-            body["cache_salt"] = secrets.token_hex(CACHE_SALT_BYTES)
+            body["cache_salt"] = self.cache_salt(fwd.salt)
             kwargs["data"] = json.dumps(body).encode()
             kwargs["headers"] = {"Content-Type": "application/json"}
         url = self.engine.url.rstrip("/") + fwd.path
@@ -434,7 +499,8 @@ class NodeService:
             trace, t0 = self.trace, request[_T0]
             trace.record("upstream_wait", time.perf_counter() - t0)
             await out.prepare(request)
-            await out.write(sealer.head(resp.status, [(b"content-type", ctype.encode("latin-1"))]))
+            head = [(b"content-type", ctype.encode("latin-1")), self._node_id_header]
+            await out.write(sealer.head(resp.status, head))
             trace.record("first_out", time.perf_counter() - t0)
             try:
                 async for chunk in resp.content.iter_any():

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from openpcc.errors import OpenPCCError
 from openpcc.wire import bhttp
 
+SALT_HEADER = b"openpcc-cache-salt"
+_LOWER_HEX = re.compile(rb"[0-9a-f]+")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
@@ -79,6 +82,9 @@ class Forward:
     method: str
     path: str
     body: dict[str, Any] | None
+    # The client's cache scope (``openpcc-cache-salt``, 32 bytes), or None: a fresh
+    # namespace per request (docs/PROTOCOL.md, "Prefix cache scope and affinity").
+    salt: bytes | None = None
 
     @property
     def stream(self) -> bool:
@@ -104,6 +110,7 @@ def check_request(
         ("POST", COMPLETIONS_PATH): COMPLETION_FIELDS,
         ("GET", MODELS_PATH): None,
     }
+    salt = _salt(req)
     if (method, path) not in routes:
         if path in (CHAT_PATH, COMPLETIONS_PATH, MODELS_PATH):
             raise Rejected(405, "method not allowed")
@@ -132,7 +139,16 @@ def check_request(
         _check_chat(body, limits)
     else:
         _check_completion(body, limits)
-    return Forward(method, path, body)
+    return Forward(method, path, body, salt)
+
+
+def _salt(req: bhttp.Request) -> bytes | None:
+    value = _header(req, SALT_HEADER)
+    if value is None:
+        return None
+    if len(value) != 64 or not _LOWER_HEX.fullmatch(value):
+        raise Rejected(400, "malformed cache salt")
+    return bytes.fromhex(value.decode("ascii"))
 
 
 def _header(req: bhttp.Request, name: bytes) -> bytes | None:

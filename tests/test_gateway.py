@@ -614,6 +614,35 @@ async def test_client_leaving_mid_stream_leaves_the_gateway_healthy(
     assert "Error handling request" not in gw.output()
 
 
+async def test_routing_honours_the_first_candidate_and_moves_off_an_overloaded_one(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    """Issue 17: the client lists its conversation's node first; the gateway sends it
+    there unless that node reports a queue beyond --affinity-slack (4) over the others."""
+    a, b = ready[0], ready[1]
+    tokens = await mint(session, issuer.url, issuer.extra["api_key"], 6)
+
+    async def served_by() -> str:
+        sr = seal_chat([node_key(a), node_key(b)])  # the client's order: a first
+        status, _ = await read_sealed(
+            await infer(session, gw.url, tokens.pop(), sr.envelope), sr.response_opener()
+        )
+        assert status == 200
+        hits = [n for n in (a, b) if control(n, "state")["requests"]]
+        assert len(hits) == 1
+        for n in (a, b):
+            control(n, "reset")
+        return hits[0].name
+
+    for _ in range(3):
+        assert await served_by() == a.name
+    control(a, "set", {"waiting": 50})
+    await asyncio.sleep(1.0)  # the gateway's next health checks (every 0.3 s) read it
+    for _ in range(3):
+        assert await served_by() == b.name
+    control(a, "set", {"waiting": 0})
+
+
 async def test_failover_when_nodes_fail_before_the_first_byte(
     ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
 ):

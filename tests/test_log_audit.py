@@ -84,6 +84,12 @@ def test_logs_and_metrics_hold_no_prompt_token_key_account_or_address(fs: FakeSt
     ):
         assert 400 <= _post(fs.url(name) + path, junk, {"Content-Type": ctype}) < 500
 
+    from openpcc.client.cachescope import CACHE_SECRET_FILE, CacheSecret, derive_salt
+
+    secret = CacheSecret(fs.stack.config_path.parent / CACHE_SECRET_FILE).current()
+    salt = derive_salt(secret, "conversation", model=fs.stack.model,
+                       messages=[{"role": "user", "content": PROMPT}])  # fmt: skip
+    assert salt is not None
     tokens = tokens_seen({"gateway": fs.stack.audit["gateway"]})
     assert len(tokens) >= 2, "the gateway audit must show the tokens it redeemed"
     needles: dict[str, list[bytes]] = {
@@ -92,6 +98,7 @@ def test_logs_and_metrics_hold_no_prompt_token_key_account_or_address(fs: FakeSt
         "account": [fs.account.encode()],
         "client address": [CLIENT_ADDR.encode()],
         "token": [],
+        "cache salt": [salt.hex().encode(), salt],
     }
     for t in tokens:
         raw = base64.urlsafe_b64decode(t + "=" * (-len(t) % 4))

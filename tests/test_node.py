@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -431,6 +432,57 @@ async def test_engine_gets_fresh_cache_salt_and_nothing_identifying(stack: Stack
     assert "purple elephant" not in stack.node.output()
 
 
+async def test_a_client_cache_scope_becomes_one_node_keyed_namespace(stack: Stack) -> None:
+    """Issue 17: the same client salt gives the engine the same cache_salt (turns of one
+    conversation share the prefix cache), another salt another, and neither is the salt
+    itself (keyed by the node's boot secret, so no client names a namespace). Every
+    sealed answer says which node answered."""
+    key = stack.node_key()
+    start = len(stack.engine_received())
+    marker = "scope-check " + os.urandom(6).hex()
+    salt_a, salt_b = os.urandom(32).hex().encode(), os.urandom(32).hex().encode()
+    for salt in (salt_a, salt_a, salt_b):
+        hdrs = [(b"content-type", b"application/json"), (b"openpcc-cache-salt", salt)]
+        req = seal(key, inner_request(body=chat_body(marker, stream=True), headers=hdrs))
+        ans = await post(stack.node_url, req.envelope, req)
+        assert ans.error is None and ans.head is not None and ans.head.status == 200
+        assert dict(ans.head.headers)[b"openpcc-node-id"] == key.node_id.hex().encode()
+    recs = [r for r in stack.engine_received()[start:] if marker in json.dumps(r["body"])]
+    salts = [r["body"]["cache_salt"] for r in recs]
+    assert len(salts) == 3 and salts[0] == salts[1] != salts[2]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", x) for x in salts)
+    assert salt_a.decode() not in salts and salt_b.decode() not in salts
+
+
+@pytest.mark.parametrize(
+    "salts",
+    [
+        [b"AB" * 32],  # upper case
+        [b"ab" * 31],  # short
+        [b"ab" * 33],  # long
+        [b"zz" * 32],  # not hex
+        [b""],
+        [b"ab" * 32, b"cd" * 32],  # two
+    ],
+)
+async def test_malformed_cache_salts_are_refused_inside_the_seal(
+    stack: Stack, salts: list[bytes]
+) -> None:
+    key = stack.node_key()
+    start = len(stack.engine_received())
+    hdrs = [(b"content-type", b"application/json"), *((b"openpcc-cache-salt", x) for x in salts)]
+    req = seal(key, inner_request(body=chat_body("bad salt"), headers=hdrs))
+    ans = await post(stack.node_url, req.envelope, req)
+    assert ans.status == 200  # outer: the gateway learns nothing
+    assert ans.head is not None and ans.head.status == 400
+    assert dict(ans.head.headers)[b"openpcc-node-id"] == key.node_id.hex().encode()
+    # A cache_salt field of the client's own is refused as any unknown field.
+    req = seal(key, inner_request(body={**chat_body("own salt"), "cache_salt": "x" * 64}))
+    ans = await post(stack.node_url, req.envelope, req)
+    assert ans.head is not None and ans.head.status == 400
+    assert len(stack.engine_received()) == start
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "envelope_model", "status"),
     [
@@ -519,7 +571,8 @@ async def test_garbage_is_400_and_node_stays_up(stack: Stack) -> None:
     assert http_json(stack.node.port, "GET", "/readyz") == (
         200,
         {"status": "ok", "engine": "ready", "registered": 1, "gateways": 1,
-         "node_id": stack.node_key().node_id.hex()},
+         "node_id": stack.node_key().node_id.hex(),
+         "load": {"inflight": 0, "waiting": 0, "kv_cache_usage": 0.0}},
     )  # fmt: skip
     req = seal(key, inner_request(body=chat_body()))
     ans = await post(stack.node_url, req.envelope, req)
@@ -769,6 +822,7 @@ async def test_node_with_real_vllm(tmp_path: Path) -> None:
         assert ans.head.status == 200, ans.body
         assert ans.body.rstrip().endswith(b"data: [DONE]")
         assert sse_text(ans.body)  # random weights: some text, meaningless
+        await _prefix_cache_follows_the_conversation(node, key)
         for log in (tmp_path / "node.log", tmp_path / "vllm.log"):
             assert "purple elephant" not in log.read_text(errors="replace")
     finally:
@@ -781,3 +835,48 @@ async def test_node_with_real_vllm(tmp_path: Path) -> None:
         ["pgrep", "-f", "--", f"--model {info['dir']}"], capture_output=True, text=True
     )
     assert leftovers.stdout.strip() == ""
+
+
+async def _prefix_cache_follows_the_conversation(node: Proc, key: sealed.NodeKey) -> None:
+    """Issue 17 on real vLLM: the same client's next turn hits the prefix cache; a second
+    user's identical conversation (another client salt) gets no hit at all."""
+    from node.tinymodel import SERVED_NAME
+
+    m = re.search(r"engine ready at (http://[0-9.:]+)", node.output())
+    assert m, node.output()
+    engine = m.group(1)
+
+    def counters() -> tuple[float, float]:
+        text = urllib.request.urlopen(engine + "/metrics", timeout=10).read().decode()
+        got = {"queries": 0.0, "hits": 0.0}
+        for line in text.splitlines():
+            for what in got:
+                if line.startswith(f"vllm:prefix_cache_{what}_total"):
+                    got[what] += float(line.rsplit(" ", 1)[1])
+        return got["queries"], got["hits"]
+
+    system = " ".join(f"rule {i}: answer briefly and kindly." for i in range(40))
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "hello there"}]
+    turn2 = [*first, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+
+    async def turn(messages: list[dict], salt: bytes) -> tuple[float, float]:
+        q0, h0 = counters()
+        body = {"model": SERVED_NAME, "messages": messages, "max_tokens": 2, "temperature": 0}
+        hdrs = [
+            (b"content-type", b"application/json"),
+            (b"openpcc-cache-salt", salt.hex().encode()),
+        ]
+        req = sealed.seal_request([key], SERVED_NAME, inner_request(body=body, headers=hdrs))
+        ans = await asyncio.wait_for(post(node.url, req.envelope, req), 120)
+        assert ans.head is not None and ans.head.status == 200, ans.body
+        await asyncio.sleep(1.5)  # vLLM publishes its counters periodically
+        q1, h1 = counters()
+        return q1 - q0, h1 - h0
+
+    alice, bob = os.urandom(32), os.urandom(32)
+    queried, _ = await turn(first, alice)
+    assert queried > 0
+    _, hits_bob = await turn(first, bob)  # the same words, another user: nothing shared
+    _, hits_alice = await turn(turn2, alice)  # her next turn: her history is cached
+    assert hits_bob == 0
+    assert hits_alice >= 0.5 * queried, (hits_alice, queried)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -171,3 +173,33 @@ def test_openpcc_http_client_is_lazy() -> None:
         "assert openpcc.async_http_client is t.async_http_client"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_the_openai_drop_in_keeps_one_cache_scope_per_conversation(
+    oai: openai.AsyncOpenAI, fake_engine: str
+) -> None:
+    """Issue 17, with no API change: every turn of one conversation reaches the engine
+    under one cache namespace; another conversation under another; `extra_body`
+    `cache_scope: None` opts out (fresh per request) and never reaches the node."""
+    marker = "dropin-" + os.urandom(4).hex()
+    first = [{"role": "user", "content": marker}]
+    turn2 = [*first, {"role": "assistant", "content": ANSWER}, {"role": "user", "content": "go"}]
+    other = [{"role": "user", "content": marker + " other"}]
+    for msgs in (first, turn2, other):
+        await oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    for _ in range(2):
+        await oai.chat.completions.create(
+            model=MODEL, messages=first, max_tokens=4, extra_body={"cache_scope": None}
+        )
+    salts = await _engine_salts(fake_engine, marker)
+    assert len(salts) == 5
+    assert salts[0] == salts[1] != salts[2]
+    assert len({salts[0], salts[3], salts[4]}) == 3
+
+
+async def _engine_salts(engine: str, marker: str) -> list[str]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(engine + "/_control/received") as r:
+        recs = await r.json()
+    return [rec["body"]["cache_salt"] for rec in recs if marker in json.dumps(rec.get("body"))]

@@ -92,6 +92,7 @@ def test_node_ready_when_its_engine_answers(stack: Stack) -> None:
     assert doc == {
         "status": "ok", "engine": "ready", "registered": 0, "gateways": 1,
         "node_id": doc["node_id"],
+        "load": {"inflight": 0, "waiting": 0, "kv_cache_usage": 0.0},
     }  # fmt: skip
     # A real gateway: the node registers, the gateway's check passes, it is listed.
     gw = stack.gateway("gateway", stack.dir / "gw", issuer.url)

@@ -72,6 +72,7 @@ def test_private_chat_streams_and_each_party_sees_only_what_design_allows(
         prompt=PROMPT,
         client_addr=CLIENT_ADDR,
         account_secrets=[api_key, DEMO_ACCOUNT],
+        cache_salts=[_conversation_salt(local_stack, PROMPT)],
     )
     for party, allowed in ALLOWED.items():
         assert views[party]["requests"], f"{party} recorded nothing"
@@ -81,11 +82,68 @@ def test_private_chat_streams_and_each_party_sees_only_what_design_allows(
     # And the parties that must learn something did (the audit is not blind).
     assert views["relay"]["client_addr"] and views["issuer"]["account"]
     assert views["gateway"]["token"] and views["node"]["prompt"]
+    assert views["node"]["cache_salt"]  # the conversation's salt: the node's alone
     # The relay never learns the model either; the node never sees an address but the gateway's.
     relay_bytes = local_stack.audit["relay"].read_text()
     assert MODEL not in relay_bytes
     node_peers = {r["peer"] for r in read_audit(_merged_node_audit(local_stack))}
     assert node_peers == {"127.0.0.1"}
+
+
+def test_a_conversation_keeps_its_cache_scope_and_its_node(
+    local_stack: LocalStack, fake_engine: str, tmp_path: Path
+) -> None:
+    """Issue 17 end to end (two nodes): the turns of one conversation reach the engine
+    under one cache namespace and are answered by the same node (affinity); another
+    conversation, or the same conversation from another client (profile), gets another
+    namespace; the client's salt is seen by the node only."""
+    marker = "conv-" + os.urandom(4).hex()
+    first = [{"role": "user", "content": marker}]
+    other_profile = tmp_path / "other" / "client.json"
+    other_profile.parent.mkdir()
+    cfg = json.loads(local_stack.config_path.read_text())
+    cfg.update(wallet=str(tmp_path / "other" / "wallet.json"), manifest_url="off")
+    other_profile.write_text(json.dumps(cfg))
+
+    async def turns(profile: Path, messages: list[dict], n: int) -> list[bytes | None]:
+        client, wallet, model, _ = client_from_config(profile)
+        answered = []
+        try:
+            history = list(messages)
+            for i in range(n):
+                answer = await client.chat_completions(model, history, max_tokens=4)
+                answered.append(client.last_node_id)
+                text = answer["choices"][0]["message"]["content"]
+                history += [{"role": "assistant", "content": text},
+                            {"role": "user", "content": f"turn {i + 2}"}]  # fmt: skip
+            return answered
+        finally:
+            await client.aclose()
+            await wallet.aclose()
+
+    nodes = asyncio.run(turns(local_stack.config_path, first, 4))
+    assert nodes[0] is not None and nodes == [nodes[0]] * 4  # one node, every turn
+    asyncio.run(turns(local_stack.config_path, [{"role": "user", "content": marker + "b"}], 1))
+    asyncio.run(turns(other_profile, first, 1))
+    with urllib.request.urlopen(fake_engine + "/_control/received") as r:
+        recs = [x for x in json.loads(r.read()) if marker in json.dumps(x.get("body"))]
+    salts = [x["body"]["cache_salt"] for x in recs]
+    assert len(salts) == 6
+    assert len(set(salts[:4])) == 1  # one conversation
+    assert len({salts[0], salts[4], salts[5]}) == 3  # another conversation, another client
+    # Each profile keeps its own secret beside its wallet, 0600.
+    for folder in (local_stack.config_path.parent, other_profile.parent):
+        assert (folder / "cache-secret.json").stat().st_mode & 0o777 == 0o600
+
+
+def _conversation_salt(local_stack: LocalStack, prompt: str) -> bytes:
+    from openpcc.client.cachescope import CACHE_SECRET_FILE, CacheSecret, derive_salt
+
+    secret = CacheSecret(local_stack.config_path.parent / CACHE_SECRET_FILE).current()
+    salt = derive_salt(secret, "conversation", model=MODEL,
+                       messages=[{"role": "user", "content": prompt}])  # fmt: skip
+    assert salt is not None
+    return salt
 
 
 def _merged_node_audit(local_stack: LocalStack) -> Path:

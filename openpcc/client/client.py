@@ -14,6 +14,7 @@ import asyncio
 import functools
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -23,6 +24,15 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import aiohttp
 
+from openpcc.client.cachescope import (
+    CONVERSATION,
+    NODE_ID_HEADER,
+    SALT_HEADER,
+    Affinity,
+    CacheScope,
+    CacheSecret,
+    derive_salt,
+)
 from openpcc.client.errors import (
     GatewayError,
     MalformedResponseError,
@@ -50,6 +60,7 @@ from openpcc.service.stagetrace import StageTrace
 from openpcc.wire import bhttp, ohttp, sealed
 from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
 
+_NODE_ID_HEX = re.compile(rb"[0-9a-f]{%d}" % (2 * sealed.NODE_ID_LEN))
 GATEWAY_AUTHORITY = b"gateway"  # the inner requests' authority; the gateway ignores it
 
 
@@ -137,10 +148,14 @@ class Client:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         refresher: PolicyRefresher | None = None,
+        cache_secret: CacheSecret | None = None,
+        affinity: bool = True,
     ) -> None:
         """``refresher`` (openpcc/client/manifest.py) keeps the release manifest behind
         ``verifier`` and ``trust`` current: when it brings a newer one, both are swapped
-        (``use_policy``)."""
+        (``use_policy``). ``cache_secret`` keys this client's conversation cache scopes
+        (openpcc/client/cachescope.py; in memory if None); ``affinity`` asks the node that
+        answered a conversation's last turn first."""
         if not 1 <= k <= sealed.MAX_CANDIDATES:
             raise ValueError(f"k must be 1..{sealed.MAX_CANDIDATES}")
         self._relay = relay_url.rstrip("/")
@@ -153,6 +168,9 @@ class Client:
         self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._refresher = refresher
+        self._cache_secret = cache_secret or CacheSecret(None, clock=clock)
+        self._affinity = Affinity() if affinity else None
+        self.last_node_id: bytes | None = None  # the node that answered the last request
         self._trace = StageTrace("client")
         self._key_config: ohttp.KeyConfig | None = None
         self._verdicts = _Verdicts()
@@ -297,42 +315,87 @@ class Client:
         self._verdicts.ok[key] = node
         return node
 
+    def _answered_by(self, headers: Sequence[tuple[bytes, bytes]], salt: bytes | None) -> None:
+        """Remember which node answered (inside the sealed response), per conversation."""
+        node_id = _node_id_of(headers)
+        self.last_node_id = node_id
+        if node_id is not None and salt and self._affinity is not None:
+            self._affinity.put(salt, node_id)
+
     def rejected_nodes(self) -> dict[str, list[str]]:
         return {v[1][0]: v[1][1:] for v in self._verdicts.failed.values()}
 
     # -------------------------------------------------------------------- chat
 
+    def _salt(
+        self, scope: CacheScope, model: str, messages: Sequence[dict[str, Any]] | None
+    ) -> bytes | None:
+        if scope is not None and not isinstance(scope, str):
+            raise TypeError("cache_scope must be 'conversation', a name, or None")
+        return derive_salt(self._cache_secret.current(), scope, model=model, messages=messages)
+
     async def chat_completions_stream(
-        self, model: str, messages: Sequence[dict[str, Any]], **params: Any
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        *,
+        cache_scope: CacheScope = CONVERSATION,
+        **params: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream OpenAI ``chat.completion.chunk`` objects as the node produces them."""
+        """Stream OpenAI ``chat.completion.chunk`` objects as the node produces them.
+
+        ``cache_scope``: ``"conversation"`` (every turn of one conversation shares the
+        node's prefix cache, no other conversation does), a name (share it on purpose),
+        or None (a fresh cache namespace per request). docs/PROTOCOL.md."""
+        salt = self._salt(cache_scope, model, messages)
         body = {"model": model, "messages": list(messages), **params, "stream": True}
-        async for item in self._request(model, "/v1/chat/completions", body):
+        async for item in self._request(model, "/v1/chat/completions", body, salt):
             yield item
 
     async def chat_completions(
-        self, model: str, messages: Sequence[dict[str, Any]], **params: Any
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        *,
+        cache_scope: CacheScope = CONVERSATION,
+        **params: Any,
     ) -> dict[str, Any]:
-        """One non-streamed OpenAI ``chat.completion`` object."""
+        """One non-streamed OpenAI ``chat.completion`` object (``cache_scope`` as above)."""
+        salt = self._salt(cache_scope, model, messages)
         body = {"model": model, "messages": list(messages), **params, "stream": False}
-        async for item in self._request(model, "/v1/chat/completions", body):
+        async for item in self._request(model, "/v1/chat/completions", body, salt):
             return item
         raise TruncatedResponseError("the node sent no completion")
 
     async def completions_stream(
-        self, model: str, prompt: str, **params: Any
+        self, model: str, prompt: str, *, cache_scope: CacheScope = None, **params: Any
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream legacy OpenAI ``text_completion`` chunks (``/v1/completions``)."""
+        """Stream legacy OpenAI ``text_completion`` chunks (``/v1/completions``); no
+        conversation here, so no cache scope unless a name is given."""
+        salt = self._salt(cache_scope, model, None)
         body = {"model": model, "prompt": prompt, **params, "stream": True}
-        async for item in self._request(model, "/v1/completions", body):
+        async for item in self._request(model, "/v1/completions", body, salt):
             yield item
 
-    async def completions(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
+    async def completions(
+        self, model: str, prompt: str, *, cache_scope: CacheScope = None, **params: Any
+    ) -> dict[str, Any]:
         """One non-streamed legacy OpenAI ``text_completion`` object."""
+        salt = self._salt(cache_scope, model, None)
         body = {"model": model, "prompt": prompt, **params, "stream": False}
-        async for item in self._request(model, "/v1/completions", body):
+        async for item in self._request(model, "/v1/completions", body, salt):
             return item
         raise TruncatedResponseError("the node sent no completion")
+
+    def _candidates(self, nodes: list[VerifiedNode], salt: bytes | None) -> list[VerifiedNode]:
+        """k random nodes; the one that answered this conversation's last turn first."""
+        k = min(self._k, len(nodes))
+        last = self._affinity.get(salt) if self._affinity is not None and salt else None
+        first = next((n for n in nodes if n.node_id == last), None)
+        if first is None:
+            return self._rng.sample(nodes, k)
+        others = [n for n in nodes if n is not first]
+        return [first, *self._rng.sample(others, k - 1)]
 
     async def models(self) -> list[str]:
         """Models served by at least one verified node.
@@ -345,14 +408,14 @@ class Client:
 
     @_typed_stream
     async def _request(
-        self, model: str, path: str, body: dict[str, Any]
+        self, model: str, path: str, body: dict[str, Any], salt: bytes | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         nodes = [n for n in await self.verified_nodes() if model in n.models]
         if not nodes:
             nodes = [n for n in await self.verified_nodes(refresh=True) if model in n.models]
         if not nodes:
             raise NoVerifiedNodeError(model, self.rejected_nodes())
-        chosen = self._rng.sample(nodes, min(self._k, len(nodes)))
+        chosen = self._candidates(nodes, salt)
         trace = self._trace
         t0 = time.perf_counter()
         inner = bhttp.encode_request(
@@ -366,6 +429,8 @@ class Client:
                     # Inside the encryption: the node refuses an old envelope, whoever
                     # replays it (openpcc/forwarding.py).
                     (SENT_AT_HEADER, str(int(time.time())).encode()),
+                    # Inside the encryption too: only the node sees the cache scope.
+                    *([(SALT_HEADER, salt.hex().encode())] if salt else []),
                 ],
                 json.dumps(body).encode(),
             )
@@ -416,6 +481,7 @@ class Client:
                         out.append(ev.data)
                 elif isinstance(ev, NodeHead):
                     node_status = ev.status
+                    self._answered_by(ev.headers, salt)
                 elif isinstance(ev, GatewayBody):
                     error_body.extend(ev.data)
             return out
@@ -475,6 +541,13 @@ class Client:
             except ValueError as exc:
                 raise MalformedResponseError("the node's answer is not JSON") from exc
             yield answer
+
+
+def _node_id_of(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    values = [v for k, v in headers if k.lower() == NODE_ID_HEADER]
+    if len(values) != 1 or not _NODE_ID_HEX.fullmatch(values[0]):
+        return None
+    return bytes.fromhex(values[0].decode("ascii"))
 
 
 def _problem(body: bytes) -> dict[str, Any] | None:

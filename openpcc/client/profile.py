@@ -110,6 +110,7 @@ def client_from_config(
     refreshes the manifest (``manifest_url``, openpcc/client/manifest.py).
     """
     from openpcc.client.attest import BundleVerifier
+    from openpcc.client.cachescope import CACHE_SECRET_FILE, CacheSecret
     from openpcc.client.client import Client
     from openpcc.client.manifest import refresher_from_config
     from openpcc.client.wallet import TokenWallet
@@ -142,12 +143,18 @@ def client_from_config(
         directory_fetcher=fetch_directory,
         session=session,
     )
+    affinity = cfg.get("affinity", True)
+    if not isinstance(affinity, bool):
+        raise DecodeError("client config: affinity must be true or false")
     client = Client(
         cfg["relay_url"],
         tokens=wallet,
         verifier=BundleVerifier(policy),
         trust=policy,
         session=session,
+        # Beside the wallet: a second profile is a second client, with its own scopes.
+        cache_secret=CacheSecret(config_path.parent / CACHE_SECRET_FILE, clock=clock),
+        affinity=affinity,
         clock=clock,
         refresher=refresher,
     )

@@ -229,9 +229,17 @@ class OpenAIFrontend:
             if not isinstance(messages, list):
                 raise _bad("'messages' must be a list of messages", "messages")
             model, stream = req.pop("model"), bool(req.pop("stream", False))
+            # Not an OpenAI field: an agent may set it (extra_body) to name a shared scope,
+            # or null for none; it never reaches the node as a field.
+            scope = req.pop("cache_scope", "conversation")
+            if scope is not None and not isinstance(scope, str):
+                raise _bad("'cache_scope' must be a string or null", "cache_scope")
             if stream:
-                return await _stream(self.client.chat_completions_stream(model, messages, **req))
-            return _json(await self.client.chat_completions(model, messages, **req))
+                return await _stream(
+                    self.client.chat_completions_stream(model, messages, cache_scope=scope, **req)
+                )
+            answer = await self.client.chat_completions(model, messages, cache_scope=scope, **req)
+            return _json(answer)
         if path == "/v1/completions":
             _allow(method, "POST")
             req = self._parse(body)

@@ -564,6 +564,20 @@ def _demo(args: argparse.Namespace) -> int:
         return _demo_chat(args, stack)
 
 
+def _demo_salt(config_path: Path, prompt: str) -> bytes:
+    """The conversation salt the demo's chat carried (only its client and the node know
+    it), to show who received it."""
+    from openpcc.client.cachescope import CACHE_SECRET_FILE, CacheSecret, derive_salt
+
+    model = json.loads(config_path.read_text())["model"]
+    secret = CacheSecret(config_path.parent / CACHE_SECRET_FILE).current()
+    salt = derive_salt(
+        secret, "conversation", model=model, messages=[{"role": "user", "content": prompt}]
+    )
+    assert salt is not None
+    return salt
+
+
 def _demo_chat(args: argparse.Namespace, stack: LocalStack) -> int:
     from openpcc.devstack.views import party_views, print_views
 
@@ -583,6 +597,7 @@ def _demo_chat(args: argparse.Namespace, stack: LocalStack) -> int:
             prompt=args.prompt,
             client_addr=DEMO_CLIENT_ADDR,
             account_secrets=[api_key, DEMO_ACCOUNT],
+            cache_salts=[_demo_salt(stack.config_path, args.prompt)],
         )
         ok = print_views(views)
     except (KeyboardInterrupt, Stopped) as exc:

@@ -17,11 +17,15 @@ from openpcc.audit import read_audit
 PARTIES = ("issuer", "relay", "gateway", "node")
 # DESIGN.md §1: True = may see, False = must never see.
 ALLOWED: dict[str, dict[str, bool]] = {
-    "issuer": {"client_addr": True, "account": True, "token": False, "prompt": False},
-    "relay": {"client_addr": True, "account": False, "token": False, "prompt": False},
-    "gateway": {"client_addr": False, "account": False, "token": True, "prompt": False},
-    "node": {"client_addr": False, "account": False, "token": False, "prompt": True},
-}
+    "issuer": {"client_addr": True, "account": True, "token": False, "prompt": False,
+               "cache_salt": False},
+    "relay": {"client_addr": True, "account": False, "token": False, "prompt": False,
+              "cache_salt": False},
+    "gateway": {"client_addr": False, "account": False, "token": True, "prompt": False,
+                "cache_salt": False},
+    "node": {"client_addr": False, "account": False, "token": False, "prompt": True,
+             "cache_salt": True},
+}  # fmt: skip
 
 
 def _haystack(records: list[dict[str, Any]]) -> bytes:
@@ -53,15 +57,22 @@ def tokens_seen(audit: dict[str, Path]) -> list[str]:
 
 
 def party_views(
-    audit: dict[str, Path], *, prompt: str, client_addr: str, account_secrets: list[str]
+    audit: dict[str, Path],
+    *,
+    prompt: str,
+    client_addr: str,
+    account_secrets: list[str],
+    cache_salts: list[bytes] = (),  # type: ignore[assignment]
 ) -> dict[str, dict[str, bool]]:
-    """For each party: did it receive the client address, account, token, prompt?"""
+    """For each party: did it receive the client address, account, token, prompt, the
+    client's cache-scope salt (hex or raw)?"""
     tokens = tokens_seen(audit)
     needles = {
         "account": [a.encode() for a in account_secrets],
         # A token could travel as its base64 text or as raw bytes.
         "token": [t[:40].encode() for t in tokens] + [_b64url_decode(t)[:64] for t in tokens],
         "prompt": [prompt.encode()],
+        "cache_salt": [s.hex().encode() for s in cache_salts] + list(cache_salts),
     }
     views = {}
     for party in PARTIES:
@@ -79,14 +90,18 @@ def print_views(views: dict[str, dict[str, bool]], out: Any = print) -> bool:
     """Print the table; True when every party stayed within DESIGN.md §1."""
     out("What each party received (from its own audit log; ✓ = present):")
     all_ok = True
-    out(f"  {'party':8} {'client IP':>10} {'account':>8} {'token':>6} {'prompt':>7}   verdict")
+    out(
+        f"  {'party':8} {'client IP':>10} {'account':>8} {'token':>6} {'prompt':>7} "
+        f"{'cache salt':>11}   verdict"
+    )
+    what = ("client_addr", "account", "token", "prompt", "cache_salt")
     for party in PARTIES:
         v = views[party]
-        marks = [("✓" if v[k] else "·") for k in ("client_addr", "account", "token", "prompt")]
-        ok = all(v[k] <= ALLOWED[party][k] for k in ("client_addr", "account", "token", "prompt"))
+        marks = [("✓" if v[k] else "·") for k in what]
+        ok = all(v[k] <= ALLOWED[party][k] for k in what)
         all_ok = all_ok and ok
         out(
-            f"  {party:8} {marks[0]:>10} {marks[1]:>8} {marks[2]:>6} {marks[3]:>7}   "
-            + ("as DESIGN.md §1 allows" if ok else "VIOLATES DESIGN.md §1")
+            f"  {party:8} {marks[0]:>10} {marks[1]:>8} {marks[2]:>6} {marks[3]:>7} "
+            f"{marks[4]:>11}   " + ("as DESIGN.md §1 allows" if ok else "VIOLATES DESIGN.md §1")
         )
     return all_ok

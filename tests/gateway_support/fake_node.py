@@ -14,6 +14,7 @@ Behaviour is switched over ``/_control/*`` (which the gateway never calls):
 - ``die_mid``: head and one chunk, then cut the connection.
 - ``healthy``: ``/readyz`` answers 200 (true) or 503 (false).
 - ``url``: register this URL instead of its own (a takeover or a pointer elsewhere).
+- ``waiting``: the engine queue its ``/readyz`` reports (an overloaded node).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class State:
         self.pk = hpke.public_key_from_private(self.sk)
         self.mode = "ok"
         self.url: str | None = None
+        self.waiting = 0  # the engine queue /readyz reports (load-aware routing)
         self.refusals: list[int] = []
         self.identity = AttestedIdentity(simulated_tee(Path(args.tee_dir)), self.node_id, self.pk)
         self.healthy = True
@@ -96,7 +98,9 @@ async def readyz(request: web.Request) -> web.Response:
     st: State = request.app["state"]
     if not st.healthy:
         return web.json_response({"status": "unavailable"}, status=503)
-    return web.json_response({"status": "ok", "engine": "ready", "node_id": st.args.node_id})
+    return web.json_response({"status": "ok", "engine": "ready", "node_id": st.args.node_id,
+                              "load": {"inflight": 0, "waiting": st.waiting,
+                                       "kv_cache_usage": 0.0}})  # fmt: skip
 
 
 async def control(request: web.Request) -> web.Response:
@@ -108,6 +112,7 @@ async def control(request: web.Request) -> web.Response:
         st.healthy = doc.get("healthy", st.healthy)
         st.heartbeat = doc.get("heartbeat", st.heartbeat)
         st.url = doc.get("url", st.url)
+        st.waiting = doc.get("waiting", st.waiting)
     elif what == "release":
         st.release.set()
     elif what == "reset":

@@ -26,6 +26,14 @@ for await (const chunk of stream) {
   chunks.push(chunk);
 }
 const text = chunks.map((c) => c.choices?.[0]?.delta?.content ?? '').join('');
+// The next turn of the same conversation: the same cache salt, so affinity lists the node
+// that answered first and the gateway (unloaded) sends it there.
+const firstNode = client.lastNodeId;
+await client.chat.completions.create({
+  model: cfg.model,
+  messages: [{ role: 'user', content: prompt }, { role: 'assistant', content: text }, { role: 'user', content: 'And once more?' }],
+});
+const conversationNodes = [firstNode, client.lastNodeId];
 const nodes = await client.verifiedNodes();
 const second = await client.chat.completions.create({ model: cfg.model, messages: [{ role: 'user', content: 'again' }] });
 // Typed failures: an unknown model, and a manifest under a key that is not pinned.
@@ -48,4 +56,5 @@ process.stdout.write(JSON.stringify({
   models: await client.models(),
   tokens_left: client.wallet.count,
   non_streamed: second.choices?.[0]?.message?.content ?? null,
+  conversation_node_ids: conversationNodes,
 }) + '\n');

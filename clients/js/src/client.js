@@ -1,10 +1,14 @@
 // The OpenPCC client: private, attested chat completions through a relay.
 // Mirrors openpcc/client/client.py: tokens from the wallet; k random candidates among
-// the nodes whose bundles verified under the signed release manifest; the OpenAI request
+// the nodes whose bundles verified under the signed release manifest (the node that
+// answered a conversation's last turn first); the OpenAI request, with its cache salt,
 // sealed to them; wrapped with the token in chunked OHTTP; POSTed to the relay; the
 // answer streamed back, each layer opened incrementally, the node's authenticated end of
 // stream required. Runs in browsers and Node >= 20 (fetch, WebCrypto, streams only).
 import { decodeResponse, encodeRequest } from './bhttp.js';
+import {
+  Affinity, CONVERSATION, CacheSecret, NODE_ID_HEADER, SALT_HEADER, defaultCacheSecretStore, deriveCacheSalt,
+} from './cachescope.js';
 import { fromHex, randomBytes, te, toHex } from './bytes.js';
 import { loadTrustPolicy, verifyNodeEntry, verifySignedManifest } from './attestation.js';
 import {
@@ -43,6 +47,29 @@ export class SSEParser {
       out.push(data === '[DONE]' ? DONE : JSON.parse(data));
     }
     return out;
+  }
+}
+
+/**
+ * k candidates: the node that answered this conversation's last turn first (when it is
+ * among `nodes`), the others random, as for a first turn.
+ */
+function chooseCandidates(nodes, k, preferredHex) {
+  const first = preferredHex ? nodes.find((n) => toHex(n.nodeId) === preferredHex) : undefined;
+  if (!first) return randomSample(nodes, k);
+  return [first, ...randomSample(nodes.filter((n) => n !== first), k - 1)];
+}
+
+/** The answering node's id from the sealed response head: exactly one 32-hex value, else null. */
+function nodeIdOf(fields) {
+  const td = new TextDecoder();
+  const values = (fields ?? []).filter(([n]) => td.decode(n).toLowerCase() === NODE_ID_HEADER).map(([, v]) => td.decode(v));
+  return values.length === 1 && /^[0-9a-f]{32}$/.test(values[0]) ? values[0] : null;
+}
+
+function checkScope(scope) {
+  if (scope !== undefined && scope !== null && typeof scope !== 'string') {
+    throw new TypeError("cacheScope must be 'conversation', a name, or null");
   }
 }
 
@@ -104,9 +131,16 @@ export class OpenPCCClient {
    * @param {string | null} [o.manifestUrl] refresh source (see createClient)
    * @param {object | null} [o.manifestStore] where a refreshed manifest is kept
    * @param {object | null} [o.serialStore] highest serial seen, per signer
+   * @param {string | null} [o.cacheScope] default cache scope of chat requests
+   * @param {object | null} [o.cacheSecretStore] where the cache secret is kept
+   * @param {boolean} [o.affinity] list the node that answered a conversation first next turn
    */
-  constructor({ relayUrl, wallet, policy, k = 3, fetch: f, clock, releasePublicKey, manifestUrl, manifestStore, serialStore }) {
+  constructor({
+    relayUrl, wallet, policy, k = 3, fetch: f, clock, releasePublicKey, manifestUrl, manifestStore, serialStore,
+    cacheScope = CONVERSATION, cacheSecretStore, affinity = true,
+  }) {
     if (!(k >= 1 && k <= MAX_CANDIDATES)) throw new RangeError(`k must be 1..${MAX_CANDIDATES}`);
+    checkScope(cacheScope);
     this.relayUrl = relayUrl.replace(/\/+$/, '');
     this.wallet = wallet;
     this.policyPromise = Promise.resolve(policy);
@@ -134,6 +168,12 @@ export class OpenPCCClient {
     /** The last refresh failure (a refused manifest, an unreachable source), or null. */
     this.manifestRefreshError = null;
     this.policyGeneration = 0;
+    // Prefix cache scope and affinity (docs/PROTOCOL.md; src/cachescope.js).
+    this.cacheScope = cacheScope;
+    this.cacheSecret = new CacheSecret(cacheSecretStore === undefined ? defaultCacheSecretStore() : cacheSecretStore, { clock: this.clock });
+    this.affinity = affinity === false ? null : new Affinity();
+    /** The node id (32 hex) the last sealed answer named (openpcc-node-id), or null. */
+    this.lastNodeId = null;
     const self = this;
     this.chat = { completions: { create: (params) => self.#createChat(params) } };
     this.completions = { create: (params) => self.#createCompletion(params) };
@@ -305,20 +345,33 @@ export class OpenPCCClient {
   }
 
   #createChat(params) {
-    const { model, messages, stream, ...rest } = params ?? {};
+    // cacheScope is the client's, not the OpenAI API's: it never reaches the node's engine.
+    const { model, messages, stream, cacheScope, ...rest } = params ?? {};
+    checkScope(cacheScope);
     const body = { model, messages, ...rest, stream: Boolean(stream) };
-    return this.#start(model, '/v1/chat/completions', body);
+    const scope = cacheScope === undefined ? this.cacheScope : cacheScope;
+    return this.#start(model, '/v1/chat/completions', body, { scope, messages });
   }
 
+  /** Legacy completions have no conversation: no cache scope unless a name is given
+   *  (per request, or as the client's cacheScope). */
   #createCompletion(params) {
-    const { model, prompt, stream, ...rest } = params ?? {};
-    return this.#start(model, '/v1/completions', { model, prompt, ...rest, stream: Boolean(stream) });
+    const { model, prompt, stream, cacheScope, ...rest } = params ?? {};
+    checkScope(cacheScope);
+    const scope = cacheScope === undefined ? this.cacheScope : cacheScope;
+    return this.#start(model, '/v1/completions', { model, prompt, ...rest, stream: Boolean(stream) }, { scope });
+  }
+
+  /** The request's cache salt (null: none), from the cache secret in force now. */
+  async #salt(model, { scope, messages }) {
+    if (scope === null || (scope === CONVERSATION && !Array.isArray(messages))) return null;
+    return deriveCacheSalt(await this.cacheSecret.current(), scope, { model, messages });
   }
 
   /** stream: true -> AsyncIterable of chunks (also a Promise-free object); else Promise<completion>. */
-  #start(model, path, body) {
+  #start(model, path, body, scope) {
     if (typeof model !== 'string' || !model) throw new TypeError('model is required');
-    const gen = this.#request(model, path, body);
+    const gen = this.#request(model, path, body, scope);
     if (body.stream) return gen;
     return (async () => {
       for await (const item of gen) return item;
@@ -326,16 +379,21 @@ export class OpenPCCClient {
     })();
   }
 
-  async *#request(model, path, body) {
+  async *#request(model, path, body, scope) {
+    const saltBytes = await this.#salt(model, scope);
+    const salt = saltBytes ? toHex(saltBytes) : null;
     let nodes = (await this.verifiedNodes()).filter((n) => n.models.includes(model));
     if (!nodes.length) nodes = (await this.verifiedNodes({ refresh: true })).filter((n) => n.models.includes(model));
     if (!nodes.length) throw new NoVerifiedNodeError(model, this.rejected);
-    const chosen = randomSample(nodes, Math.min(this.k, nodes.length));
+    const chosen = chooseCandidates(nodes, Math.min(this.k, nodes.length), salt && this.affinity ? this.affinity.get(salt) : null);
     const inner = encodeRequest({
       method: 'POST', scheme: 'https', authority: 'node', path,
       // openpcc-sent-at, inside the encryption: the node refuses an old envelope, whoever
-      // replays it (docs/PROTOCOL.md).
-      headers: [['content-type', 'application/json'], ['openpcc-sent-at', String(Math.floor(Date.now() / 1000))]],
+      // replays it (docs/PROTOCOL.md). The cache salt too: only the node sees the scope.
+      headers: [
+        ['content-type', 'application/json'], ['openpcc-sent-at', String(Math.floor(Date.now() / 1000))],
+        ...(salt ? [[SALT_HEADER, salt]] : []),
+      ],
       content: te.encode(JSON.stringify(body)),
     });
     const sreq = await sealRequest(chosen.map((n) => ({ nodeId: n.nodeId, publicKey: n.publicKey })), model, inner);
@@ -356,9 +414,14 @@ export class OpenPCCClient {
     const nodeBody = [];
     const resp = await this.#post(wire, MEDIA_TYPE_CHUNKED_REQUEST, { Incremental: '?1' });
     if (resp.status !== 200) throw new RelayError(`relay answered ${resp.status}`);
+    const answeredBy = (headers) => {
+      const nodeId = nodeIdOf(headers);
+      this.lastNodeId = nodeId;
+      if (nodeId && salt && this.affinity) this.affinity.put(salt, nodeId);
+    };
     const handle = function* (events) {
       for (const ev of events) {
-        if (ev.type === 'node-head') nodeStatus = ev.status;
+        if (ev.type === 'node-head') { nodeStatus = ev.status; answeredBy(ev.headers); }
         else if (ev.type === 'node-data') {
           if (nodeStatus !== 200 || !streaming) nodeBody.push(ev.data);
           else for (const obj of sse.receiveData(ev.data)) if (obj !== DONE) yield obj;
@@ -403,7 +466,8 @@ export class OpenPCCClient {
 
 /**
  * createClient({relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k?, fetch?, issuerName?,
- * batchSize?, clock?, serialStore?, manifestUrl?, manifestStore?})
+ * batchSize?, clock?, serialStore?, manifestUrl?, manifestStore?, cacheScope?, cacheSecretStore?,
+ * affinity?})
  * `policy`: the signed release manifest (JSON text or parsed object) or an already
  * verified TrustPolicy; `releasePublicKey`: the pinned Ed25519 key (PEM text, raw
  * 32 bytes, DER SPKI) or a list of them. The client starts from the newest valid of
@@ -412,7 +476,10 @@ export class OpenPCCClient {
  * relay).
  */
 export function createClient(opts) {
-  const { relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k, fetch: f, issuerName, batchSize, clock, manifestUrl } = opts;
+  const {
+    relayUrl, issuerUrl, apiKey, policy, releasePublicKey, k, fetch: f, issuerName, batchSize, clock, manifestUrl,
+    cacheScope, cacheSecretStore, affinity,
+  } = opts;
   if (!relayUrl || !issuerUrl || !apiKey || !policy) throw new TypeError('relayUrl, issuerUrl, apiKey and policy are required');
   const preverified = typeof policy?.acceptsTokenKey === 'function';
   if (!preverified && !releasePublicKey) throw new TypeError('releasePublicKey is required to verify the signed release manifest');
@@ -422,7 +489,10 @@ export function createClient(opts) {
   const now = (clock ?? (() => Date.now() / 1000))();
   const trust = startupPolicy(policy, releasePublicKey, { now, serialStore, manifestStore, allowExpired: refreshable });
   const wallet = new TokenWallet({ issuerUrl, apiKey, issuerName, batchSize, fetch: f });
-  return new OpenPCCClient({ relayUrl, wallet, policy: trust, k, fetch: f, clock, releasePublicKey, manifestUrl, manifestStore, serialStore });
+  return new OpenPCCClient({
+    relayUrl, wallet, policy: trust, k, fetch: f, clock, releasePublicKey, manifestUrl, manifestStore, serialStore,
+    cacheScope, cacheSecretStore, affinity,
+  });
 }
 
 /**

@@ -54,10 +54,20 @@ export interface ChatCompletion {
   choices: Array<{ index: number; message: { role: string; content: string | null }; finish_reason?: string | null }>;
   [k: string]: unknown;
 }
+/**
+ * Prefix cache scope (docs/PROTOCOL.md "Prefix cache scope and affinity"): 'conversation'
+ * (every turn of one conversation shares the node's prefix cache, no other conversation
+ * does), any other string (a named scope, shared on purpose by every request naming it),
+ * or null (a fresh cache namespace per request).
+ */
+export type CacheScope = 'conversation' | string | null;
+
 export interface ChatCreateParams {
   model: string;
   messages: ChatMessage[];
   stream?: boolean;
+  /** This request's cache scope (default: the client's `cacheScope`); not sent to the engine. */
+  cacheScope?: CacheScope;
   max_tokens?: number;
   temperature?: number;
   [k: string]: unknown;
@@ -112,7 +122,47 @@ export interface ClientOptions {
    * null: not kept.
    */
   manifestStore?: ManifestStore | null;
+  /**
+   * Default cache scope of chat requests (default 'conversation'). Legacy completions
+   * have no conversation: they use it only when it is a name.
+   */
+  cacheScope?: CacheScope;
+  /**
+   * Where the cache secret (32 random bytes, replaced after 7 days by `clock`) is kept as
+   * `{"secret": "<64 hex>", "created_at": <unix s>}`. Default: localStorage
+   * ("openpcc.cacheSecret") where there is one, else memory; null: this client's memory.
+   */
+  cacheSecretStore?: CacheSecretStore | null;
+  /**
+   * List the node that answered a conversation's last turn first among the k candidates
+   * next turn (default true); false: candidates in random order always.
+   */
+  affinity?: boolean;
 }
+
+export interface CacheSecretStore {
+  get(): string | null | undefined | Promise<string | null | undefined>;
+  set(text: string): void | Promise<void>;
+}
+export function webStorageCacheSecretStore(storage: Storage, key?: string): CacheSecretStore;
+export function memoryCacheSecretStore(): CacheSecretStore;
+/**
+ * UTF-8 of `obj` as Python's json.dumps(obj, sort_keys=True, separators=(",", ":"),
+ * ensure_ascii=False) writes it (exact for objects, arrays, strings, booleans, null, integers).
+ */
+export function canonicalJson(obj: unknown): Uint8Array;
+/** The messages up to and including the first whose role is 'user' (all if none is). */
+export function conversationPrefix<T>(messages: T[]): T[];
+/** HMAC-SHA256 salt of a request's cache scope (32 bytes), or null (no scope, or no messages). */
+export function deriveCacheSalt(
+  secret: Uint8Array,
+  scope?: CacheScope,
+  request?: { model?: string; messages?: unknown[] | null },
+): Promise<Uint8Array | null>;
+/** 604800: a cache secret's lifetime in seconds (7 days). */
+export const CACHE_SECRET_LIFETIME: number;
+/** 1024: conversations whose last answering node the client remembers. */
+export const AFFINITY_ENTRIES: number;
 
 export interface ManifestStore {
   get(): string | null | undefined | Promise<string | null | undefined>;
@@ -138,8 +188,8 @@ export class OpenPCCClient {
     };
   };
   completions: {
-    create(params: { model: string; prompt: string; stream: true; [k: string]: unknown }): AsyncIterable<Record<string, unknown>>;
-    create(params: { model: string; prompt: string; stream?: false; [k: string]: unknown }): Promise<Record<string, unknown>>;
+    create(params: { model: string; prompt: string; stream: true; cacheScope?: CacheScope; [k: string]: unknown }): AsyncIterable<Record<string, unknown>>;
+    create(params: { model: string; prompt: string; stream?: false; cacheScope?: CacheScope; [k: string]: unknown }): Promise<Record<string, unknown>>;
   };
   policy(): Promise<TrustPolicy>;
   verifiedNodes(opts?: { refresh?: boolean }): Promise<VerifiedNode[]>;
@@ -148,6 +198,13 @@ export class OpenPCCClient {
   rejected: Record<string, string[]>;
   /** Why the last release-manifest refresh failed (refused or unreachable), or null. */
   readonly manifestRefreshError: Error | null;
+  /** The default cache scope of chat requests. */
+  cacheScope: CacheScope;
+  /**
+   * The node id (32 lower-case hex) the most recent sealed answer named in its
+   * openpcc-node-id header, or null (absent or malformed). For tests and debugging.
+   */
+  readonly lastNodeId: string | null;
 }
 
 export function createClient(opts: ClientOptions): OpenPCCClient;

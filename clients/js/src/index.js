@@ -3,6 +3,10 @@ export {
   createClient, OpenPCCClient, SSEParser, DONE, rememberSerial, webStorageSerialStore, memorySerialStore,
   webStorageManifestStore, memoryManifestStore,
 } from './client.js';
+export {
+  canonicalJson, conversationPrefix, deriveCacheSalt, webStorageCacheSecretStore, memoryCacheSecretStore,
+  CACHE_SECRET_LIFETIME, AFFINITY_ENTRIES,
+} from './cachescope.js';
 export { TokenWallet, formatAuthorization } from './privacypass.js';
 export { loadTrustPolicy, TrustPolicy, verifyNodeEntry, verifySnp, parseSnpReport, decodeClaims, reportDataFor } from './attestation.js';
 export { sealRequest, ResponseOpener, keyIdFor } from './sealed.js';

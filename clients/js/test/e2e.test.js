@@ -19,6 +19,10 @@ test('Node: tokens, verified node, streamed private chat', { skip: !CFG && 'OPEN
   assert.equal(out.non_streamed, out.text);
   assert.equal(out.unknown_model_error, 'NoVerifiedNodeError');
   assert.equal(out.unpinned_manifest_error, 'VerificationError');
+  // Two turns of one conversation: the same node answers both (cache affinity).
+  const [n1, n2] = out.conversation_node_ids;
+  assert.match(n1 ?? '', /^[0-9a-f]{32}$/, 'the node names itself (openpcc-node-id)');
+  assert.equal(n2, n1, 'the second turn went to the node that answered the first');
   console.log(JSON.stringify(out));
 });
 
