@@ -249,7 +249,9 @@ class VLLMEngine:
             "--dtype",
             self.dtype,
             "--no-enable-log-requests",
-            "--disable-log-stats",
+            # Statistics stay on: without them vLLM's /metrics never updates its queue,
+            # KV-cache and prefix-cache figures, which the node's load report reads. They
+            # are aggregates (its periodic log line has counts and rates, no request data).
             "--disable-uvicorn-access-log",
             "--disable-fastapi-docs",
             *self.extra_args,

@@ -855,7 +855,8 @@ async def _prefix_cache_follows_the_conversation(node: Proc, key: sealed.NodeKey
                     got[what] += float(line.rsplit(" ", 1)[1])
         return got["queries"], got["hits"]
 
-    system = " ".join(f"rule {i}: answer briefly and kindly." for i in range(40))
+    # The tiny model's context is 512 tokens: a history of a few full KV blocks.
+    system = " ".join(f"rule {i}: answer briefly and kindly." for i in range(8))
     first = [{"role": "system", "content": system}, {"role": "user", "content": "hello there"}]
     turn2 = [*first, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
 
@@ -878,5 +879,5 @@ async def _prefix_cache_follows_the_conversation(node: Proc, key: sealed.NodeKey
     assert queried > 0
     _, hits_bob = await turn(first, bob)  # the same words, another user: nothing shared
     _, hits_alice = await turn(turn2, alice)  # her next turn: her history is cached
-    assert hits_bob == 0
-    assert hits_alice >= 0.5 * queried, (hits_alice, queried)
+    assert hits_bob == 0, (hits_bob, queried)
+    assert hits_alice >= 0.25 * queried, (hits_alice, queried)
