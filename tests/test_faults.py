@@ -283,6 +283,8 @@ async def test_engine_crash_makes_the_node_unhealthy_until_restarted(tmp_path: P
         engine=eng,
         registrars=[],
         config=types.SimpleNamespace(node_id=b"\x01" * 16),
+        _inflight=0,
+        _engine_load={"waiting": 0, "kv_cache_usage": 0.0},
         _engine_state=lambda: "ready" if eng.ready.is_set() else "not ready",
     )
 
