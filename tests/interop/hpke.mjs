@@ -1,7 +1,9 @@
-// Interop peer for openpcc.wire.hpke / openpcc.wire.ohttp, using hpke-js 1.8.0.
+// Interop peer for openpcc.wire.hpke / openpcc.wire.ohttp, using hpke-js 1.8.0 and, for
+// the KEM X-Wing (MLKEM768-X25519, 0x647a), @hpke/hybridkem-x-wing 0.7.0.
 // stdin: JSON {op, ...} (all bytes as lowercase hex); stdout: JSON result.
-//   open:    {aead, sk, enc, info, msgs:[{aad, ct}], exports:[{ctx, L}]} -> {pts, exports}
-//   seal:    {aead, pk, info, msgs:[{aad, pt}], exports:[{ctx, L}]}      -> {enc, cts, exports}
+//   open:    {kem?, aead, sk, enc, info, msgs:[{aad, ct}], exports:[{ctx, L}]} -> {pts, exports}
+//   seal:    {kem?, aead, pk, info, msgs:[{aad, pt}], exports:[{ctx, L}]}      -> {enc, cts, exports}
+//            kem: 0x20 (default, DHKEM(X25519, HKDF-SHA256)) or 0x647a (X-Wing)
 //   ohttp_client:  {key_config, aead, bhttp, ske, pke, response?}  -> {request, response_bhttp?}
 //   ohttp_gateway: {sk, request, response_bhttp, response_nonce}   -> {request_bhttp, response}
 // The RFC 9458 framing below is deliberately written from the RFC, not from our code.
@@ -12,9 +14,17 @@ const unhex = (s) => new Uint8Array(Buffer.from(s, "hex"));
 const cat = (...xs) => new Uint8Array(Buffer.concat(xs.map((x) => Buffer.from(x))));
 const te = new TextEncoder();
 
-function suiteFor(aead) {
+async function kemFor(kem = 0x20) {
+  if (kem === 0x20) return KemId.DhkemX25519HkdfSha256;
+  if (kem !== 0x647a) throw new Error(`unknown kem ${kem}`);
+  // Imported on use, so an install that predates it still runs the X25519 ops.
+  const { XWing } = await import("@hpke/hybridkem-x-wing");
+  return new XWing();
+}
+
+function suiteFor(aead, kem = KemId.DhkemX25519HkdfSha256) {
   return new CipherSuite({
-    kem: KemId.DhkemX25519HkdfSha256,
+    kem,
     kdf: KdfId.HkdfSha256,
     aead: aead === 3 ? AeadId.Chacha20Poly1305 : AeadId.Aes128Gcm,
   });
@@ -43,7 +53,7 @@ async function responseAead(suite, ctx, enc, responseNonce) {
 
 const ops = {
   async open(p) {
-    const suite = suiteFor(p.aead);
+    const suite = suiteFor(p.aead, await kemFor(p.kem));
     const ctx = await suite.createRecipientContext({
       recipientKey: await suite.kem.deserializePrivateKey(unhex(p.sk)),
       enc: unhex(p.enc),
@@ -55,7 +65,7 @@ const ops = {
   },
 
   async seal(p) {
-    const suite = suiteFor(p.aead);
+    const suite = suiteFor(p.aead, await kemFor(p.kem));
     const ctx = await suite.createSenderContext({
       recipientPublicKey: await suite.kem.deserializePublicKey(unhex(p.pk)),
       info: unhex(p.info),
