@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -44,6 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. Output to a pipe whose reader left (``| head``)
+    ends the command quietly with 0, as other Unix tools do (``_stdout_closed``)."""
+    try:
+        try:
+            rc = _run(argv)
+        except SystemExit:  # argparse's --help and usage errors print too
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could not be caught
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a socket's, say: a real failure, never hidden
+        _silence_stdout()
+        return 0
+    return rc
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
@@ -60,6 +80,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"openpcc {args.command}: {exc}", file=sys.stderr)
         return 1
     return int(rc or 0)
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe (or socket) nobody reads any more.
+
+    Why not ``signal(SIGPIPE, SIG_DFL)``: that signal would also kill the services and
+    the client on a peer's closed socket, and ends with 141, not 0. Python ignores
+    SIGPIPE, so a write to the closed stdout raises BrokenPipeError instead; asking the
+    kernel about fd 1 keeps that quiet ending to stdout's case alone."""
+    fd = _stdout_fd()
+    if fd is None:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's final flush of what is still
+    buffered cannot fail again (and print "Exception ignored ...") on the way out."""
+    fd = _stdout_fd()
+    if fd is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _stdout_fd() -> int | None:
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an in-memory stream
+        return None
 
 
 if __name__ == "__main__":
