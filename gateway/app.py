@@ -192,7 +192,7 @@ class Gateway:
         """The key ring, reloaded when ``gateway keys rotate`` changed the folder."""
         if self.ring.changed_on_disk():
             try:
-                self.ring = OhttpKeyRing.load(self.config.state_dir)
+                self.ring = OhttpKeyRing.load(self.config.state_dir, kems=self.ring.kems)
             except OpenPCCError as exc:
                 log.error("keeping the old OHTTP keys: %s", exc)
         return self.ring
@@ -381,12 +381,12 @@ def create_internal_app(gw: Gateway) -> web.Application:
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:
-    from gateway.keys import ensure_key
+    from gateway.keys import ensure_keys, kem_ids
     from gateway.spent import open_spent_store
 
     return Gateway(
         config=config,
-        ring=ensure_key(config.state_dir),
+        ring=ensure_keys(config.state_dir, kem_ids(config.ohttp_kems)),
         spent=open_spent_store(config.state_dir, config.redis, config.redis_prefix),
         issuer=IssuerDirectoryCache(str(config.issuer), config.token_issuer_name),
         registry=NodeRegistry(ttl=config.node_ttl, health_interval=config.health_interval),

@@ -46,12 +46,19 @@ def register(sub: Any) -> None:
     keys = gsub.add_parser("keys", help="manage OHTTP key configs")
     ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
     rot = ksub.add_parser(
-        "rotate", help="add a key under a new key id; current keys stay for --grace seconds"
+        "rotate",
+        help="add a key per KEM under new key ids; the keys they replace stay for --grace seconds",
     )
     _state(rot)
     rot.add_argument("--grace", type=int, default=24 * 3600, metavar="SECONDS")
+    rot.add_argument(
+        "--kem",
+        action="append",
+        choices=("x25519", "x-wing"),
+        help="rotate only this KEM's key (repeatable; default: x25519 and x-wing)",
+    )
     rot.set_defaults(func=_keys_rotate)
-    lst = ksub.add_parser("list", help="list OHTTP keys (key id, public key, expiry)")
+    lst = ksub.add_parser("list", help="list OHTTP keys (key id, KEM, public key, expiry)")
     _state(lst)
     lst.set_defaults(func=_keys_list)
 
@@ -118,20 +125,34 @@ def _credentials_revoke(args: argparse.Namespace) -> int:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
-    from gateway.keys import OhttpKeyRing
+    import hashlib
+
+    from gateway.keys import DEFAULT_KEMS, OhttpKeyRing, kem_ids
+    from openpcc.wire import hpke
 
     ring = OhttpKeyRing.load(args.state_dir)
-    new, pruned = ring.rotate(now=time.time(), grace=args.grace)
+    kems = kem_ids(args.kem) if args.kem else DEFAULT_KEMS
+    new, pruned = ring.rotate(now=time.time(), grace=args.grace, kems=kems)
     for kid in pruned:
         print(f"removed expired key {kid}")
-    print(f"new OHTTP key id {new.key_id}: public key {new.public_key.hex()}")
+    for key in new:
+        # An X-Wing public key is 1216 bytes: its config's digest is what a manifest pins.
+        pk = (
+            key.public_key.hex()
+            if len(key.public_key) <= 32
+            else f"{len(key.public_key)} bytes, config sha256:"
+            + hashlib.sha256(key.config.encode()).hexdigest()
+        )
+        print(f"new OHTTP key id {key.key_id} ({hpke.kem_name(key.kem_id)}): public key {pk}")
     return 0
 
 
 def _keys_list(args: argparse.Namespace) -> int:
+    import hashlib
     import json
 
     from gateway.keys import OhttpKeyRing
+    from openpcc.wire import hpke
 
     now = time.time()
     for k in OhttpKeyRing.load(args.state_dir).keys:
@@ -139,7 +160,11 @@ def _keys_list(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "key_id": k.key_id,
+                    "kem": hpke.kem_name(k.kem_id),
+                    "kem_id": k.kem_id,
                     "public_key": k.public_key.hex(),
+                    # What a release manifest can pin ("sha256:..." in ohttp_key_configs).
+                    "config_sha256": hashlib.sha256(k.config.encode()).hexdigest(),
                     "created_at": k.created_at,
                     "expires_at": k.expires_at,
                     "state": "published" if k.live(now) else "expired",

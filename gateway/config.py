@@ -16,6 +16,9 @@ from openpcc.service.config import option
 
 ENV_PREFIX = "OPENPCC_GATEWAY_"
 DEFAULT_SPENT_TTL = 32 * 86400  # longer than the issuer's default key lifetime plus skew
+# OHTTP key config KEMs by name (gateway/keys.py maps them to KEM ids; named here so the
+# parser is built without the crypto libraries).
+OHTTP_KEMS = ("x25519", "x-wing")
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,16 @@ class GatewayConfig:
             metavar="SECONDS",
         ),
     )
+    ohttp_kems: tuple[str, ...] = field(
+        default=OHTTP_KEMS,
+        metadata=option(
+            "KEMs to keep and publish an OHTTP key config for (repeatable: x25519, x-wing); "
+            "a missing one is created at start",
+            kind="list",
+            flag="--ohttp-kem",
+            metavar="KEM",
+        ),
+    )
     keys_max_age: int = field(
         default=3600,
         metadata=option(
@@ -194,6 +207,11 @@ class GatewayConfig:
                 f"{ENV_PREFIX}RELEASE_PUBKEY) are required: nodes are listed only once "
                 "their attestation verifies under them"
             )
+        if not self.ohttp_kems:
+            raise ValueError("--ohttp-kem: at least one KEM (x25519, x-wing)")
+        for kem in self.ohttp_kems:
+            if kem.strip().lower() not in OHTTP_KEMS:
+                raise ValueError(f"--ohttp-kem {kem!r} is not one of {', '.join(OHTTP_KEMS)}")
         for net in self.node_network:
             try:
                 ipaddress.ip_network(net.strip(), strict=False)

@@ -1,4 +1,5 @@
-"""Sizes the gateway derives from the sealed-request layer (openpcc/wire/sealed.py).
+"""Sizes the gateway derives from the sealed-request layer (openpcc/wire/sealed.py) and the
+OHTTP request prefix (openpcc/wire/ohttp.py).
 
 Apart from gateway/config.py because that is imported while ``openpcc`` builds its parser,
 and the sealed layer brings the crypto libraries with it.
@@ -6,7 +7,7 @@ and the sealed layer brings the crypto libraries with it.
 
 from __future__ import annotations
 
-from openpcc.wire import sealed
+from openpcc.wire import ohttp, sealed
 
 # Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
 MAX_ENVELOPE = (
@@ -21,5 +22,7 @@ MAX_ENVELOPE = (
 )
 # Inner BHTTP request: envelope plus headers (the token is ~480 bytes) and framing.
 MAX_INNER_REQUEST = MAX_ENVELOPE + 64 * 1024
-# Outer OHTTP body: inner request plus per-chunk framing and tags.
-DEFAULT_MAX_BODY = MAX_INNER_REQUEST + 64 * 1024
+# Outer OHTTP body: the request prefix hdr ‖ enc of the largest KEM (X-Wing: 7 + 1120
+# bytes, where X25519's is 7 + 32), then the inner request, plus per-chunk framing and
+# tags (64 KiB covers a chunk every 2 KiB).
+DEFAULT_MAX_BODY = ohttp.MAX_REQUEST_PREFIX_LEN + MAX_INNER_REQUEST + 64 * 1024

@@ -17,7 +17,7 @@ from openpcc.attestation.policy import (
     release_key_id,
 )
 from openpcc.errors import DecodeError, VerificationError
-from openpcc.wire import ohttp
+from openpcc.wire import hpke, ohttp
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 T0 = int(NOW.timestamp())
@@ -162,6 +162,12 @@ def test_validity_window_and_rollback(key):
         lambda o: o.update(development_roots=["zz"]),
         lambda o: o.update(ohttp_key_configs=["sha256:00"]),
         lambda o: o.update(token_key_ids=["00" * 31]),
+        lambda o: o.update(post_quantum={"require": 1}),
+        lambda o: o.update(post_quantum={"require": "true"}),
+        lambda o: o.update(post_quantum={"require": True, "prefer": True}),
+        lambda o: o.update(post_quantum=None),
+        lambda o: o.update(post_quantum=True),
+        lambda o: o.update(post_quantum=[]),
     ],
 )
 def test_malformed_manifests_are_rejected(key, mutate):
@@ -219,3 +225,72 @@ def test_development_roots_flag(key):
     )
     assert policy.development
     assert policy.snp_policy("openpcc-2026.11.0").trusted_roots == frozenset({fp})
+
+
+# -- post-quantum outer layer (issue 20) ---------------------------------------------------
+
+XW_PK = hpke.generate_key_pair(kem_id=hpke.KEM_XWING).public_key
+SUITES = (ohttp.SymmetricSuite(1, 1), ohttp.SymmetricSuite(1, 3))
+CFG_X = ohttp.KeyConfig(1, hpke.KEM_DHKEM_X25519_HKDF_SHA256, bytes(32), SUITES)
+CFG_XW = ohttp.KeyConfig(2, hpke.KEM_XWING, XW_PK, SUITES)
+CFG_USER_XW = ohttp.KeyConfig(3, hpke.KEM_XWING, XW_PK[::-1], SUITES)  # another X-Wing key
+
+
+def _policy(pins: list[ohttp.KeyConfig | str], **over) -> TrustPolicy:
+    return TrustPolicy.unsigned_for_tests(
+        raw(
+            manifest_obj(
+                ohttp_key_configs=[p if isinstance(p, str) else p.encode().hex() for p in pins],
+                **over,
+            )
+        )
+    )
+
+
+def test_post_quantum_is_parsed_strictly_and_defaults_to_false(key):
+    assert Manifest.parse(raw(manifest_obj())).require_post_quantum is False
+    assert Manifest.parse(raw(manifest_obj(post_quantum={}))).require_post_quantum is False
+    m = Manifest.parse(raw(manifest_obj(post_quantum={"require": True})))
+    assert m.require_post_quantum is True
+    policy = TrustPolicy.from_signed(
+        signed(key, manifest_obj(post_quantum={"require": True})), [key.public_key()], NOW
+    )
+    assert policy.post_quantum_required and policy.summary()["post_quantum_required"]
+    assert not _policy([CFG_X]).post_quantum_required
+    # What a manifest pins by value is known; a digest could be either KEM.
+    assert _policy([CFG_X, CFG_XW]).pins_post_quantum_key() is True
+    assert _policy([CFG_X]).pins_post_quantum_key() is False
+    digest = "sha256:" + hashlib.sha256(CFG_XW.encode()).hexdigest()
+    assert _policy([CFG_X, digest]).pins_post_quantum_key() is None
+
+
+def test_the_client_prefers_a_pinned_x_wing_config_and_never_downgrades_under_require(caplog):
+    from openpcc.client.client import choose_key_config
+
+    offered = [CFG_X, CFG_XW]  # the gateway's list, X25519 first
+    # Both pinned: X-Wing. Only X25519 pinned (an older manifest): X25519.
+    assert choose_key_config(offered, _policy([CFG_X, CFG_XW])) == CFG_XW
+    assert choose_key_config(offered, _policy([CFG_X])) == CFG_X
+    digest = "sha256:" + hashlib.sha256(CFG_XW.encode()).hexdigest()
+    assert choose_key_config(offered, _policy([CFG_X, digest])) == CFG_XW
+    # An X-Wing config the manifest does not pin is never used (a per-user key); falling
+    # back to X25519 while the manifest pins an X-Wing config is allowed without
+    # post_quantum.require, but said.
+    with caplog.at_level("WARNING", logger="openpcc.client"):
+        assert choose_key_config([CFG_X, CFG_USER_XW], _policy([CFG_X, CFG_XW])) == CFG_X
+    assert "does not offer" in caplog.text
+    # post_quantum.require: a manifest pinning no X-Wing config...
+    required = {"post_quantum": {"require": True}}
+    with pytest.raises(VerificationError, match="pins none"):
+        choose_key_config(offered, _policy([CFG_X], **required))
+    # ... or a gateway offering none the manifest pins (dropped, or swapped for its own).
+    for gateway in ([CFG_X], [CFG_X, CFG_USER_XW]):
+        with pytest.raises(VerificationError, match="offers no X-Wing"):
+            choose_key_config(gateway, _policy([CFG_X, CFG_XW], **required))
+    with pytest.raises(VerificationError, match="offers no X-Wing"):
+        choose_key_config([CFG_X], _policy([CFG_X, digest], **required))
+    assert choose_key_config(offered, _policy([CFG_X, CFG_XW], **required)) == CFG_XW
+    # Nothing pinned at all is refused as before; no manifest (tools): X-Wing if offered.
+    with pytest.raises(VerificationError, match="not the ones"):
+        choose_key_config([CFG_USER_XW], _policy([CFG_X, CFG_XW], **required))
+    assert choose_key_config(offered, None) == CFG_XW

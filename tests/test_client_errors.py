@@ -43,6 +43,8 @@ class _Pins:
     def accepts_token_key(self, key_id: bytes) -> bool:
         return True
 
+    post_quantum_required = False
+
 
 def _answer_ok(body: bytes) -> bytes:
     """A real OHTTP answer to the client's request: a directory with no nodes."""

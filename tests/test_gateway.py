@@ -158,31 +158,112 @@ async def session() -> Iterator[aiohttp.ClientSession]:
 
 
 async def test_key_config_served_parsed_and_rotated(gw: Proc, session: aiohttp.ClientSession):
+    """One X25519 and one X-Wing config by default, distinct ids, X-Wing first among keys
+    of one generation; both open plain and chunked requests; `keys rotate` rotates both
+    (or one, with --kem) and the replaced keys open requests through their grace."""
     async with session.get(gw.url + "/.well-known/ohttp-gateway") as r:
         assert r.status == 200
         assert r.content_type == "application/ohttp-keys"
         assert "max-age=" in r.headers["Cache-Control"]
         before = parse_key_configs(await r.read())
-    assert len(before) >= 1
-    kc = before[0]
-    assert kc.supports(hpke.KDF_HKDF_SHA256, hpke.AEAD_AES_128_GCM)
-    assert kc.supports(hpke.KDF_HKDF_SHA256, hpke.AEAD_CHACHA20_POLY1305)
+    kems = [c.kem_id for c in before]
+    assert sorted(kems) == sorted([hpke.KEM_XWING, hpke.KEM_DHKEM_X25519_HKDF_SHA256])
+    assert kems[0] == hpke.KEM_XWING and len({c.key_id for c in before}) == 2
+    for kc in before:
+        assert kc.supports(hpke.KDF_HKDF_SHA256, hpke.AEAD_AES_128_GCM)
+        assert kc.supports(hpke.KDF_HKDF_SHA256, hpke.AEAD_CHACHA20_POLY1305)
     keys_dir = gw.extra["state"] / "ohttp-keys"
+    stored = {}
     for f in keys_dir.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
+        doc = json.loads(f.read_text())
+        stored[doc["kem_id"]] = doc
+        assert len(bytes.fromhex(doc["private_key"])) == 32  # X-Wing: its seed
+    assert set(stored) == {hpke.KEM_XWING, hpke.KEM_DHKEM_X25519_HKDF_SHA256}
+
+    async def opens(cfg: KeyConfig) -> None:
+        status, resp = await plain(session, gw.url, cfg, inner_request("GET", "/v1/nodes"))
+        assert status == 200 and resp.status == 200, cfg.kem_id
+        call = await chunked(session, gw.url, cfg, inner_request("GET", "/v1/nodes"))
+        assert call.status == 200 and (await call.collect())[0] == 200, cfg.kem_id
+
+    for cfg in before:
+        await opens(cfg)
 
     out = cli("gateway", "keys", "rotate", "--state", str(gw.extra["state"]))
     assert out.returncode == 0, out.stderr
+    assert "(X-Wing)" in out.stdout and "(X25519)" in out.stdout
     async with session.get(gw.url + "/.well-known/ohttp-gateway") as r:
         after = parse_key_configs(await r.read())
-    assert len(after) == len(before) + 1
-    assert after[0].key_id not in {c.key_id for c in before}  # newest first, fresh id
-    # Both the new key and the old one (grace period) still open requests.
-    for cfg in (after[0], kc):
-        status, resp = await plain(session, gw.url, cfg, inner_request("GET", "/v1/nodes"))
-        assert status == 200 and resp.status == 200
-        call = await chunked(session, gw.url, cfg, inner_request("GET", "/v1/nodes"))
-        assert call.status == 200 and (await call.collect())[0] == 200
+    assert len(after) == len(before) + 2
+    fresh = after[:2]  # newest first: the two new keys, fresh ids
+    assert {c.kem_id for c in fresh} == set(kems)
+    assert not {c.key_id for c in fresh} & {c.key_id for c in before}
+    out = cli("gateway", "keys", "rotate", "--state", str(gw.extra["state"]), "--kem", "x-wing")
+    assert out.returncode == 0 and "(X25519)" not in out.stdout, out.stdout + out.stderr
+    async with session.get(gw.url + "/.well-known/ohttp-gateway") as r:
+        last = parse_key_configs(await r.read())
+    assert len(last) == len(after) + 1 and last[0].kem_id == hpke.KEM_XWING
+    # The newest keys and the replaced ones (grace period) all open requests.
+    for cfg in (last[0], *before):
+        await opens(cfg)
+
+
+def test_key_ring_keeps_a_key_per_kem_and_upgrades_an_old_folder(
+    tmp_path: Path, caplog, monkeypatch
+):
+    """A folder from before X-Wing (files without kem_id) loads as X25519 and gains an
+    X-Wing key at start; rotation is per KEM; each key id opens only its own KEM; a
+    read-only folder is served as it is, with a warning."""
+    from gateway import keys as gateway_keys
+    from gateway.keys import KEYS_DIRNAME, X25519, XWING, OhttpKeyRing, ensure_keys
+    from openpcc.errors import KeyStoreError
+    from openpcc.wire import ohttp
+
+    keys_dir = tmp_path / KEYS_DIRNAME
+    keys_dir.mkdir(mode=0o700)
+    old = hpke.generate_key_pair()
+    legacy = {
+        "key_id": 9,
+        "private_key": old.private_key.hex(),
+        "created_at": 1,
+        "expires_at": None,
+    }
+    (keys_dir / "9.json").write_text(json.dumps(legacy))
+    ring = ensure_keys(tmp_path, now=1000)
+    assert [(k.key_id, k.kem_id) for k in ring.keys] == [(10, XWING), (9, X25519)]
+    assert ring.keys[1].public_key == old.public_key
+    assert json.loads((keys_dir / "10.json").read_text())["kem_id"] == XWING
+    assert ensure_keys(tmp_path, now=1001).keys == ring.keys  # nothing more to add
+    configs = ring.configs(1000)
+    for cfg in configs:
+        req, _ = ohttp.encapsulate_request(cfg, b"hi")
+        assert ohttp.decapsulate_request(ring.private_keys(1000), req)[0] == b"hi"
+    # Rotating X-Wing alone leaves X25519 current; both stay open through the grace.
+    new, _ = ring.rotate(now=2000, grace=100, kems=[XWING])
+    assert [(k.key_id, k.kem_id) for k in new] == [(11, XWING)]
+    assert [(k.key_id, k.expires_at) for k in ring.keys] == [(11, None), (9, None), (10, 2100)]
+    assert set(ring.private_keys(2050)) == {9, 10, 11}
+    assert set(ring.private_keys(2100)) == {9, 11}
+    # A gateway serving X25519 only publishes and opens neither X-Wing key.
+    only = OhttpKeyRing.load(tmp_path, kems=[X25519])
+    assert [c.key_id for c in only.configs(2050)] == [9] and set(only.private_keys(2050)) == {9}
+    # A folder that cannot be written (a mounted Secret) and has no X-Wing key: served
+    # as it is, with a warning (and refused only if it has no key at all).
+    ro = tmp_path / "ro"
+    (ro / KEYS_DIRNAME).mkdir(parents=True)
+    (ro / KEYS_DIRNAME / "9.json").write_text(json.dumps(legacy))
+
+    def read_only(path: Path, data: bytes) -> None:
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(gateway_keys, "write_private", read_only)
+    with caplog.at_level("WARNING", logger="openpcc.gateway"):
+        ring = ensure_keys(ro, now=1000)
+    assert [k.kem_id for k in ring.keys] == [X25519]
+    assert "no X-Wing OHTTP key" in caplog.text
+    with pytest.raises(KeyStoreError):
+        ensure_keys(tmp_path / "empty", now=1000)
 
 
 # -- registry ---------------------------------------------------------------------------------

@@ -83,9 +83,26 @@ def test_js_client_node_end_to_end(node_bin: str, local_stack: LocalStack) -> No
             "OPENPCC_CLIENT_CONFIG": str(local_stack.config_path),
             "OPENPCC_EXPECT_TEXT": "Hello from the fake engine.",
             "OPENPCC_SKIP_BROWSER": "1",
+            "OPENPCC_EXPECT_KEM": str(0x647A),  # the dev manifest pins the X-Wing config
         },
     )
     assert "ok 1 - Node: tokens, verified node, streamed private chat" in out
+    # Our gateway opened what the JS client sent on X-Wing, plain (discovery) and chunked
+    # (chats) OHTTP alike: the relay saw only X-Wing request headers.
+    kinds = _relay_ohttp_kems(local_stack)
+    assert {ctype for ctype, _ in kinds} == {"message/ohttp-req", "message/ohttp-chunked-req"}
+    assert {kem for _, kem in kinds} == {0x647A}
+
+
+def _relay_ohttp_kems(local_stack: LocalStack, origin: str | None = None) -> set[tuple[str, int]]:
+    """(content type, KEM of the OHTTP header) of every OHTTP POST the relay received."""
+    out = set()
+    for r in read_audit(local_stack.audit["relay"]):
+        h = _headers(r)
+        if r["method"] == "POST" and (origin is None or h.get("origin") == origin):
+            body = bytes.fromhex(str(r["body_hex"]))
+            out.add((h["content-type"], int.from_bytes(body[1:3], "big")))
+    return out
 
 
 def _headers(rec: dict) -> dict[str, str]:
@@ -136,6 +153,8 @@ def test_js_client_headless_chromium(node_bin: str, local_stack: LocalStack) -> 
     denied = summary["denied"]  # below; its POST was preflighted too (and refused)
     assert {_headers(r)["origin"] for r in preflights} == {page, denied["page_origin"]}
     assert any(r["method"] == "POST" and _headers(r).get("origin") == page for r in relay_log)
+    # The browser bundle sent its OHTTP on X-Wing too (the dev manifest pins it).
+    assert {kem for _, kem in _relay_ohttp_kems(local_stack, page)} == {0x647A}
     # ...and the gateway heard of none of it: no preflight, no Origin.
     gateway_log = read_audit(local_stack.audit["gateway"])
     assert gateway_log and all(r["method"] != "OPTIONS" for r in gateway_log)

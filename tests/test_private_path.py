@@ -88,6 +88,17 @@ def test_private_chat_streams_and_each_party_sees_only_what_design_allows(
     assert MODEL not in relay_bytes
     node_peers = {r["peer"] for r in read_audit(_merged_node_audit(local_stack))}
     assert node_peers == {"127.0.0.1"}
+    # The outer layer the relay carried was X-Wing (the dev manifest pins both gateway
+    # configs): every OHTTP body from this client, plain (discovery) and chunked (the
+    # chat), starts hdr(key_id, 0x647a, ...) ‖ enc(1120); the relay can read no more.
+    bodies = [
+        (r["headers"], bytes.fromhex(str(r["body_hex"])))
+        for r in read_audit(local_stack.audit["relay"])
+        if r["method"] == "POST" and r["peer"] == CLIENT_ADDR
+    ]
+    kinds = {v for h, _ in bodies for k, v in h if k.lower() == "content-type"}  # type: ignore[attr-defined]
+    assert kinds == {"message/ohttp-req", "message/ohttp-chunked-req"}, kinds
+    assert bodies and all(b[1:3] == b"\x64\x7a" and len(b) > 7 + 1120 for _, b in bodies)
 
 
 def test_a_conversation_keeps_its_cache_scope_and_its_node(
@@ -178,23 +189,32 @@ def test_a_token_is_accepted_once(local_stack: LocalStack) -> None:
     asyncio.run(go())
 
 
-def test_a_client_seals_only_to_nodes_its_own_manifest_trusts(
-    local_stack: LocalStack, tmp_path: Path
-) -> None:
-    """Whatever a gateway lists (a compromised one could list anything), the client
-    judges each node itself: under a manifest that does not trust the stack's TEE root,
-    validly signed by the same release key, no node is used and no request leaves."""
+def _profile_with(local_stack: LocalStack, tmp_path: Path, **manifest_changes: object) -> Path:
+    """A client profile of this stack whose release manifest (signed by the stack's release
+    key) is the published one with ``manifest_changes``."""
     from openpcc.attestation.policy import SignedManifest, load_release_private_key
 
     manifest = json.loads((local_stack.state / "release" / "manifest.json").read_text())
-    manifest["development_roots"] = [SimulatedTEE.create(tmp_path / "other").root_fingerprint]
+    manifest.update(manifest_changes)
     key = load_release_private_key((local_stack.state / "release" / "release-key.pem").read_bytes())
+    tmp_path.mkdir(parents=True, exist_ok=True)
     signed = tmp_path / "trust-policy.json"
     signed.write_bytes(SignedManifest.sign(json.dumps(manifest).encode(), key).encode())
     cfg = json.loads(local_stack.config_path.read_text())
     cfg.update(policy=str(signed), wallet=str(tmp_path / "wallet.json"), manifest_url="off")
     profile = tmp_path / "client.json"
     profile.write_text(json.dumps(cfg))
+    return profile
+
+
+def test_a_client_seals_only_to_nodes_its_own_manifest_trusts(
+    local_stack: LocalStack, tmp_path: Path
+) -> None:
+    """Whatever a gateway lists (a compromised one could list anything), the client
+    judges each node itself: under a manifest that does not trust the stack's TEE root,
+    validly signed by the same release key, no node is used and no request leaves."""
+    other_root = SimulatedTEE.create(tmp_path / "other").root_fingerprint
+    profile = _profile_with(local_stack, tmp_path, development_roots=[other_root])
 
     async def go() -> None:
         client, wallet, model, _ = client_from_config(profile)
@@ -337,6 +357,72 @@ def test_status_reports_wallet_nodes_and_key_consistency(local_stack: LocalStack
     assert len(report["verified_nodes"]) == 2
     assert report["token_keys"].startswith("consistent")
     assert isinstance(report["wallet_tokens"], int)
+
+
+def test_the_outer_layer_is_x_wing_and_a_post_quantum_manifest_never_downgrades(
+    local_stack: LocalStack, tmp_path: Path
+) -> None:
+    """Issue 20, outer layer: the stack's gateway publishes an X25519 and an X-Wing config,
+    the dev manifest pins both, so clients use X-Wing (`openpcc status` says so). Under
+    `post_quantum.require` a chat goes through on X-Wing; a manifest pinning no X-Wing
+    config, or pinning one the gateway does not offer (as if it were stripped), is
+    refused before any request is sent."""
+    from openpcc.client.errors import UntrustedError
+    from openpcc.devstack.local import collect_status
+    from openpcc.errors import VerificationError
+    from openpcc.wire import hpke, ohttp
+
+    published = json.loads((local_stack.state / "release" / "manifest.json").read_text())
+    configs = [ohttp.KeyConfig.parse(bytes.fromhex(c)) for c in published["ohttp_key_configs"]]
+    assert sorted(c.kem_id for c in configs) == [0x0020, 0x647A]
+    x25519 = next(c for c in configs if c.kem_id == 0x0020).encode().hex()
+    xwing = next(c for c in configs if c.kem_id == 0x647A)
+    report = asyncio.run(collect_status(local_stack.config_path))
+    assert report["outer_layer"].startswith("OHTTP with X-Wing"), report
+    assert "requires post-quantum" not in report["outer_layer"]
+
+    required = {"post_quantum": {"require": True}}
+    ok = _profile_with(local_stack, tmp_path / "ok", **required)
+    pins_none = _profile_with(
+        local_stack, tmp_path / "none", ohttp_key_configs=[x25519], **required
+    )
+    not_offered = ohttp.KeyConfig(  # an X-Wing config this gateway does not have
+        xwing.key_id, xwing.kem_id, hpke.generate_key_pair(kem_id=0x647A).public_key,
+        xwing.symmetric_suites,
+    )  # fmt: skip
+    stripped = _profile_with(
+        local_stack,
+        tmp_path / "stripped",
+        ohttp_key_configs=[x25519, not_offered.encode().hex()],
+        **required,
+    )
+
+    async def go() -> None:
+        client, wallet, model, _ = client_from_config(ok)
+        try:
+            assert (await client.key_config()).kem_id == 0x647A
+            answer = await client.chat_completions(model, [{"role": "user", "content": "pq"}])
+            assert answer["choices"][0]["message"]["content"]
+        finally:
+            await client.aclose()
+            await wallet.aclose()
+        assert "requires post-quantum" in (await collect_status(ok))["outer_layer"]
+        for profile, why in ((pins_none, "pins none"), (stripped, "offers no X-Wing")):
+            relay_before = local_stack.audit["relay"].read_text()
+            client, wallet, model, _ = client_from_config(profile)
+            try:
+                with pytest.raises(VerificationError, match=why):
+                    await client.key_config()
+                with pytest.raises(UntrustedError, match=why):
+                    await client.chat_completions(model, [{"role": "user", "content": "x"}])
+            finally:
+                await client.aclose()
+                await wallet.aclose()
+            # Only key fetches reached the relay: no OHTTP request at all.
+            new = local_stack.audit["relay"].read_text()[len(relay_before) :]
+            assert all(json.loads(line)["method"] == "GET" for line in new.splitlines())
+
+    asyncio.run(go())
 
 
 def test_node_killed_before_first_byte_is_served_by_another_candidate(

@@ -106,15 +106,15 @@ def test_a_trickled_body_is_cut_off(local_stack: LocalStack, party: str) -> None
     if party == "issuer":
         key = (local_stack.state / "demo-api-key").read_text().strip()
         headers = {**headers, "Authorization": f"Bearer {key}"}
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     start = b""
     if party in ("relay", "gateway"):
         # A real chunked-OHTTP prefix, then zero bytes (the final chunk's content until
         # the end), so the gateway keeps reading instead of refusing the first bytes.
         with urllib.request.urlopen(url + "/.well-known/ohttp-gateway", timeout=5) as r:
-            config = ohttp.parse_key_configs(r.read())[0]
+            config = ohttp.parse_key_configs(r.read())[0]  # X-Wing: a 1127-byte prefix
         start = ChunkedRequestSender(config).header() + b"\x00"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(start) + 200}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     with socket.create_connection(_address(url)) as s:
         s.sendall(head.encode() + start)
         s.settimeout(0.2)

@@ -32,12 +32,16 @@ rejected with :class:`~openpcc.errors.DecodeError`)::
       "gpu": {"require": true, "require_ocsp": false},
       "development_roots": [],                       # SHA-256 fingerprints (hex); dev only
       "ohttp_key_configs": ["<hex of one KeyConfig>" | "sha256:<64 hex>", ...],
+      "post_quantum": {"require": false},            # optional; see below
       "token_key_ids": ["<64 hex: SHA-256 of the issuer's token public key>", ...]
     }
 
 Only ``format``, ``serial``, ``issued_at``, ``expires_at``, ``releases``,
 ``ohttp_key_configs`` and ``token_key_ids`` are required; the platform sections default
-to the strict values shown. A release without an ``snp``/``tdx``/``gpu`` section
+to the strict values shown. ``post_quantum.require`` (default false): a client then uses
+only an X-Wing (KEM 0x647A) gateway key config the manifest pins and refuses the
+gateway otherwise (no silent downgrade to X25519); without it a client still prefers a
+pinned X-Wing config. A release without an ``snp``/``tdx``/``gpu`` section
 accepts no evidence of that kind. Signed form (``SignedManifest``)::
 
     {"format": "openpcc-signed-manifest/1", "key_id": "<sha256(raw pubkey) hex>",
@@ -80,6 +84,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+@/-]{0,127}")
 _HEX_RE = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _SNP_TCB_NAMES = frozenset({"bl", "tee", "snp", "ucode", "fmc"})
 _PRODUCTS = frozenset({"Milan", "Genoa", "Turin"})
+_KEM_XWING = b"\x64\x7a"  # a KeyConfig's kem_id (bytes 1-2) for X-Wing, MLKEM768-X25519
 
 
 # --- strict JSON helpers ---------------------------------------------------------------
@@ -232,6 +237,7 @@ class Manifest:
     ohttp_key_configs: frozenset[bytes] = frozenset()
     ohttp_key_config_digests: frozenset[bytes] = frozenset()
     token_key_ids: frozenset[bytes] = frozenset()
+    require_post_quantum: bool = False
 
     @classmethod
     def parse(cls, data: bytes) -> Manifest:
@@ -248,7 +254,7 @@ class Manifest:
                 "ohttp_key_configs",
                 "token_key_ids",
             ),
-            ("snp", "tdx", "gpu", "development_roots", "comment"),
+            ("snp", "tdx", "gpu", "development_roots", "post_quantum", "comment"),
         )
         if doc["format"] != MANIFEST_FORMAT:
             raise DecodeError(f"manifest format must be {MANIFEST_FORMAT!r}")
@@ -343,6 +349,9 @@ class Manifest:
                 configs.add(_hex(entry, what))
         kw["ohttp_key_configs"] = frozenset(configs)
         kw["ohttp_key_config_digests"] = frozenset(digests)
+        pq = _obj(doc.get("post_quantum", {}), "post_quantum", (), ("require",))
+        if "require" in pq:
+            kw["require_post_quantum"] = _bool(pq["require"], "post_quantum.require")
         kw["token_key_ids"] = _hex_set(doc["token_key_ids"], "token_key_ids", 32)
         return cls(**kw)
 
@@ -637,6 +646,18 @@ class TrustPolicy:
             pos, seen = pos + 2 + n, seen + 1
         return seen > 0
 
+    @property
+    def post_quantum_required(self) -> bool:
+        """``post_quantum.require``: only a pinned X-Wing gateway key config will do."""
+        return self.manifest.require_post_quantum
+
+    def pins_post_quantum_key(self) -> bool | None:
+        """Whether the manifest pins an X-Wing (KEM 0x647A) key config: True or False from
+        the configs pinned by value, None when only a ``sha256:`` pin could be one."""
+        if any(c[1:3] == _KEM_XWING for c in self.manifest.ohttp_key_configs):
+            return True
+        return None if self.manifest.ohttp_key_config_digests else False
+
     def accepts_token_key(self, key_id: bytes) -> bool:
         """Whether an issuer token key id (SHA-256 of the public key) is in force."""
         return bytes(key_id) in self.manifest.token_key_ids
@@ -653,5 +674,6 @@ class TrustPolicy:
             "development_roots": sorted(m.development_roots),
             "require_gpu": m.require_gpu,
             "ohttp_key_pins": len(m.ohttp_key_configs) + len(m.ohttp_key_config_digests),
+            "post_quantum_required": m.require_post_quantum,
             "token_key_ids": sorted(k.hex() for k in m.token_key_ids),
         }

@@ -44,4 +44,6 @@ class BundleVerifier:
         # Trusted until the claims or the manifest that admitted them expire, whichever is
         # first: the client's cache of verdicts must not outlive the manifest.
         until = min(float(claims.expires_at), self.policy.valid_until)
-        return VerifiedNode(claimed_id, claims.hpke_public_key, models, until)
+        return VerifiedNode(
+            claimed_id, claims.hpke_public_key, models, until, release_id=claims.release_id
+        )

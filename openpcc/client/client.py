@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import random
 import re
 import threading
@@ -57,9 +58,10 @@ from openpcc.errors import OpenPCCError, VerificationError
 from openpcc.forwarding import SENT_AT_HEADER
 from openpcc.privacypass import auth
 from openpcc.service.stagetrace import StageTrace
-from openpcc.wire import bhttp, ohttp, sealed
+from openpcc.wire import bhttp, hpke, ohttp, sealed
 from openpcc.wire.chunked import MEDIA_TYPE_CHUNKED_REQUEST, ChunkedRequestSender
 
+log = logging.getLogger("openpcc.client")
 _NODE_ID_HEX = re.compile(rb"[0-9a-f]{%d}" % (2 * sealed.NODE_ID_LEN))
 GATEWAY_AUTHORITY = b"gateway"  # the inner requests' authority; the gateway ignores it
 
@@ -72,6 +74,7 @@ class VerifiedNode:
     public_key: bytes
     models: tuple[str, ...]
     expires_at: float
+    release_id: str = ""  # the manifest release its attestation matched ("" if unknown)
 
 
 P = ParamSpec("P")
@@ -113,6 +116,52 @@ class KeyPins(Protocol):
     def accepts_ohttp_key(self, config: bytes) -> bool: ...
 
     def accepts_token_key(self, key_id: bytes) -> bool: ...
+
+    @property
+    def post_quantum_required(self) -> bool:
+        """Only a pinned X-Wing OHTTP key config will do (manifest ``post_quantum``)."""
+        ...
+
+
+def choose_key_config(configs: Sequence[ohttp.KeyConfig], trust: KeyPins | None) -> ohttp.KeyConfig:
+    """The gateway key config to send with, from its ``application/ohttp-keys`` list.
+
+    Only configs the manifest pins (key consistency: another could be this user's alone),
+    and offering HKDF-SHA256 / AES-128-GCM. Among those, X-Wing (KEM 0x647A) if one is
+    pinned, else X25519. Under ``post_quantum.require`` a gateway (or a manifest) with no
+    pinned X-Wing config is refused with VerificationError: never a silent downgrade.
+    Without a manifest (tests, tools) the gateway's X-Wing config is preferred likewise.
+    """
+    if trust is not None:
+        configs = [c for c in configs if trust.accepts_ohttp_key(c.encode())]
+        if not configs:
+            raise VerificationError(
+                "the gateway's OHTTP keys are not the ones the release manifest pins"
+            )
+    usable = [c for c in configs if c.supports(hpke.KDF_HKDF_SHA256, hpke.AEAD_AES_128_GCM)]
+    pq = [c for c in usable if c.kem_id == hpke.KEM_XWING]
+    if pq:
+        return pq[0]
+    if trust is not None and trust.post_quantum_required:
+        pins = getattr(trust, "pins_post_quantum_key", lambda: None)()
+        why = (
+            "the release manifest pins none"
+            if pins is False
+            else "the gateway offers no X-Wing key config the release manifest pins"
+        )
+        raise VerificationError(
+            "the release manifest requires a post-quantum (X-Wing) OHTTP key and " + why
+        )
+    if not usable:
+        raise RelayError("the gateway offers no key config this client supports")
+    if trust is not None and getattr(trust, "pins_post_quantum_key", lambda: None)():
+        # Allowed (the manifest does not require X-Wing), but not what it expects: a relay
+        # or gateway may have dropped the X-Wing config. `post_quantum.require` refuses.
+        log.warning(
+            "the release manifest pins an X-Wing OHTTP key the gateway does not offer: "
+            "using X25519 (not post-quantum)"
+        )
+    return usable[0]
 
 
 class TokenSource(Protocol):
@@ -171,6 +220,9 @@ class Client:
         self._cache_secret = cache_secret or CacheSecret(None, clock=clock)
         self._affinity = Affinity() if affinity else None
         self.last_node_id: bytes | None = None  # the node that answered the last request
+        # ... and its verified entry, when it is one of the candidates the request was
+        # sealed to (always, unless the node misnamed itself): what `openpcc chat` shows.
+        self.last_node: VerifiedNode | None = None
         self._trace = StageTrace("client")
         self._key_config: ohttp.KeyConfig | None = None
         self._verdicts = _Verdicts()
@@ -200,7 +252,8 @@ class Client:
 
     @_typed
     async def key_config(self) -> ohttp.KeyConfig:
-        """The gateway's OHTTP key, fetched through the relay (RFC 9540)."""
+        """The gateway's OHTTP key, fetched through the relay (RFC 9540), chosen by
+        :func:`choose_key_config`: its ``kem_id`` says which KEM the outer layer uses."""
         if self._key_config is None:
             try:
                 async with self._http().get(self._relay + "/.well-known/ohttp-gateway") as r:
@@ -209,17 +262,9 @@ class Client:
                     configs = ohttp.parse_key_configs(await r.read())
             except aiohttp.ClientError as exc:
                 raise RelayError(f"cannot reach the relay: {exc}") from exc
-            if self._trust is not None:
-                # A key the manifest does not list could be this user's alone (tagging).
-                configs = [c for c in configs if self._trust.accepts_ohttp_key(c.encode())]
-                if not configs:
-                    raise VerificationError(
-                        "the gateway's OHTTP keys are not the ones the release manifest pins"
-                    )
-            usable = [c for c in configs if c.supports(1, 1)]
-            if not usable:
-                raise RelayError("the gateway offers no key config this client supports")
-            self._key_config = usable[0]
+            # Pinned only (a key the manifest does not list could be this user's alone),
+            # X-Wing when pinned, and no X25519 under a post-quantum manifest.
+            self._key_config = choose_key_config(configs, self._trust)
         return self._key_config
 
     @_typed
@@ -324,6 +369,23 @@ class Client:
 
     def rejected_nodes(self) -> dict[str, list[str]]:
         return {v[1][0]: v[1][1:] for v in self._verdicts.failed.values()}
+
+    @property
+    def trust(self) -> KeyPins | None:
+        """The release manifest's policy the client judges by now (read-only; a refresh
+        swaps it), so a UI can say which manifest admitted the node that answered."""
+        return self._trust
+
+    def cache_salt(
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any]] | None,
+        cache_scope: CacheScope = CONVERSATION,
+    ) -> bytes | None:
+        """The salt a request with these arguments carries (None: no scope), so a UI can
+        show which cache scope a conversation is in without sending anything. Secret to
+        this client and the node: show a digest of it, never the salt itself."""
+        return self._salt(cache_scope, model, messages)
 
     # -------------------------------------------------------------------- chat
 
@@ -482,6 +544,9 @@ class Client:
                 elif isinstance(ev, NodeHead):
                     node_status = ev.status
                     self._answered_by(ev.headers, salt)
+                    self.last_node = next(
+                        (n for n in chosen if n.node_id == self.last_node_id), None
+                    )
                 elif isinstance(ev, GatewayBody):
                     error_body.extend(ev.data)
             return out

@@ -17,9 +17,10 @@ import json
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from openpcc.client.profile import (
     DEFAULT_PROFILE,
@@ -71,14 +72,32 @@ def register(sub: Any) -> None:
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.set_defaults(func=_demo)
 
-    chat = sub.add_parser("chat", help="private chat through a relay (streams the answer)")
-    chat.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
+    chat = sub.add_parser(
+        "chat",
+        help="private chat through a relay: a conversation on a terminal, one answer otherwise",
+        description="With a prompt, or with stdin piped, send one message and stream the "
+        "answer. On a terminal with no prompt (or with -i), hold a conversation: the history "
+        "is resent each turn in one conversation cache scope; /help lists its commands.",
+    )
+    chat.add_argument(
+        "prompt",
+        nargs="?",
+        help="the prompt (default: a conversation on a terminal, else read from stdin)",
+    )
+    chat.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="hold a conversation (the prompt, if given, is its first message)",
+    )
     _config_arg(chat)
     chat.add_argument("--model", help="model name (default: the config's)")
     chat.add_argument("--system", help="a system message to send first")
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float)
-    chat.add_argument("--json", action="store_true", help="print raw chunks as JSON lines")
+    chat.add_argument(
+        "--json", action="store_true", help="print the answers' raw chunks as JSON lines"
+    )
     chat.set_defaults(func=_chat)
 
     status = sub.add_parser(
@@ -340,6 +359,9 @@ def _publish_release(
         },
         "gpu": {"require": False, "require_ocsp": False},
         "development_roots": [tee.root_fingerprint],
+        # Every config the gateway publishes: its X25519 and its X-Wing one, so this
+        # stack's clients encapsulate to X-Wing (issue 20); X25519 stays pinned for
+        # clients that lack it. "post_quantum" is left at its default (not required).
         "ohttp_key_configs": [c.encode().hex() for c in configs],
         "token_key_ids": [token_key_id(k.token_key).hex() for k in directory.token_keys],
     }
@@ -370,11 +392,14 @@ async def stream_chat(
     local_addr: str | None = None,
 ) -> str:
     """Send one private chat; write the streamed text (or JSON chunks) to ``out``."""
+    from openpcc.chat import terminal_safe
+
     client, wallet, default_model, session = client_from_config(config_path, local_addr=local_addr)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
     text = []
+    tty = out is not None and not as_json and out.isatty()
     try:
         if progress is not None:
             progress("checking the attestation of the gateway's nodes…")
@@ -382,18 +407,22 @@ async def stream_chat(
             progress(f"{len(nodes)} node(s) verified")
             if wallet.count() == 0:
                 progress("fetching a batch of unlinkable tokens from the issuer…")
-        async for chunk in client.chat_completions_stream(
+        stream = client.chat_completions_stream(
             model or default_model, messages, max_tokens=max_tokens, **(params or {})
-        ):
-            if as_json and out is not None:
-                out.write(json.dumps(chunk) + "\n")
-                out.flush()
-            for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content") or ""
-                text.append(piece)
-                if out is not None and not as_json:
-                    out.write(piece)
+        )
+        # Closed at once however the loop ends (a closed stdout, Ctrl-C), not when the
+        # generator is collected: the connection to the relay ends with the command.
+        async with contextlib.aclosing(cast(AsyncGenerator[dict[str, Any], None], stream)):
+            async for chunk in stream:
+                if as_json and out is not None:
+                    out.write(json.dumps(chunk) + "\n")
                     out.flush()
+                for choice in chunk.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    text.append(piece)
+                    if out is not None and not as_json:
+                        out.write(terminal_safe(piece) if tty else piece)
+                        out.flush()
     finally:
         await client.aclose()
         await wallet.aclose()
@@ -405,11 +434,22 @@ async def stream_chat(
 def _chat(args: argparse.Namespace) -> int:
     if not wait_for_config(args.config, args.wait, "chat"):
         return 2
+    params = {} if args.temperature is None else {"temperature": args.temperature}
+    if args.interactive or (args.prompt is None and sys.stdin.isatty()):
+        from openpcc.chat import run_interactive
+
+        return run_interactive(
+            args.config,
+            model=args.model,
+            system=args.system,
+            params={"max_tokens": args.max_tokens, **params},
+            as_json=args.json,
+            first=args.prompt,
+        )
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().strip()
     if not prompt:
         print("empty prompt", file=sys.stderr)
         return 2
-    params = {} if args.temperature is None else {"temperature": args.temperature}
 
     def progress(msg: str) -> None:
         if sys.stderr.isatty():
@@ -440,6 +480,20 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def outer_layer_line(cfg: Any, trust: Any) -> str:
+    """`openpcc status`'s outer-layer line: the KEM of the gateway key in use."""
+    from openpcc.wire import hpke
+
+    if cfg.kem_id == hpke.KEM_XWING:
+        kem = "X-Wing (MLKEM768-X25519, post-quantum hybrid)"
+    else:
+        kem = f"{hpke.kem_name(cfg.kem_id)} (not post-quantum)"
+    required = trust is not None and getattr(trust, "post_quantum_required", False)
+    return f"OHTTP with {kem}, KEM 0x{cfg.kem_id:04x}" + (
+        "; the release manifest requires post-quantum" if required else ""
+    )
+
+
 async def collect_status(config_path: Path) -> dict[str, Any]:
     """What `openpcc status` reports; every probe is independent so one failure shows."""
     client, wallet, model, _ = client_from_config(config_path)
@@ -449,6 +503,8 @@ async def collect_status(config_path: Path) -> dict[str, Any]:
             cfg = await client.key_config()
             report["relay"] = "reachable"
             report["gateway_key"] = {"key_id": cfg.key_id, "pinned_by_manifest": True}
+            # Which KEM the outer layer (OHTTP to the gateway) is encrypted with.
+            report["outer_layer"] = outer_layer_line(cfg, client.trust)
         except OpenPCCError as exc:
             report["relay"] = f"error: {exc}"
         try:
@@ -523,7 +579,7 @@ def _up(args: argparse.Namespace) -> int:
             if args.allow_origin:
                 print(f"CORS: pages from {', '.join(args.allow_origin)} may call the relay and "
                       "issuer")  # fmt: skip
-            print(f'try: openpcc chat --config {stack.config_path} "Hello"')
+            print(f"try, in another terminal: openpcc chat --config {stack.config_path}")
             print("Ctrl-C (or SIGTERM, SIGHUP) stops everything.", flush=True)
             while all(s.proc.poll() is None for s in stack.procs.services):
                 time.sleep(1)

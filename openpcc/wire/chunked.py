@@ -12,8 +12,9 @@ AAD ``"final"`` has been opened. A stream cut anywhere raises
 TruncatedError or DecryptError; it is never reported as complete.
 
 Request chunks are sealed on one HPKE context (its sequence number protects
-order). Response chunks use the RFC 9458 response key with nonce ``aead_nonce
-XOR counter``.
+order); the context's KEM (X25519 or X-Wing) changes only the size of ``enc`` in the
+request prefix, never the chunk framing. Response chunks use the RFC 9458 response key
+with nonce ``aead_nonce XOR counter``.
 """
 
 from __future__ import annotations
@@ -314,8 +315,11 @@ class _ChunkReceiver:
 class ChunkedRequestReceiver(_ChunkReceiver):
     """Gateway: parse and open a ``message/ohttp-chunked-req`` stream.
 
-    ``private_keys`` maps key_id to the X25519 private key; unknown key id or
-    suite raises UnsupportedError as soon as the 7-byte header is in.
+    ``private_keys`` maps key_id to the private key (X25519 raw or parsed, X-Wing
+    parsed: :mod:`openpcc.wire.ohttp`); an unknown key id or suite, or a KEM that is not
+    the key's, raises UnsupportedError as soon as the 7-byte header is in. The prefix is
+    ``hdr(7) ‖ enc`` (enc: 32 bytes for X25519, 1120 for X-Wing); nothing is opened
+    before all of it has arrived.
     """
 
     def __init__(

@@ -98,6 +98,7 @@ __all__ = [
     "derive_key_pair",
     "generate_key_pair",
     "kdf_nh",
+    "kem_name",
     "kem_nenc",
     "kem_npk",
     "kem_nsk",
@@ -148,6 +149,14 @@ def _aead(aead_id: int) -> tuple[int, int, int]:
         return _AEADS[aead_id]
     except KeyError:
         raise UnsupportedError(f"unsupported HPKE AEAD 0x{aead_id:04x}") from None
+
+
+_KEM_NAMES: Final = {KEM_DHKEM_X25519_HKDF_SHA256: "X25519", KEM_XWING: "X-Wing"}
+
+
+def kem_name(kem_id: int) -> str:
+    """A short name for logs and status lines: "X25519", "X-Wing", or the hex id."""
+    return _KEM_NAMES.get(kem_id, f"KEM 0x{kem_id:04x}")
 
 
 def kem_nenc(kem_id: int) -> int:

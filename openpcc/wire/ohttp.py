@@ -4,8 +4,17 @@ Only byte transformations live here; the relay/gateway/client do the HTTP.
 HPKE goes through :mod:`openpcc.wire.hpke`; the response AEAD and HKDF use
 ``cryptography`` directly, exactly as RFC 9458 §4.4 spells them out.
 
-Suites: DHKEM(X25519, HKDF-SHA256) with HKDF-SHA256 and AES-128-GCM or
-ChaCha20-Poly1305. Anything else in a message is :class:`UnsupportedError`.
+Suites: DHKEM(X25519, HKDF-SHA256) (KEM ``0x0020``) or X-Wing (MLKEM768-X25519, KEM
+``0x647A``), each with HKDF-SHA256 and AES-128-GCM or ChaCha20-Poly1305. Anything else in a
+message is :class:`UnsupportedError`. Nothing here depends on the KEM beyond its sizes
+(``Npk``, ``Nenc``, from :mod:`openpcc.wire.hpke`): an X-Wing request is ``hdr(7) ‖
+enc(1120) ‖ ct`` where an X25519 one is ``hdr(7) ‖ enc(32) ‖ ct``, and the response key
+schedule salts with the whole ``enc`` (RFC 9458 §4.4) either way.
+
+Receivers map key ids to private keys. A raw 32-byte value there is an X25519 key (as it
+always was); an X-Wing key goes in parsed (``hpke.load_private_key(seed,
+kem_id=hpke.KEM_XWING)``, ~0.5 ms, done once). A request whose header names another KEM
+than its key id's key is refused (UnsupportedError) before any KEM work.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from openpcc.wire import hpke
 from openpcc.wire.hpke import PrivateKeyLike, RecipientContext, SenderContext, Suite
 
 __all__ = [
+    "MAX_REQUEST_PREFIX_LEN",
     "MEDIA_TYPE_KEYS",
     "MEDIA_TYPE_REQUEST",
     "MEDIA_TYPE_RESPONSE",
@@ -47,6 +57,7 @@ __all__ = [
     "decapsulate_request",
     "encapsulate_request",
     "encode_key_configs",
+    "key_kem_id",
     "parse_key_configs",
     "parse_request_header",
     "request_info",
@@ -64,6 +75,9 @@ REQUEST_INFO_LABEL: Final = b"message/bhttp request"
 RESPONSE_EXPORT_LABEL: Final = b"message/bhttp response"
 
 REQUEST_HEADER_LEN: Final = 7  # key_id(1) kem_id(2) kdf_id(2) aead_id(2)
+# hdr ‖ enc of the largest KEM we implement (X-Wing: 7 + 1120): what precedes the
+# ciphertext of a plain or chunked request, for size limits.
+MAX_REQUEST_PREFIX_LEN: Final = REQUEST_HEADER_LEN + max(map(hpke.kem_nenc, hpke.SUPPORTED_KEMS))
 _KEY_CONFIG_FIXED: Final = 3  # key_id(1) kem_id(2), then Npk, then algorithms
 
 
@@ -232,14 +246,29 @@ def request_info(label: bytes, header: RequestHeader) -> bytes:
     return label + b"\x00" + header.encode()
 
 
+def key_kem_id(sk: PrivateKeyLike) -> int:
+    """The KEM of a receiver's private key: X-Wing for a parsed X-Wing key, X25519 for
+    anything else (a parsed X25519 key or raw bytes, as key maps always held)."""
+    if isinstance(sk, hpke.XWingPrivateKey):
+        return hpke.KEM_XWING
+    return hpke.KEM_DHKEM_X25519_HKDF_SHA256
+
+
 def _select_key(
     private_keys: Mapping[int, PrivateKeyLike], header: RequestHeader
 ) -> tuple[PrivateKeyLike, Suite]:
-    """Key and suite for an incoming header; UnsupportedError for what we cannot serve."""
+    """Key and suite for an incoming header; UnsupportedError for what we cannot serve.
+
+    The header's KEM must be its key's: a key id is one key config, so a request naming
+    X-Wing for an X25519 key (or the reverse) is refused like an unknown key id, before
+    any KEM work (a raw X25519 key is never read as an X-Wing seed).
+    """
     try:
         sk = private_keys[header.key_id]
     except KeyError:
         raise UnsupportedError(f"unknown key id {header.key_id}") from None
+    if header.kem_id != key_kem_id(sk):
+        raise UnsupportedError(f"key id {header.key_id} is not a KEM 0x{header.kem_id:04x} key")
     return sk, header.suite
 
 
@@ -389,7 +418,8 @@ def decapsulate_request(
 ) -> tuple[bytes, ServerContext]:
     """Gateway: open a ``message/ohttp-req`` body; returns (bhttp, context for the response).
 
-    ``private_keys`` maps key_id to the X25519 private key of that config.
+    ``private_keys`` maps key_id to the private key of that config: X25519 (raw or parsed)
+    or X-Wing (parsed; see the module docstring).
     """
     data = bytes(data)
     header, ctx, pos = setup_request_receiver(private_keys, data, REQUEST_INFO_LABEL)

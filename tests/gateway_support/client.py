@@ -16,7 +16,7 @@ from openpcc.privacypass.auth import (
     format_authorization,
 )
 from openpcc.privacypass.directory import IssuerDirectory
-from openpcc.wire import bhttp, sealed
+from openpcc.wire import bhttp, hpke, sealed
 from openpcc.wire.bhttp_stream import ResponseStreamDecoder, StreamEnd, StreamHead
 from openpcc.wire.chunked import ChunkedRequestSender
 from openpcc.wire.ohttp import KeyConfig, encapsulate_request, parse_key_configs
@@ -53,11 +53,20 @@ async def mint(
     return [issuance.finalize_token(st, rsp) for (_, st), rsp in zip(pairs, responses, strict=True)]
 
 
-async def key_config(s: aiohttp.ClientSession, gw_url: str) -> KeyConfig:
+async def key_configs(s: aiohttp.ClientSession, gw_url: str) -> list[KeyConfig]:
     async with s.get(gw_url + "/.well-known/ohttp-gateway") as r:
         assert r.status == 200
         assert r.content_type == "application/ohttp-keys"
-        return parse_key_configs(await r.read())[0]
+        return parse_key_configs(await r.read())
+
+
+async def key_config(
+    s: aiohttp.ClientSession, gw_url: str, kem_id: int = hpke.KEM_DHKEM_X25519_HKDF_SHA256
+) -> KeyConfig:
+    """The gateway's newest config of one KEM: X25519 unless told (tests that cut or
+    flip bytes at fixed offsets count on its 32-byte enc; test_gateway's key test and
+    test_ohttp_xwing cover X-Wing)."""
+    return next(c for c in await key_configs(s, gw_url) if c.kem_id == kem_id)
 
 
 def inner_request(

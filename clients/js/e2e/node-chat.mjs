@@ -57,4 +57,6 @@ process.stdout.write(JSON.stringify({
   tokens_left: client.wallet.count,
   non_streamed: second.choices?.[0]?.message?.content ?? null,
   conversation_node_ids: conversationNodes,
+  // The outer layer's KEM: X-Wing (0x647a) whenever the manifest pins the gateway's X-Wing config.
+  outer_kem: (await client.keyConfig()).kemId,
 }) + '\n');

@@ -54,7 +54,7 @@ function hexSet(list, what, n) {
 export function parseManifest(bytes) {
   let doc;
   try { doc = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes)); } catch (e) { throw new DecodeError(`manifest is not JSON: ${e.message}`); }
-  strictObj(doc, 'manifest', ['format', 'serial', 'issued_at', 'expires_at', 'releases', 'ohttp_key_configs', 'token_key_ids'], ['snp', 'tdx', 'gpu', 'development_roots', 'comment']);
+  strictObj(doc, 'manifest', ['format', 'serial', 'issued_at', 'expires_at', 'releases', 'ohttp_key_configs', 'token_key_ids'], ['snp', 'tdx', 'gpu', 'development_roots', 'post_quantum', 'comment']);
   if (doc.format !== MANIFEST_FORMAT) throw new DecodeError(`manifest format must be ${MANIFEST_FORMAT}`);
   for (const k of ['serial', 'issued_at', 'expires_at']) if (!isInt(doc[k]) || doc[k] < 0) throw new DecodeError(`manifest ${k} must be a non-negative integer`);
   const releases = new Map();
@@ -70,6 +70,8 @@ export function parseManifest(bytes) {
   }
   const snp = strictObj(doc.snp ?? {}, 'snp', [], ['min_tcb', 'allow_debug', 'allow_smt', 'allow_migration_agent', 'vmpl', 'min_guest_svn']);
   const gpu = strictObj(doc.gpu ?? {}, 'gpu', [], ['require', 'require_ocsp']);
+  const pq = strictObj('post_quantum' in doc ? doc.post_quantum : {}, 'post_quantum', [], ['require']);
+  if ('require' in pq && typeof pq.require !== 'boolean') throw new DecodeError('post_quantum.require must be a boolean');
   const ohttpConfigs = new Set();
   const ohttpDigests = new Set();
   for (const e of doc.ohttp_key_configs) {
@@ -92,6 +94,7 @@ export function parseManifest(bytes) {
     ohttpConfigs,
     ohttpDigests,
     tokenKeyIds: hexSet(doc.token_key_ids, 'token_key_ids', 32),
+    requirePostQuantum: pq.require ?? false,
   };
 }
 
@@ -151,6 +154,14 @@ export class TrustPolicy {
     return this.manifest.ohttpConfigs.has(toHex(config)) || this.manifest.ohttpDigests.has(toHex(await sha256(config)));
   }
   acceptsTokenKey(keyId) { return this.manifest.tokenKeyIds.has(toHex(keyId)); }
+  /** `post_quantum.require`: only a pinned X-Wing gateway key config will do. */
+  get postQuantumRequired() { return this.manifest.requirePostQuantum === true; }
+  /** Whether an X-Wing (KEM 0x647a) config is pinned by value: true / false, or null when
+   *  only a sha256: pin could be one. */
+  pinsPostQuantumKey() {
+    for (const c of this.manifest.ohttpConfigs) if (c.slice(2, 6) === '647a') return true;
+    return this.manifest.ohttpDigests.size ? null : false;
+  }
 }
 
 // ------------------------------------------------------------------------- claims

@@ -15,7 +15,7 @@ import {
   DecodeError, GatewayError, NoCapacityError, NoVerifiedNodeError, NodeError, OpenPCCError, RelayError,
   TokenRejectedError, TruncatedError, TruncatedResponseError, VerificationError,
 } from './errors.js';
-import { ChunkedRequestSender, MEDIA_TYPE_CHUNKED_REQUEST, MEDIA_TYPE_REQUEST, encapsulateRequest, parseKeyConfigs } from './ohttp.js';
+import { ChunkedRequestSender, KEM_XWING, MEDIA_TYPE_CHUNKED_REQUEST, MEDIA_TYPE_REQUEST, encapsulateRequest, parseKeyConfigs } from './ohttp.js';
 import { TokenWallet, formatAuthorization, selectTokenKey } from './privacypass.js';
 import { MAX_CANDIDATES, REQUEST_MEDIA_TYPE, sealRequest } from './sealed.js';
 import { NodeTruncatedError, ResponseUnwrapper } from './unwrap.js';
@@ -118,6 +118,30 @@ function isCurrent(policy, now) {
   try { policy.checkCurrent(now); return true; } catch { return false; }
 }
 
+/**
+ * The gateway key config to send with (both request kinds): only configs the manifest pins
+ * (key consistency), offering HKDF-SHA256 / AES-128-GCM; X-Wing (KEM 0x647a) if one is
+ * pinned, else X25519. Under the manifest's `post_quantum.require`, a gateway (or a
+ * manifest) with no pinned X-Wing config is refused with VerificationError: no silent
+ * downgrade. Mirrors openpcc/client/client.py choose_key_config.
+ */
+export async function chooseKeyConfig(configs, policy) {
+  const pinned = [];
+  for (const c of configs) if (await policy.acceptsOhttpKey(c.encoded)) pinned.push(c);
+  if (!pinned.length) throw new VerificationError("the gateway's OHTTP keys are not the ones the release manifest pins");
+  const usable = pinned.filter((c) => c.supports(1, 1));
+  const pq = usable.find((c) => c.kemId === KEM_XWING);
+  if (pq) return pq;
+  if (policy.postQuantumRequired) {
+    const why = policy.pinsPostQuantumKey?.() === false
+      ? 'the release manifest pins none'
+      : 'the gateway offers no X-Wing key config the release manifest pins';
+    throw new VerificationError(`the release manifest requires a post-quantum (X-Wing) OHTTP key and ${why}`);
+  }
+  if (!usable.length) throw new RelayError('the gateway offers no key config this client supports');
+  return usable[0];
+}
+
 export class OpenPCCClient {
   /**
    * @param {object} o
@@ -191,14 +215,7 @@ export class OpenPCCClient {
     let r;
     try { r = await this.fetch(this.relayUrl + KEYS_PATH); } catch (e) { throw new RelayError(`cannot reach the relay: ${e.message}`); }
     if (r.status !== 200) throw new RelayError(`relay answered ${r.status} for the gateway keys`);
-    let configs = parseKeyConfigs(new Uint8Array(await r.arrayBuffer()));
-    const policy = await this.policy();
-    const pinned = [];
-    for (const c of configs) if (await policy.acceptsOhttpKey(c.encoded)) pinned.push(c);
-    if (!pinned.length) throw new VerificationError("the gateway's OHTTP keys are not the ones the release manifest pins");
-    configs = pinned.filter((c) => c.supports(1, 1));
-    if (!configs.length) throw new RelayError('the gateway offers no key config this client supports');
-    return configs[0];
+    return chooseKeyConfig(parseKeyConfigs(new Uint8Array(await r.arrayBuffer())), await this.policy());
   }
 
   async #post(body, contentType, extra = {}) {

@@ -1,16 +1,31 @@
 // WebCrypto helpers (globalThis.crypto.subtle: browsers and Node >= 20) and the HPKE suite.
 import { Aes128Gcm, CipherSuite, HkdfSha256 } from '@hpke/core';
 import { DhkemX25519HkdfSha256 } from '@hpke/dhkem-x25519';
+import { XWing } from '@hpke/hybridkem-x-wing';
 import { concat, te } from './bytes.js';
-import { DecryptError } from './errors.js';
+import { DecryptError, UnsupportedError } from './errors.js';
 
 export const subtle = () => globalThis.crypto.subtle;
 
-let suite;
-/** DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-128-GCM, the only suite we send with. */
-export function hpkeSuite() {
-  suite ??= new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSha256(), aead: new Aes128Gcm() });
-  return suite;
+export const KEM_X25519 = 0x0020; // DHKEM(X25519, HKDF-SHA256)
+export const KEM_XWING = 0x647a; // MLKEM768-X25519 (X-Wing), draft-ietf-hpke-pq
+
+const suites = new Map();
+/**
+ * The HPKE suite we send with: DHKEM(X25519, HKDF-SHA256) (default) or X-Wing
+ * (KEM 0x647a), each with HKDF-SHA256 and AES-128-GCM.
+ */
+export function hpkeSuite(kemId = KEM_X25519) {
+  let s = suites.get(kemId);
+  if (!s) {
+    let kem;
+    if (kemId === KEM_X25519) kem = new DhkemX25519HkdfSha256();
+    else if (kemId === KEM_XWING) kem = new XWing();
+    else throw new UnsupportedError(`HPKE KEM 0x${kemId.toString(16).padStart(4, '0')} not supported`);
+    s = new CipherSuite({ kem, kdf: new HkdfSha256(), aead: new Aes128Gcm() });
+    suites.set(kemId, s);
+  }
+  return s;
 }
 
 export async function sha256(data) { return new Uint8Array(await subtle().digest('SHA-256', data)); }

@@ -192,6 +192,11 @@ export class OpenPCCClient {
     create(params: { model: string; prompt: string; stream?: false; cacheScope?: CacheScope; [k: string]: unknown }): Promise<Record<string, unknown>>;
   };
   policy(): Promise<TrustPolicy>;
+  /**
+   * The gateway's OHTTP key config both request kinds use (see chooseKeyConfig): its
+   * `kemId` is the outer layer's KEM, KEM_XWING (0x647a) whenever the manifest pins one.
+   */
+  keyConfig(): Promise<KeyConfig>;
   verifiedNodes(opts?: { refresh?: boolean }): Promise<VerifiedNode[]>;
   models(): Promise<string[]>;
   /** Node ids whose bundles failed verification, with the reasons. */
@@ -234,6 +239,10 @@ export class TrustPolicy {
   checkCurrent(now: number): void;
   acceptsOhttpKey(config: Uint8Array): Promise<boolean>;
   acceptsTokenKey(keyId: Uint8Array): boolean;
+  /** The manifest's `post_quantum.require`: only a pinned X-Wing OHTTP key will do. */
+  readonly postQuantumRequired: boolean;
+  /** An X-Wing config pinned by value: true / false; null if only a sha256: pin could be one. */
+  pinsPostQuantumKey(): boolean | null;
 }
 export function loadTrustPolicy(
   signed: string | Record<string, unknown>,
@@ -325,6 +334,16 @@ export interface KeyConfig {
   supports(kdf: number, aead: number): boolean;
 }
 export function parseKeyConfigs(body: Uint8Array): KeyConfig[];
+/** DHKEM(X25519, HKDF-SHA256). */
+export const KEM_X25519: 0x0020;
+/** X-Wing (MLKEM768-X25519): enc 1120 bytes, public key 1216. */
+export const KEM_XWING: 0x647a;
+/**
+ * From the gateway's key configs: the pinned X-Wing one, else the pinned X25519 one;
+ * VerificationError if none is pinned, or if the manifest requires post-quantum and no
+ * X-Wing config is pinned (no silent downgrade).
+ */
+export function chooseKeyConfig(configs: KeyConfig[], policy: TrustPolicy): Promise<KeyConfig>;
 export function encapsulateRequest(
   cfg: KeyConfig,
   bhttp: Uint8Array,

@@ -1,7 +1,7 @@
 // @openpcc/client: browser and Node >= 20 entry point.
 export {
   createClient, OpenPCCClient, SSEParser, DONE, rememberSerial, webStorageSerialStore, memorySerialStore,
-  webStorageManifestStore, memoryManifestStore,
+  webStorageManifestStore, memoryManifestStore, chooseKeyConfig,
 } from './client.js';
 export {
   canonicalJson, conversationPrefix, deriveCacheSalt, webStorageCacheSecretStore, memoryCacheSecretStore,
@@ -11,6 +11,8 @@ export { TokenWallet, formatAuthorization } from './privacypass.js';
 export { loadTrustPolicy, TrustPolicy, verifyNodeEntry, verifySnp, parseSnpReport, decodeClaims, reportDataFor } from './attestation.js';
 export { sealRequest, ResponseOpener, keyIdFor } from './sealed.js';
 export { encodeRequest, decodeRequest, decodeResponse, ResponseStreamDecoder } from './bhttp.js';
-export { parseKeyConfigs, encapsulateRequest, ChunkedRequestSender, ChunkedResponseReceiver } from './ohttp.js';
+export {
+  parseKeyConfigs, encapsulateRequest, ChunkedRequestSender, ChunkedResponseReceiver, KEM_X25519, KEM_XWING,
+} from './ohttp.js';
 export { ResponseUnwrapper, NodeTruncatedError } from './unwrap.js';
 export * from './errors.js';

@@ -1,31 +1,44 @@
 // Oblivious HTTP (RFC 9458), key configs (RFC 9540) and chunked OHTTP
 // (draft-ietf-ohai-chunked-ohttp-08), client side. Mirrors openpcc/wire/ohttp.py, chunked.py.
+// KEMs: X25519 (0x0020) and X-Wing (0x647a; enc 1120 bytes instead of 32); the KEM
+// changes the request prefix hdr ‖ enc and nothing else.
 import { concat, decodeVarint, encodeVarint, randomBytes, te, u16 } from './bytes.js';
-import { aesGcmKey, aesGcmOpen, hkdfExpand, hkdfExtract, hpkeSuite, xorCounter } from './crypto.js';
+import { KEM_X25519, KEM_XWING, aesGcmKey, aesGcmOpen, hkdfExpand, hkdfExtract, hpkeSuite, xorCounter } from './crypto.js';
 import { DecodeError, DecryptError, EncodeError, LimitExceededError, StateError, TruncatedError, UnsupportedError } from './errors.js';
+
+export { KEM_X25519, KEM_XWING };
 
 export const MEDIA_TYPE_REQUEST = 'message/ohttp-req';
 export const MEDIA_TYPE_RESPONSE = 'message/ohttp-res';
 export const MEDIA_TYPE_CHUNKED_REQUEST = 'message/ohttp-chunked-req';
 export const MEDIA_TYPE_CHUNKED_RESPONSE = 'message/ohttp-chunked-res';
 export const MEDIA_TYPE_KEYS = 'application/ohttp-keys';
-const KEM_X25519 = 0x0020;
 const NK = 16, NN = 12, NT = 16, L = 16; // AES-128-GCM; response nonce max(Nn, Nk)
 export const MAX_CHUNK_SIZE = 1 << 20;
+// Npk and Nenc per KEM (RFC 9180 §7.1; X-Wing: ML-KEM-768 key/ciphertext ‖ X25519 key).
+const KEM_SIZES = new Map([[KEM_X25519, { npk: 32, nenc: 32 }], [KEM_XWING, { npk: 1216, nenc: 1120 }]]);
 
-/** Parse one KeyConfig (RFC 9458 §3.1). */
+/** Npk and Nenc of a KEM we implement; UnsupportedError otherwise. */
+export function kemSizes(kemId) {
+  const s = KEM_SIZES.get(kemId);
+  if (!s) throw new UnsupportedError(`KEM 0x${kemId.toString(16).padStart(4, '0')} not supported`);
+  return s;
+}
+
+/** Parse one KeyConfig (RFC 9458 §3.1): X25519 (0x0020) or X-Wing (0x647a). */
 export function parseKeyConfig(b) {
   if (b.length < 7) throw new TruncatedError('key config truncated');
   const keyId = b[0];
   const kemId = (b[1] << 8) | b[2];
-  if (kemId !== KEM_X25519) throw new UnsupportedError(`KEM ${kemId} not supported`);
-  if (b.length < 3 + 32 + 2) throw new TruncatedError('key config truncated');
-  const publicKey = b.slice(3, 35);
-  const algLen = (b[35] << 8) | b[36];
+  const { npk } = kemSizes(kemId);
+  if (b.length < 3 + npk + 2) throw new TruncatedError('key config truncated');
+  const publicKey = b.slice(3, 3 + npk);
+  const at = 3 + npk;
+  const algLen = (b[at] << 8) | b[at + 1];
   if (algLen === 0 || algLen % 4) throw new DecodeError('bad algorithms length');
-  if (b.length !== 37 + algLen) throw new DecodeError('key config length mismatch');
+  if (b.length !== at + 2 + algLen) throw new DecodeError('key config length mismatch');
   const algorithms = [];
-  for (let i = 37; i < 37 + algLen; i += 4) algorithms.push([(b[i] << 8) | b[i + 1], (b[i + 2] << 8) | b[i + 3]]);
+  for (let i = at + 2; i < at + 2 + algLen; i += 4) algorithms.push([(b[i] << 8) | b[i + 1], (b[i + 2] << 8) | b[i + 3]]);
   return { keyId, kemId, publicKey, algorithms, encoded: Uint8Array.from(b), supports: (kdf, aead) => algorithms.some(([k, a]) => k === kdf && a === aead) };
 }
 
@@ -48,10 +61,10 @@ export function parseKeyConfigs(body) {
   return out;
 }
 
-const hdrFor = (cfg) => concat(Uint8Array.of(cfg.keyId), u16(KEM_X25519), u16(1), u16(1));
+const hdrFor = (cfg) => concat(Uint8Array.of(cfg.keyId), u16(cfg.kemId), u16(1), u16(1));
 
 async function sender(cfg, label, ekm) {
-  const s = hpkeSuite();
+  const s = hpkeSuite(cfg.kemId);
   const hdr = hdrFor(cfg);
   const ctx = await s.createSenderContext({
     recipientPublicKey: await s.kem.deserializePublicKey(cfg.publicKey),

@@ -23,6 +23,7 @@ test('Node: tokens, verified node, streamed private chat', { skip: !CFG && 'OPEN
   const [n1, n2] = out.conversation_node_ids;
   assert.match(n1 ?? '', /^[0-9a-f]{32}$/, 'the node names itself (openpcc-node-id)');
   assert.equal(n2, n1, 'the second turn went to the node that answered the first');
+  if (process.env.OPENPCC_EXPECT_KEM) assert.equal(out.outer_kem, Number(process.env.OPENPCC_EXPECT_KEM), 'outer-layer KEM');
   console.log(JSON.stringify(out));
 });
 

@@ -1,5 +1,5 @@
 // A relay + gateway + nodes for chat requests, faked at the fetch level with the real
-// layers: the relay's chunked OHTTP (a real gateway key), the gateway's Binary HTTP, the
+// layers: the relay's chunked OHTTP (real gateway keys: X25519, or X-Wing, or both), the gateway's Binary HTTP, the
 // sealed request opened by the node it is routed to (real X25519 node keys) and its sealed
 // response. What each party saw is logged, so tests can tell what the relay could read
 // (`relaySaw`), what the gateway could read (`gatewaySaw`) and what only the node read
@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { decodeRequest } from '../src/bhttp.js';
 import { concat, decodeVarint, encodeVarint, randomBytes, te, toHex, u16 } from '../src/bytes.js';
-import { aesGcmKey, aesGcmOpen, aesGcmSeal, hkdf, hkdfExpand, hkdfExtract, hpkeSuite, sha256, xorCounter } from '../src/crypto.js';
+import { KEM_X25519, KEM_XWING, aesGcmKey, aesGcmOpen, aesGcmSeal, hkdf, hkdfExpand, hkdfExtract, hpkeSuite, sha256, xorCounter } from '../src/crypto.js';
 
 export const RELAY = 'https://relay.example';
 const td = new TextDecoder();
@@ -85,11 +85,17 @@ async function sealResponse({ dk, nonce, ctx }, status, headers, body) {
  * (default: the first candidate, as an unloaded gateway does). `nodeIdHeader`: true (the
  * node's id), false (none), or (id) -> list of values to send instead.
  */
-export async function fakeChatStack({ nodes: count = 4, route = (c) => c[0], nodeIdHeader = true } = {}) {
+export async function fakeChatStack({ nodes: count = 4, route = (c) => c[0], nodeIdHeader = true, kems = [KEM_X25519] } = {}) {
   const suite = hpkeSuite();
-  const gw = await suite.kem.generateKeyPair();
-  const gwPub = new Uint8Array(await suite.kem.serializePublicKey(gw.publicKey));
-  const keyConfig = concat(Uint8Array.of(7), u16(0x20), gwPub, u16(4), u16(1), u16(1));
+  // The gateway's OHTTP keys: one config per KEM in `kems` (key ids 7, 8, …), listed in order.
+  const gwKeys = new Map();
+  for (const [i, kem] of kems.entries()) {
+    const s = hpkeSuite(kem);
+    const kp = await s.kem.generateKeyPair();
+    const pub = new Uint8Array(await s.kem.serializePublicKey(kp.publicKey));
+    gwKeys.set(7 + i, { kem, suite: s, kp, config: concat(Uint8Array.of(7 + i), u16(kem), pub, u16(4), u16(1), u16(1)) });
+  }
+  const keysBody = concat(...[...gwKeys.values()].flatMap((k) => [u16(k.config.length), k.config]));
   const nodes = [];
   for (let i = 0; i < count; i++) {
     const keyPair = await suite.kem.generateKeyPair();
@@ -98,19 +104,25 @@ export async function fakeChatStack({ nodes: count = 4, route = (c) => c[0], nod
       models: ['m'], expiresAt: 1e12, checks: [], signingKey: new Uint8Array(32),
     });
   }
-  const stack = { nodes, route, nodeIdHeader, relaySaw: [], gatewaySaw: [], infers: [] };
+  const stack = { nodes, route, nodeIdHeader, relaySaw: [], gatewaySaw: [], infers: [], outerKems: [] };
+  stack.keyConfigs = [...gwKeys.values()].map((k) => k.config);
   stack.fetch = async (url, init = {}) => {
     stack.relaySaw.push(te.encode(url), te.encode(JSON.stringify(init.headers ?? {})), ...(init.body ? [new Uint8Array(init.body)] : []));
-    if (url === RELAY + '/.well-known/ohttp-gateway') return new Response(concat(u16(keyConfig.length), keyConfig));
+    if (url === RELAY + '/.well-known/ohttp-gateway') return new Response(keysBody);
     assert.equal(url, RELAY + '/');
     assert.equal(init.headers['Content-Type'], 'message/ohttp-chunked-req');
-    // The gateway: open the chunked OHTTP request.
+    // The gateway: open the chunked OHTTP request with the key its header names.
     const msg = new Uint8Array(init.body);
     const hdr = msg.subarray(0, 7);
-    const enc = msg.subarray(7, 39);
-    const hpke = await suite.createRecipientContext({ recipientKey: gw, enc, info: concat(te.encode('message/bhttp chunked request'), Uint8Array.of(0), hdr) });
+    const gk = gwKeys.get(hdr[0]);
+    assert.ok(gk, `unknown key id ${hdr[0]}`);
+    assert.equal((hdr[1] << 8) | hdr[2], gk.kem, 'header KEM is the key config\'s');
+    stack.outerKems.push(gk.kem);
+    const nenc = gk.kem === KEM_XWING ? 1120 : 32;
+    const enc = msg.subarray(7, 7 + nenc);
+    const hpke = await gk.suite.createRecipientContext({ recipientKey: gk.kp, enc, info: concat(te.encode('message/bhttp chunked request'), Uint8Array.of(0), hdr) });
     const plain = [];
-    for (let p = 39; p < msg.length;) {
+    for (let p = 7 + nenc; p < msg.length;) {
       const [len, off] = decodeVarint(msg, p);
       if (len === 0) { plain.push(new Uint8Array(await hpke.open(msg.subarray(off), FINAL))); break; }
       plain.push(new Uint8Array(await hpke.open(msg.subarray(off, off + len), new Uint8Array(0))));
