@@ -79,8 +79,10 @@ MODES = tuple(
     )
 )
 CLIENT_PROCS = int(_env("OPENPCC_BENCH_CLIENT_PROCS", "1"))
+# Rounds per load level, in alternating mode order: 2 on the shared CPU VM, 1 on the GPU.
+ROUNDS = int(_env("OPENPCC_BENCH_MT_ROUNDS", "2" if ON_CPU else "1"))
 ROUTE_NODES = int(_env("OPENPCC_BENCH_MT_ROUTE_NODES", "2" if ON_CPU else "0"))
-ROUTE_LOAD = tuple(int(x) for x in _env("OPENPCC_BENCH_MT_ROUTE_LOAD", "8:16").split(":"))
+ROUTE_LOAD = tuple(int(x) for x in _env("OPENPCC_BENCH_MT_ROUTE_LOAD", "8:8").split(":"))
 ROUTE_SLACKS = tuple(
     int(x) for x in _env("OPENPCC_BENCH_MT_ROUTE_SLACKS", "4,0,1000000").split(",")
 )
@@ -410,9 +412,11 @@ def _node_requests(trace_dir: Path, names: dict[int, str]) -> dict[str, int]:
     return out
 
 
-def mode_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    recs = [r for p in parts for r in p["records"]]
-    wall = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
+def mode_stats(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Statistics over one or more rounds of a mode (each a list of per-process parts)."""
+    recs = [r | {"conv": (i, r["conv"])} for i, parts in enumerate(rounds)
+            for p in parts for r in p["records"]]  # fmt: skip
+    wall = sum(max(p["t1"] for p in parts) - min(p["t0"] for p in parts) for parts in rounds)
     first = [r["ttft"] for r in recs if r["turn"] == 1 and r["ttft"] is not None]
     later = [r["ttft"] for r in recs if r["turn"] >= 2 and r["ttft"] is not None]
     tpots = [r["tpot"] for r in recs if r["tpot"] is not None]
@@ -463,6 +467,39 @@ def mode_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def summarize(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's figures from its rounds (``_Bench.measure``)."""
+    from bench.bench_private_path import stage_split
+
+    stats = mode_stats([r["parts"] for r in raws])
+    stats["rounds"] = len(raws)
+    q, h = sum(r["queries"] for r in raws), sum(r["hits"] for r in raws)
+    stats["vllm_prefix_cache"] = {
+        "queries": int(q),
+        "hits": int(h),
+        "hit_rate": round(h / q, 4) if q else None,
+    }
+    stats["cpu_share_of_wall"] = {
+        k: round(sum(r["cpu"][k] for r in raws) / stats["wall_s"], 3) for k in raws[0]["cpu"]
+    }
+    if raws[0]["samples"] is not None:
+        stats["requests_by_node"] = {
+            n: sum(r["nodes"].get(n, 0) for r in raws) for n in raws[0]["nodes"]
+        }
+        samples: dict[str, dict[str, list[float]]] = {}
+        for r in raws:
+            for party, stages in r["samples"].items():
+                for stage, xs in stages.items():
+                    samples.setdefault(party, {}).setdefault(stage, []).extend(xs)
+        split = stage_split(samples)
+        stats["split"] = {
+            k: split[k]
+            for k in ("first_byte_split_ms", "engine_headers_ms", "engine_first_data_ms",
+                      "chunk_p50_us_by_party", "chunk_added_us_p50")
+        }  # fmt: skip
+    return stats
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -489,8 +526,7 @@ class _Bench:
         self.pids |= {f"client {i} (load generator)": p.pid for i, p in enumerate(self.gens.procs)}
 
     def measure(self, mode: str, conc: int, conversations: int, tag: str) -> dict[str, Any]:
-        from bench.bench_private_path import stage_split
-
+        """One round of one mode: raw samples, engine counters, CPU and node deltas."""
         private = mode.startswith("private")
         if private:
             self.gens.refill("noaffinity" if mode.endswith("_noaffinity") else "default",
@@ -503,27 +539,14 @@ class _Bench:
         cpu1 = {k: cpu_seconds(p, group=k == "vllm") for k, p in self.pids.items()}
         m1 = vllm_counters(self.engine.url)
         nodes1 = _node_requests(self.trace_dir, self.node_names)
-        stats = mode_stats(parts)
-        q, h = m1["queries"] - m0["queries"], m1["hits"] - m0["hits"]
-        stats["vllm_prefix_cache"] = {
-            "queries": int(q),
-            "hits": int(h),
-            "hit_rate": round(h / q, 4) if q else None,
+        return {
+            "parts": parts,
+            "queries": m1["queries"] - m0["queries"],
+            "hits": m1["hits"] - m0["hits"],
+            "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0},
+            "nodes": {n: nodes1.get(n, 0) - nodes0.get(n, 0) for n in sorted(nodes1)},
+            "samples": self.reader.take() if private else None,
         }
-        stats["cpu_share_of_wall"] = {
-            k: round((cpu1[k] - cpu0[k]) / stats["wall_s"], 3) for k in cpu0
-        }
-        if private:
-            stats["requests_by_node"] = {
-                n: nodes1.get(n, 0) - nodes0.get(n, 0) for n in sorted(nodes1)
-            }
-            split = stage_split(self.reader.take())
-            stats["split"] = {
-                k: split[k]
-                for k in ("first_byte_split_ms", "engine_headers_ms", "engine_first_data_ms",
-                          "chunk_p50_us_by_party", "chunk_added_us_p50")
-            }  # fmt: skip
-        return stats
 
     def close(self) -> None:
         self.gens.close()
@@ -739,22 +762,28 @@ def run() -> dict[str, Any]:
             info = {"sdk_cache_scope": bench.gens.cache_scope, "node_ids": bench.gens.node_ids}
             try:
                 for conc, convs in LOADS:
-                    modes: dict[str, Any] = {}
-                    for mode in MODES:
-                        if mode == "private_conv" and not bench.gens.cache_scope:
-                            notes.append("private_conv skipped: the SDK has no cache_scope yet")
-                            continue
-                        t = time.perf_counter()
-                        modes[mode] = bench.measure(mode, conc, convs, f"{mode}/c{conc}")
-                        print(f"  c={conc} {mode}: {modes[mode]['output_tok_per_s']} tok/s, "
-                              f"hit rate {modes[mode]['vllm_prefix_cache']['hit_rate']} "
-                              f"({time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
-                        loads[f"concurrency_{conc}"] = {
-                            "conversations": convs,
-                            "modes": modes,
-                            "compare": compare(modes),
-                        }
-                        _partial({"loads": loads, "notes": notes, **info})
+                    modes = [m for m in MODES if m != "private_conv" or bench.gens.cache_scope]
+                    if len(modes) < len(MODES):
+                        notes.append("private_conv skipped: the SDK has no cache_scope yet")
+                    raws: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+                    # Rounds alternate the order (ABCD DCBA ...), so a drift of the shared
+                    # machine during the run weighs on every mode alike.
+                    for rnd in range(ROUNDS):
+                        for mode in modes if rnd % 2 == 0 else modes[::-1]:
+                            t = time.perf_counter()
+                            raw = bench.measure(mode, conc, convs, f"{mode}/c{conc}/r{rnd}")
+                            raws[mode].append(raw)
+                            one = summarize([raw])
+                            print(f"  c={conc} round {rnd} {mode}: {one['output_tok_per_s']} "
+                                  f"tok/s, hit rate {one['vllm_prefix_cache']['hit_rate']} "
+                                  f"({time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
+                            done = {m: summarize(r) for m, r in raws.items() if r}
+                            loads[f"concurrency_{conc}"] = {
+                                "conversations": convs,
+                                "modes": done,
+                                "compare": compare(done),
+                            }
+                            _partial({"loads": loads, "notes": notes, **info})
             finally:
                 bench.close()
         finally:
@@ -784,6 +813,7 @@ def run() -> dict[str, Any]:
         "user_words": USER_WORDS,
         "max_tokens": MAX_TOKENS,
         "client_processes": CLIENT_PROCS,
+        "rounds": ROUNDS,
         "cores": {"engine": cores[:1], "rest": cores[1:]} if pinned else "shared",
         **info,
         "notes": notes,
@@ -814,13 +844,15 @@ def _routing(engine: Any, state: Path, trace_dir: Path, notes: list[str]) -> dic
                     if slack is None
                     else ("affinity_only" if slack >= NO_LOAD_AWARE else f"slack_{slack}")
                 )
-                runs[name] = bench.measure("private_conv", conc, convs, f"route/{name}")
+                runs[name] = summarize(
+                    [bench.measure("private_conv", conc, convs, f"route/{name}")]
+                )
                 runs[name]["slack"] = slack
                 print(f"  routing {name}: affinity {runs[name].get('affinity_hit_rate')}, "
                       f"spread {runs[name].get('requests_by_node')}", flush=True)  # fmt: skip
                 if i == 0:
-                    runs["no_affinity"] = bench.measure(
-                        "private_conv_noaffinity", conc, convs, "route/noaffinity"
+                    runs["no_affinity"] = summarize(
+                        [bench.measure("private_conv_noaffinity", conc, convs, "route/noaffinity")]
                     )
                     runs["no_affinity"]["slack"] = slack
                     print(f"  routing no_affinity: "

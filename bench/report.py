@@ -22,7 +22,12 @@ GOALS = {
     "issuer_vs_openssl": "≥ 0.7",
     "relay_vs_nginx": "≥ 0.5",
     "gateway_vs_nginx": "≥ 0.3",
+    "gpu_multiturn_private_vs_direct_conv_c16": "≥ 0.95",
+    "gpu_multiturn_private_vs_direct_conv_c64": "≥ 0.95",
 }
+# Multi-turn results: the CPU file, then the GPU file of whichever card ran it (H200 first).
+MULTITURN_CPU = "multiturn_cpu"
+MULTITURN_GPU = ("multiturn_h200", "multiturn_h100")
 PRIVATE_PATH = (
     ("CPU (vLLM-CPU, tiny random model, 2-core VM)", "private_path_cpu"),
     ("H100 (vLLM 0.25, Llama-3-8B shape, dummy weights)", "private_path_h100"),
@@ -67,6 +72,31 @@ def summary() -> dict[str, Any]:
         if "split" in g1:
             out["gpu_chunk_added_us_p50_c1"] = g1["split"]["chunk_added_us_p50"]
         sources["gpu_*"] = "private_path_h100.json"
+    mt_cpu, mt_gpu = _load(MULTITURN_CPU), _multiturn_gpu()
+    if mt_cpu and mt_cpu["loads"]:
+        name, load = _top_load(mt_cpu)
+        ratio = load["compare"]["private_conv_vs_direct_conv"]
+        if ratio is not None:
+            out["cpu_multiturn_private_vs_direct_conv"] = ratio
+            sources["cpu_multiturn_*"] = f"{MULTITURN_CPU}.json ({name.replace('_', ' ')})"
+    if mt_gpu:
+        name, result = mt_gpu
+        loads = result["loads"]
+        for conc in (16, 64):
+            cmp = loads.get(f"concurrency_{conc}", {}).get("compare")
+            if cmp and cmp["private_conv_vs_direct_conv"] is not None:
+                out[f"gpu_multiturn_private_vs_direct_conv_c{conc}"] = cmp[
+                    "private_conv_vs_direct_conv"
+                ]
+        c64 = loads.get("concurrency_64", {}).get("compare")
+        if c64 and c64["private_conv_vs_direct_shared"] is not None:
+            out["gpu_multiturn_private_vs_direct_shared_c64"] = c64["private_conv_vs_direct_shared"]
+        c16 = loads.get("concurrency_16", {}).get("compare")
+        if c16 and c16["ttft_turn2plus_added_ms_p50"] is not None:
+            out["gpu_multiturn_ttft_turn2plus_added_ms_p50_c16"] = c16[
+                "ttft_turn2plus_added_ms_p50"
+            ]
+        sources["gpu_multiturn_*"] = f"{name}.json"
     if issuer:
         out["issuer_vs_openssl"] = issuer["summary"]["ratio_batch100_vs_openssl"]
         sources["issuer_vs_openssl"] = "issuer.json (batches of 100)"
@@ -78,6 +108,178 @@ def summary() -> dict[str, Any]:
         sources["gateway_vs_nginx"] = "gateway.json"
     out["sources"] = sources
     return out
+
+
+def _multiturn_gpu() -> tuple[str, dict[str, Any]] | None:
+    for name in MULTITURN_GPU:
+        result = _load(name)
+        if result and result.get("loads"):
+            return name, result
+    return None
+
+
+def _top_load(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The load level with the most concurrent conversations."""
+    return max(result["loads"].items(), key=lambda kv: int(kv[0].split("_")[1]))
+
+
+MT_MODES = {
+    "direct_shared": "direct, no salt (shared cache: ceiling)",
+    "direct_conv": "direct, salt per conversation (fair baseline)",
+    "private_conv": "**private, conversation scope (SDK default)**",
+    "private_request": "private, `cache_scope=None` (per request)",
+}
+
+
+def _v(x: Any, unit: str = "") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and abs(x) >= 100:
+        return f"{x:,.1f}{unit}"
+    return f"{x}{unit}"
+
+
+def _pct_cell(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f} %"
+
+
+def _affinity_cell(m: dict[str, Any]) -> str:
+    if m.get("affinity_hit_rate") is None:
+        return "—"
+    if len(m.get("requests_by_node", {})) <= 1:
+        return "one node"
+    return _pct_cell(m["affinity_hit_rate"])
+
+
+def _multiturn_table(load: dict[str, Any]) -> list[str]:
+    rows = [
+        "| mode | out tok/s | TTFT p50 / p99 turn 1 | TTFT p50 / p99 turns ≥ 2 | TPOT p50 "
+        "| vLLM prefix-cache hits | cached share of prompt, turns ≥ 2 | route affinity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in load["modes"].items():
+        label = MT_MODES.get(mode, mode)
+        rows.append(
+            f"| {label} | {_v(m['output_tok_per_s'])} "
+            f"| {_v(m['ttft_turn1_p50_ms'])} / {_v(m['ttft_turn1_p99_ms'])} ms "
+            f"| {_v(m['ttft_turn2plus_p50_ms'])} / {_v(m['ttft_turn2plus_p99_ms'])} ms "
+            f"| {_v(m['tpot_p50_ms'])} ms | {_pct_cell(m['vllm_prefix_cache']['hit_rate'])} "
+            f"| {_pct_cell(m['cached_share_turn2plus'])} "
+            f"| {_affinity_cell(m)} |"
+        )
+    c = load["compare"]
+    rows += [
+        "",
+        f"Throughput private-conversation / direct-conversation: "
+        f"**{_v(c['private_conv_vs_direct_conv'])}**; / shared-cache direct: "
+        f"{_v(c['private_conv_vs_direct_shared'])}; private per-request / direct-conversation: "
+        f"{_v(c['private_request_vs_direct_conv'])}; conversation scope / per-request scope, "
+        f"both private: {_v(c['private_conv_vs_private_request'])}. Added TTFT p50 "
+        f"(private-conversation minus direct-conversation): turn 1 "
+        f"{_v(c['ttft_turn1_added_ms_p50'])} ms, turns ≥ 2 "
+        f"{_v(c['ttft_turn2plus_added_ms_p50'])} ms "
+        f"(p99 {_v(c['ttft_turn2plus_added_ms_p99'])} ms).",
+    ]
+    return rows
+
+
+def _routing_table(routing: dict[str, Any]) -> list[str]:
+    names = {
+        "no_affinity": "client affinity off (random first candidate)",
+        "affinity_only": "affinity, no load-aware choice (slack ∞)",
+        "default": "affinity, the gateway's default routing",
+    }
+    rows = [
+        "| routing | out tok/s | TTFT p50 turns ≥ 2 | route affinity | vLLM prefix-cache hits "
+        "| cached share, turns ≥ 2 | requests per node |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in routing["runs"].items():
+        label = names.get(name, name.replace("slack_", "affinity, load-aware, `--affinity-slack` "))
+        spread = ", ".join(f"{n} {k}" for n, k in sorted(m.get("requests_by_node", {}).items()))
+        rows.append(
+            f"| {label} | {_v(m['output_tok_per_s'])} | {_v(m['ttft_turn2plus_p50_ms'])} ms "
+            f"| {_pct_cell(m.get('affinity_hit_rate'))} "
+            f"| {_pct_cell(m['vllm_prefix_cache']['hit_rate'])} "
+            f"| {_pct_cell(m['cached_share_turn2plus'])} | {spread} |"
+        )
+    return rows
+
+
+def _multiturn() -> list[str]:
+    results = []
+    cpu = _load(MULTITURN_CPU)
+    if cpu and cpu.get("loads"):
+        results.append(("CPU (vLLM-CPU, tiny random model)", cpu))
+    gpu = _multiturn_gpu()
+    if gpu:
+        card = gpu[0].rsplit("_", 1)[1].upper()
+        results.append((f"{card} (vLLM 0.25, Llama-3-8B shape, dummy weights)", gpu[1]))
+    if not results:
+        return []
+    lines = [
+        "",
+        "## Multi-turn conversations: conversation-scoped prefix cache (`bench_multiturn.py`)",
+        "",
+        "Conversations of several turns share one system prompt; each turn adds a user message",
+        "and resends the whole history with the assistant's actual answers (fixed output",
+        "length, `ignore_eos`). *Concurrency* is the number of conversations in flight, each",
+        "running its turns back to back. Four modes in one run against the same vLLM:",
+        "",
+        "- *direct, no salt*: straight to vLLM, every conversation shares the prefix cache",
+        "  (the system prompt is prefilled once for all). The ceiling, and exactly what a",
+        "  private service must not offer (one user could time another's cached prefix).",
+        "- *direct, salt per conversation*: straight to vLLM with one random `cache_salt` per",
+        "  conversation: each conversation reuses its own history and nothing else. The fair",
+        "  baseline, with the isolation the private path gives (issue 17's 5 % goal).",
+        "- *private, conversation scope*: the full private path with the SDK's default: the",
+        "  client derives one salt per conversation (HMAC of its cache secret and the",
+        "  conversation's start), the node namespaces it, the client asks the node that",
+        "  answered the last turn first.",
+        "- *private, per request*: `cache_scope=None`, a fresh namespace per request (the",
+        "  behaviour before issue 17): every turn prefills its whole history.",
+        "",
+        "*vLLM prefix-cache hits*: hits / queries of vLLM's `vllm:prefix_cache_*` counters over",
+        "the mode (prompt tokens found cached). *Cached share*: the answers' own",
+        "`usage.prompt_tokens_details.cached_tokens` over their prompt tokens. *Route affinity*:",
+        "the share of turns ≥ 2 answered by the node that answered the turn before.",
+    ]
+    for label, result in results:
+        env = result.get("env", {})
+        gpus = ", ".join(env.get("gpus", [])) or env.get("processor", "?")
+        lines += [
+            "",
+            f"### {label}",
+            "",
+            f"Measured {env.get('when', '?')} on {gpus}, commit {env.get('commit', '?')}; "
+            f"{result.get('turns')} turns, system prompt {result.get('system_words')} words, "
+            f"user turns {result.get('user_words')} words, {result.get('max_tokens')} output "
+            f"tokens, {result.get('client_processes', 1)} load-generator process(es).",
+        ]
+        for name, load in result["loads"].items():
+            conc = name.split("_")[1]
+            lines += [
+                "",
+                f"**{conc} concurrent conversations** ({load['conversations']} conversations, "
+                f"{next(iter(load['modes'].values()))['requests']} requests per mode)",
+                "",
+                *_multiturn_table(load),
+            ]
+        routing = result.get("routing") or {}
+        if routing.get("runs"):
+            lines += [
+                "",
+                f"**Routing: {routing['nodes']} nodes in front of the same vLLM**, private"
+                f" conversation scope, {routing['concurrency']} concurrent conversations"
+                f" ({routing['conversations']} in all). Each node namespaces salts with its own"
+                " per-boot key, so a turn answered by another node than the last misses the"
+                " cache.",
+                "",
+                *_routing_table(routing),
+            ]
+        for note in result.get("notes", []):
+            lines += ["", f"Note: {note}"]
+    return lines
 
 
 def _fmt(x: float) -> str:
@@ -302,6 +504,7 @@ def main() -> int:
                 "",
                 *split,
             ]
+    lines += _multiturn()
     lines += _services()
     lines += [
         "",
