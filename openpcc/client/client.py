@@ -219,7 +219,9 @@ class Client:
         self._refresher = refresher
         self._cache_secret = cache_secret or CacheSecret(None, clock=clock)
         self._affinity = Affinity() if affinity else None
-        self.last_node_id: bytes | None = None  # the node that answered the last request
+        # The node that answered the last request whose answer head arrived (with requests
+        # in flight at once, whichever came last; affinity itself is kept per conversation).
+        self.last_node_id: bytes | None = None
         # ... and its verified entry, when it is one of the candidates the request was
         # sealed to (always, unless the node misnamed itself): what `openpcc chat` shows.
         self.last_node: VerifiedNode | None = None
