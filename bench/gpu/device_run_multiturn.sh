@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The multi-turn benchmark (bench/bench_multiturn.py) on the GPU host, which has no
-# package registry (../shared/gpu/README.md has the packing recipe: here the site folder
+# package registry (bench/README.md, "GPU", has the packing recipe: here the site folder
 # is packed with `xz -T0 -3` and split into 53 MiB parts, .gpu/c1 ... .gpu/c4, so that
 # each part plus the working tree stays under the 64 MiB a call may carry). One device
 # call per step, back to back while the machine stays warm (30 s):
