@@ -21,6 +21,32 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def traced_workdir(prefix: str) -> tuple[Path, Path]:
+    """A fresh work folder and its ``stage-trace/``, which every party started from this
+    process afterwards writes its stage durations to (openpcc/service/stagetrace.py)."""
+    import tempfile
+
+    from openpcc.service.stagetrace import ENV as TRACE_ENV
+
+    state = Path(tempfile.mkdtemp(prefix=prefix))
+    trace_dir = state / "stage-trace"
+    trace_dir.mkdir()
+    os.environ[TRACE_ENV] = str(trace_dir)
+    return state, trace_dir
+
+
+def bench_model_dir(state: Path) -> str:
+    """``OPENPCC_BENCH_VLLM_MODEL`` (a GPU host's model), else the tiny random model,
+    generated into ``state``."""
+    model_dir = os.environ.get("OPENPCC_BENCH_VLLM_MODEL")
+    if model_dir is None:
+        from node.tinymodel import make_tiny_model
+
+        model_dir = str(state / "tiny-model")
+        make_tiny_model(Path(model_dir))
+    return model_dir
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank quantile ``q`` (0..1) of ``values``; NaN when there are none."""
     ordered = sorted(values)

@@ -44,7 +44,6 @@ import random
 import secrets
 import statistics
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -53,7 +52,7 @@ from typing import Any
 
 import aiohttp
 
-from bench._harness import cpu_seconds
+from bench._harness import _gpus, bench_model_dir, cpu_seconds, traced_workdir
 
 
 def _env(name: str, default: str) -> str:
@@ -585,15 +584,10 @@ def compare(modes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _card_label() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "gpu"
+    """The results file's card label (h200, h100, ...) from the harness's GPU list."""
+    names = " ".join(_gpus())
     for card in ("H200", "H100", "A100", "L40S", "L4"):
-        if card in out:
+        if card in names:
             return card.lower()
     return "gpu"
 
@@ -717,23 +711,14 @@ def _partial(result: dict[str, Any]) -> None:
 
 
 def run() -> dict[str, Any]:
-    from node.tinymodel import make_tiny_model
-    from openpcc.service.stagetrace import ENV as TRACE_ENV
-
-    state = Path(tempfile.mkdtemp(prefix="bench-multiturn-"))
-    trace_dir = state / "stage-trace"
-    trace_dir.mkdir()
-    os.environ[TRACE_ENV] = str(trace_dir)  # inherited by every party started below
-    model_dir = os.environ.get("OPENPCC_BENCH_VLLM_MODEL")
-    if model_dir is None and not os.environ.get("OPENPCC_BENCH_MT_ENGINE_URL"):
-        model_dir = str(state / "tiny-model")
-        make_tiny_model(Path(model_dir))
-    extra = json.loads(_env("OPENPCC_BENCH_VLLM_ARGS", '["--enforce-eager"]'))
+    state, trace_dir = traced_workdir("bench-multiturn-")  # every party started below traces
+    external = os.environ.get("OPENPCC_BENCH_MT_ENGINE_URL")
+    model_dir = None if external else bench_model_dir(state)
+    extra = json.loads(_env("OPENPCC_BENCH_VLLM_ARGS", '["--enforce-eager"]'))  # as recorded
     # As in bench_private_path: on the CPU backend vLLM's OpenMP threads busy-wait on every
     # core they get, so vLLM gets core 0 and everything else the other cores.
     cores = sorted(os.sched_getaffinity(0))
     pinned = _env("OPENPCC_BENCH_PIN", "1" if ON_CPU else "0") == "1" and len(cores) >= 2
-    external = os.environ.get("OPENPCC_BENCH_MT_ENGINE_URL")
     if external:
         engine: Any = _ExternalEngine(external)
         pinned = False

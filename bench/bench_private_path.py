@@ -19,17 +19,15 @@ import multiprocessing
 import os
 import secrets
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench._harness import cpu_seconds
+from bench._harness import bench_model_dir, cpu_seconds, traced_workdir
 from openpcc.client.profile import client_from_config
 from openpcc.devstack.local import start_local_stack
-from openpcc.service.stagetrace import ENV as TRACE_ENV
 from openpcc.service.stagetrace import Samples, TraceReader
 
 # Settings; the GPU run overrides them through the environment (see docs in bench/README.md).
@@ -327,16 +325,9 @@ def _measure(
 
 def run() -> dict[str, Any]:
     from node.engine import VLLMEngine
-    from node.tinymodel import make_tiny_model
 
-    state = Path(tempfile.mkdtemp(prefix="bench-private-"))
-    trace_dir = state / "stage-trace"
-    trace_dir.mkdir()
-    os.environ[TRACE_ENV] = str(trace_dir)  # inherited by every party started below
-    model_dir = os.environ.get("OPENPCC_BENCH_VLLM_MODEL")
-    if model_dir is None:
-        model_dir = str(state / "tiny-model")
-        make_tiny_model(Path(model_dir))
+    state, trace_dir = traced_workdir("bench-private-")  # every party started below traces
+    model_dir = bench_model_dir(state)
     extra = json.loads(os.environ.get("OPENPCC_BENCH_VLLM_ARGS", '["--enforce-eager"]'))
     # On the CPU backend vLLM's OpenMP threads busy-wait on every core they are given:
     # sharing cores with five Python processes then measures scheduler contention, not

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -150,7 +149,7 @@ class Admission:
         self.credentials = credentials
         self.policy = policy
         self.networks = tuple(networks)
-        self._verdicts: OrderedDict[bytes, float] = OrderedDict()
+        self._verdicts: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
 
     def credential(self, authorization: str | None) -> Credential:
         scheme, _, token = (authorization or "").partition(" ")
@@ -161,23 +160,26 @@ class Admission:
     def admit(
         self, credential: Credential, body: bytes, signature: str | None, now: float | None = None
     ) -> Admitted:
-        """The checks in the order of their cost; AdmissionError (or RegistrationError)."""
+        """The checks in the order of their cost; AdmissionError (or RegistrationError).
+
+        A heartbeat whose body did not change (the usual case) finds its verdict cached
+        (per policy and body digest): no bundle parse, no attestation, one signature."""
         t = time.time() if now is None else now
         reg = parse_registration(body)
         if not url_in_networks(reg.url, self.networks):
             nets = ", ".join(str(n) for n in self.networks)
             raise OutsideNetworksError(f"node url must be an IP address inside {nets}")
-        try:
-            bundle = AttestationBundle.from_json_obj(reg.bundle)
-        except (OpenPCCError, ValueError, TypeError) as exc:
-            raise NotAttestedError(f"bundle does not parse: {exc}") from None
-        claims = bundle.claims
-        if claims.node_id != reg.node_id.hex():
-            raise NotAttestedError("node_id differs from the attested one")
-        signed_ms = verify_registration(claims.signing_key, body, signature, t)
-        until = self._trusted_until(bundle, reg, t)
+        policy = self.policy.current(t)
+        judged = self._cached(reg, policy, t)
+        if judged is not None:
+            signed_ms = verify_registration(judged[0], body, signature, t)
+        else:
+            bundle = self._bundle(reg)
+            # The signature before the attestation: refusing a forgery costs no verdict.
+            signed_ms = verify_registration(bundle.claims.signing_key, body, signature, t)
+            judged = self._verify(bundle, reg, policy, t)
         reg = dataclasses.replace(
-            reg, signing_key=claims.signing_key, trusted_until=until, credential=credential.name
+            reg, signing_key=judged[0], trusted_until=judged[1], credential=credential.name
         )
         return Admitted(reg, credential, signed_ms)
 
@@ -186,25 +188,42 @@ class Admission:
         None if it does not verify here."""
         t = time.time() if now is None else now
         try:
-            bundle = AttestationBundle.from_json_obj(reg.bundle)
-            if bundle.claims.node_id != reg.node_id.hex():
-                return None
-            until = self._trusted_until(bundle, reg, t)
-        except (OpenPCCError, ValueError, TypeError):
+            policy = self.policy.current(t)
+            judged = self._cached(reg, policy, t) or self._verify(self._bundle(reg), reg, policy, t)
+        except OpenPCCError:
             return None
-        return dataclasses.replace(reg, signing_key=bundle.claims.signing_key, trusted_until=until)
+        return dataclasses.replace(reg, signing_key=judged[0], trusted_until=judged[1])
 
-    def _trusted_until(self, bundle: AttestationBundle, reg: Registration, now: float) -> float:
-        policy = self.policy.current(now)
-        canon = json.dumps(reg.bundle, sort_keys=True, separators=(",", ":")).encode()
-        key = hashlib.sha256(
-            policy.key_id.encode() + b"\0" + str(policy.manifest.serial).encode() + b"\0"
-            + reg.public_key + canon
-        ).digest()  # fmt: skip
-        until = self._verdicts.get(key)
-        if until is not None and now < until:
-            self._verdicts.move_to_end(key)
-            return until
+    @staticmethod
+    def _key(reg: Registration, policy: TrustPolicy) -> bytes:
+        label = f"{policy.key_id}\0{policy.manifest.serial}\0".encode()
+        return hashlib.sha256(label + reg.digest).digest()
+
+    def _cached(
+        self, reg: Registration, policy: TrustPolicy, now: float
+    ) -> tuple[bytes, float] | None:
+        """(signing key, trusted until) of an earlier verdict on this very body, if live."""
+        key = self._key(reg, policy)
+        hit = self._verdicts.get(key)
+        if hit is None or now >= hit[1]:
+            return None
+        self._verdicts.move_to_end(key)
+        return hit
+
+    @staticmethod
+    def _bundle(reg: Registration) -> AttestationBundle:
+        """The parsed bundle, naming this registration's node id (else NotAttestedError)."""
+        try:
+            bundle = AttestationBundle.from_json_obj(reg.bundle)
+        except (OpenPCCError, ValueError, TypeError) as exc:
+            raise NotAttestedError(f"bundle does not parse: {exc}") from None
+        if bundle.claims.node_id != reg.node_id.hex():
+            raise NotAttestedError("node_id differs from the attested one")
+        return bundle
+
+    def _verify(
+        self, bundle: AttestationBundle, reg: Registration, policy: TrustPolicy, now: float
+    ) -> tuple[bytes, float]:
         verdict = verify_bundle(
             bundle,
             policy=policy,
@@ -214,11 +233,12 @@ class Admission:
         if not verdict.ok:
             reasons = "; ".join(f"{c.name}: {c.detail}" for c in verdict.failures())
             raise NotAttestedError(f"bundle does not verify: {reasons}"[:500])
-        until = min(float(bundle.claims.expires_at), policy.valid_until)
-        self._verdicts[key] = until
+        claims = bundle.claims
+        judged = (claims.signing_key, min(float(claims.expires_at), policy.valid_until))
+        self._verdicts[self._key(reg, policy)] = judged
         while len(self._verdicts) > _VERDICTS:
             self._verdicts.popitem(last=False)
-        return until
+        return judged
 
 
 __all__ = [

@@ -160,12 +160,9 @@ class Gateway:
         await self.spent.close()
 
     def _forward_secret(self, reg: Registration) -> bytes | None:
-        """The credential a node was admitted with keys its forwards (openpcc/forwarding)."""
-        try:
-            cred = self.admission.credentials.current().get(reg.credential)
-        except OpenPCCError as exc:
-            log.error("node credentials unreadable: %s", exc)
-            return None
+        """The credential a node was admitted with keys its forwards (openpcc/forwarding).
+        Per request, so no file look-up: registrations keep the credentials current."""
+        cred = self.admission.credentials.known(reg.credential)
         return cred.token.encode() if cred is not None else None
 
     async def _sync_nodes(self) -> None:

@@ -28,7 +28,6 @@ the spent store, but a bad entry must cost one node, not the sync.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -150,7 +149,7 @@ class RedisNodeStore:
     ) -> None:
         """Record an admitted registration or heartbeat; the registry's refusals
         (RegistryFullError, NodeIdTakenError, ...), or redis errors."""
-        digest = hashlib.sha256(body).hexdigest()
+        digest = reg.digest.hex()  # of these very bytes (parse_registration)
         args = [
             reg.node_id.hex(), ttl, MAX_NODES, digest, body, reg.signing_key.hex(), signed_ms,
             max_nodes, reg.credential,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -87,6 +88,7 @@ class Registration:
     signing_key: bytes = b""  # the attested Ed25519 key the node id is bound to
     trusted_until: float = math.inf  # Unix time its attestation verdict ends
     credential: str = ""  # name of the admission credential that listed it
+    digest: bytes = b""  # SHA-256 of the body it was parsed from (verdicts are cached by it)
 
     @functools.cached_property
     def key_id(self) -> bytes:  # checked against every request's candidates: hash once
@@ -141,8 +143,9 @@ def parse_registration(body: bytes) -> Registration:
     if len(json.dumps(bundle, separators=(",", ":"))) > MAX_BUNDLE_BYTES:
         raise RegistrationError(f"bundle over {MAX_BUNDLE_BYTES} bytes")
     return Registration(
-        bytes.fromhex(node_id), url.rstrip("/"), bytes.fromhex(pk), tuple(models), bundle
-    )
+        bytes.fromhex(node_id), url.rstrip("/"), bytes.fromhex(pk), tuple(models), bundle,
+        digest=hashlib.sha256(body).digest(),
+    )  # fmt: skip
 
 
 def _reported_waiting(doc: dict[str, Any]) -> int:

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import struct
@@ -58,6 +59,7 @@ REGISTRATION_WINDOW = 60  # seconds a registration's time may differ from the ga
 CREDENTIALS_FORMAT = "openpcc-node-credentials/1"
 CREDENTIAL_PREFIX = "opnc1"
 MAX_CREDENTIALS = 4096
+KNOWN_RECHECK = 1.0  # seconds between file looks on the per-request path
 _SIGNED_LABEL = b"openpcc node registration v1\x00"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _CREDENTIAL = re.compile(rf"{CREDENTIAL_PREFIX}\.({_NAME.pattern})\.([A-Za-z0-9_-]{{43}})")
@@ -140,6 +142,7 @@ class CredentialStore:
         self.path = path
         self._stamp: tuple[int, int] | None = None
         self._by_name: dict[str, Credential] = {}
+        self._looked_at = -math.inf
 
     # -- file -------------------------------------------------------------------------
     def _read(self) -> dict[str, Credential]:
@@ -180,6 +183,7 @@ class CredentialStore:
 
     def current(self) -> dict[str, Credential]:
         """The credentials as the file says now (read again only when it changed)."""
+        self._looked_at = time.monotonic()
         stamp = file_stamp(self.path)
         if stamp != self._stamp:
             self._stamp = stamp
@@ -208,6 +212,13 @@ class CredentialStore:
         if creds.pop(name, None) is None:
             raise ValueError(f"no credential {name!r}")
         self._write(creds)
+
+    def known(self, name: str) -> Credential | None:
+        """The credential ``name``, looking at the file at most once a second: for the
+        per-request path (forwards), where ``current``'s stat per call is not needed."""
+        if time.monotonic() - self._looked_at >= KNOWN_RECHECK:
+            self.current()
+        return self._by_name.get(name)
 
     # -- per registration -------------------------------------------------------------
     def check(self, token: str) -> Credential:

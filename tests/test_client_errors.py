@@ -45,6 +45,9 @@ class _Pins:
 
     post_quantum_required = False
 
+    def pins_post_quantum_key(self) -> bool | None:
+        return False
+
 
 def _answer_ok(body: bytes) -> bytes:
     """A real OHTTP answer to the client's request: a directory with no nodes."""

@@ -1,4 +1,6 @@
-"""HPKE and OHTTP against the real hpke-js@1.8.0 (tests/interop/hpke.mjs), both AEADs."""
+"""HPKE and OHTTP against the real hpke-js@1.8.0 (tests/interop/hpke.mjs), both AEADs;
+HPKE with both KEMs: DHKEM(X25519) and X-Wing (MLKEM768-X25519, 0x647A, through
+@hpke/hybridkem-x-wing@0.7.0), multi-message seal/open and Export, which OHTTP needs."""
 
 from __future__ import annotations
 
@@ -12,20 +14,29 @@ from tests.conftest import load_vector, run_node
 
 pytestmark = pytest.mark.interop
 AEADS = pytest.mark.parametrize("aead", [1, 3], ids=["aes128gcm", "chacha20poly1305"])
+KEMS = pytest.mark.parametrize(
+    "kem", [hpke.KEM_DHKEM_X25519_HKDF_SHA256, hpke.KEM_XWING], ids=["x25519", "x-wing"]
+)
 INFO = b"openpcc interop info"
 MSGS = [(b"", b""), (b"aad-1", b"hello hpke-js"), (b"", os.urandom(3000)), (b"x" * 70, b"\x00")]
 EXPORTS = [(b"", 32), (b"ctx", 16), (b"longer exporter context", 77)]
 
 
+def _suite(kem: int, aead: int) -> hpke.Suite:
+    return hpke.Suite(kem, hpke.KDF_HKDF_SHA256, aead)
+
+
+@KEMS
 @AEADS
-def test_hpke_js_opens_ours(aead: int) -> None:
-    kp = hpke.generate_key_pair()
-    sender = hpke.setup_sender(kp.public_key, INFO, suite=hpke.Suite(aead_id=aead))
+def test_hpke_js_opens_ours(kem: int, aead: int) -> None:
+    kp = hpke.generate_key_pair(kem_id=kem)
+    sender = hpke.setup_sender(kp.public_key, INFO, suite=_suite(kem, aead))
     msgs = [{"aad": aad.hex(), "ct": sender.seal(pt, aad).hex()} for aad, pt in MSGS]
     out = run_node(
         "hpke.mjs",
         {
             "op": "open",
+            "kem": kem,
             "aead": aead,
             "sk": kp.private_key.hex(),
             "enc": sender.enc.hex(),
@@ -38,13 +49,15 @@ def test_hpke_js_opens_ours(aead: int) -> None:
     assert out["exports"] == [sender.export(c, n).hex() for c, n in EXPORTS]
 
 
+@KEMS
 @AEADS
-def test_we_open_hpke_js(aead: int) -> None:
-    kp = hpke.generate_key_pair()
+def test_we_open_hpke_js(kem: int, aead: int) -> None:
+    kp = hpke.generate_key_pair(kem_id=kem)
     out = run_node(
         "hpke.mjs",
         {
             "op": "seal",
+            "kem": kem,
             "aead": aead,
             "pk": kp.public_key.hex(),
             "info": INFO.hex(),
@@ -52,9 +65,9 @@ def test_we_open_hpke_js(aead: int) -> None:
             "exports": [{"ctx": c.hex(), "L": n} for c, n in EXPORTS],
         },
     )
-    receiver = hpke.setup_receiver(
-        kp.private_key, bytes.fromhex(out["enc"]), INFO, suite=hpke.Suite(aead_id=aead)
-    )
+    enc = bytes.fromhex(out["enc"])
+    assert len(enc) == hpke.kem_nenc(kem)  # 32, or 1120 for X-Wing
+    receiver = hpke.setup_receiver(kp.private_key, enc, INFO, suite=_suite(kem, aead))
     for (aad, pt), ct in zip(MSGS, out["cts"], strict=True):
         assert receiver.open(bytes.fromhex(ct), aad) == pt
     assert out["exports"] == [receiver.export(c, n).hex() for c, n in EXPORTS]

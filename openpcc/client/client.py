@@ -122,6 +122,10 @@ class KeyPins(Protocol):
         """Only a pinned X-Wing OHTTP key config will do (manifest ``post_quantum``)."""
         ...
 
+    def pins_post_quantum_key(self) -> bool | None:
+        """Whether an X-Wing key config is pinned (None: only digests, cannot tell)."""
+        ...
+
 
 def choose_key_config(configs: Sequence[ohttp.KeyConfig], trust: KeyPins | None) -> ohttp.KeyConfig:
     """The gateway key config to send with, from its ``application/ohttp-keys`` list.
@@ -143,10 +147,9 @@ def choose_key_config(configs: Sequence[ohttp.KeyConfig], trust: KeyPins | None)
     if pq:
         return pq[0]
     if trust is not None and trust.post_quantum_required:
-        pins = getattr(trust, "pins_post_quantum_key", lambda: None)()
         why = (
             "the release manifest pins none"
-            if pins is False
+            if trust.pins_post_quantum_key() is False
             else "the gateway offers no X-Wing key config the release manifest pins"
         )
         raise VerificationError(
@@ -154,7 +157,7 @@ def choose_key_config(configs: Sequence[ohttp.KeyConfig], trust: KeyPins | None)
         )
     if not usable:
         raise RelayError("the gateway offers no key config this client supports")
-    if trust is not None and getattr(trust, "pins_post_quantum_key", lambda: None)():
+    if trust is not None and trust.pins_post_quantum_key():
         # Allowed (the manifest does not require X-Wing), but not what it expects: a relay
         # or gateway may have dropped the X-Wing config. `post_quantum.require` refuses.
         log.warning(

@@ -488,7 +488,7 @@ def outer_layer_line(cfg: Any, trust: Any) -> str:
         kem = "X-Wing (MLKEM768-X25519, post-quantum hybrid)"
     else:
         kem = f"{hpke.kem_name(cfg.kem_id)} (not post-quantum)"
-    required = trust is not None and getattr(trust, "post_quantum_required", False)
+    required = trust is not None and trust.post_quantum_required
     return f"OHTTP with {kem}, KEM 0x{cfg.kem_id:04x}" + (
         "; the release manifest requires post-quantum" if required else ""
     )

@@ -334,21 +334,34 @@ def _wrong_kem(got: int, kem_id: int) -> DecodeError:
     return DecodeError(f"key is for HPKE KEM 0x{got:04x}, not 0x{kem_id:04x}")
 
 
+_PARSED_KEM: Final = (
+    (X25519PrivateKey, KEM_DHKEM_X25519_HKDF_SHA256),
+    (X25519PublicKey, KEM_DHKEM_X25519_HKDF_SHA256),
+    (XWingPrivateKey, KEM_XWING),
+    (XWingPublicKey, KEM_XWING),
+)
+
+
+def _parsed(key: object, kem_id: int | None) -> bool:
+    """True if ``key`` is already a parsed key object (of ``kem_id``, when given; else
+    DecodeError); False for raw bytes, which the caller parses."""
+    for cls, kem in _PARSED_KEM:
+        if isinstance(key, cls):
+            if kem_id is not None and kem_id != kem:
+                raise _wrong_kem(kem, kem_id)
+            return True
+    return False
+
+
 def load_private_key(sk: PrivateKeyLike, *, kem_id: int | None = None) -> PrivateKey:
     """Parse a raw private key; DecodeError if it is not one.
 
     Raw bytes are X25519 unless ``kem_id`` says otherwise (both are 32 bytes); a parsed
     key object is returned as is, after checking it against ``kem_id``.
     """
-    if isinstance(sk, X25519PrivateKey):
-        if kem_id is None or kem_id == KEM_DHKEM_X25519_HKDF_SHA256:
-            return sk
-        raise _wrong_kem(KEM_DHKEM_X25519_HKDF_SHA256, kem_id)
-    if isinstance(sk, XWingPrivateKey):
-        if kem_id is None or kem_id == KEM_XWING:
-            return sk
-        raise _wrong_kem(KEM_XWING, kem_id)
-    raw = bytes(sk)
+    if _parsed(sk, kem_id):
+        return sk  # type: ignore[return-value]
+    raw = bytes(sk)  # type: ignore[arg-type]
     if kem_id is None or kem_id == KEM_DHKEM_X25519_HKDF_SHA256:
         if len(raw) != kem_nsk(KEM_DHKEM_X25519_HKDF_SHA256):
             raise DecodeError(f"X25519 private key must be 32 bytes, got {len(raw)}")
@@ -365,15 +378,9 @@ def load_public_key(pk: PublicKeyLike, *, kem_id: int | None = None) -> PublicKe
     Raw bytes are X25519 unless ``kem_id`` says otherwise; a parsed key object is
     returned as is, after checking it against ``kem_id``.
     """
-    if isinstance(pk, X25519PublicKey):
-        if kem_id is None or kem_id == KEM_DHKEM_X25519_HKDF_SHA256:
-            return pk
-        raise _wrong_kem(KEM_DHKEM_X25519_HKDF_SHA256, kem_id)
-    if isinstance(pk, XWingPublicKey):
-        if kem_id is None or kem_id == KEM_XWING:
-            return pk
-        raise _wrong_kem(KEM_XWING, kem_id)
-    raw = bytes(pk)
+    if _parsed(pk, kem_id):
+        return pk  # type: ignore[return-value]
+    raw = bytes(pk)  # type: ignore[arg-type]
     if kem_id is None or kem_id == KEM_DHKEM_X25519_HKDF_SHA256:
         if len(raw) != kem_npk(KEM_DHKEM_X25519_HKDF_SHA256):
             raise DecodeError(f"X25519 public key must be 32 bytes, got {len(raw)}")
