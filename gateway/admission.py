@@ -41,6 +41,8 @@ log = logging.getLogger("openpcc.gateway")
 
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 _VERDICTS = 4096
+# What a verdict hands the registry: signing key, trusted until, X-Wing key (or None).
+_Judged = tuple[bytes, float, bytes | None]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -149,7 +151,7 @@ class Admission:
         self.credentials = credentials
         self.policy = policy
         self.networks = tuple(networks)
-        self._verdicts: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        self._verdicts: OrderedDict[bytes, _Judged] = OrderedDict()
 
     def credential(self, authorization: str | None) -> Credential:
         scheme, _, token = (authorization or "").partition(" ")
@@ -179,7 +181,11 @@ class Admission:
             signed_ms = verify_registration(bundle.claims.signing_key, body, signature, t)
             judged = self._verify(bundle, reg, policy, t)
         reg = dataclasses.replace(
-            reg, signing_key=judged[0], trusted_until=judged[1], credential=credential.name
+            reg,
+            signing_key=judged[0],
+            trusted_until=judged[1],
+            pq_public_key=judged[2],
+            credential=credential.name,
         )
         return Admitted(reg, credential, signed_ms)
 
@@ -192,17 +198,18 @@ class Admission:
             judged = self._cached(reg, policy, t) or self._verify(self._bundle(reg), reg, policy, t)
         except OpenPCCError:
             return None
-        return dataclasses.replace(reg, signing_key=judged[0], trusted_until=judged[1])
+        return dataclasses.replace(
+            reg, signing_key=judged[0], trusted_until=judged[1], pq_public_key=judged[2]
+        )
 
     @staticmethod
     def _key(reg: Registration, policy: TrustPolicy) -> bytes:
         label = f"{policy.key_id}\0{policy.manifest.serial}\0".encode()
         return hashlib.sha256(label + reg.digest).digest()
 
-    def _cached(
-        self, reg: Registration, policy: TrustPolicy, now: float
-    ) -> tuple[bytes, float] | None:
-        """(signing key, trusted until) of an earlier verdict on this very body, if live."""
+    def _cached(self, reg: Registration, policy: TrustPolicy, now: float) -> _Judged | None:
+        """(signing key, trusted until, X-Wing key) of an earlier verdict on this very body,
+        if live."""
         key = self._key(reg, policy)
         hit = self._verdicts.get(key)
         if hit is None or now >= hit[1]:
@@ -223,7 +230,7 @@ class Admission:
 
     def _verify(
         self, bundle: AttestationBundle, reg: Registration, policy: TrustPolicy, now: float
-    ) -> tuple[bytes, float]:
+    ) -> _Judged:
         verdict = verify_bundle(
             bundle,
             policy=policy,
@@ -234,7 +241,11 @@ class Admission:
             reasons = "; ".join(f"{c.name}: {c.detail}" for c in verdict.failures())
             raise NotAttestedError(f"bundle does not verify: {reasons}"[:500])
         claims = bundle.claims
-        judged = (claims.signing_key, min(float(claims.expires_at), policy.valid_until))
+        judged = (
+            claims.signing_key,
+            min(float(claims.expires_at), policy.valid_until),
+            claims.pq_public_key,
+        )
         self._verdicts[self._key(reg, policy)] = judged
         while len(self._verdicts) > _VERDICTS:
             self._verdicts.popitem(last=False)

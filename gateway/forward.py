@@ -115,7 +115,7 @@ class Forwarder:
         if note is not None:
             note["model"] = header.model
             note["candidates"] = [c.node_id.hex() for c in header.candidates]
-        usable = self.registry.candidates(header.model, wanted)
+        usable = self.registry.candidates(header.model, wanted, header.version)
         if len(usable) > 1:
             first = header.candidates[0].node_id
             usable = route(usable, first, self._load, self.affinity_slack)

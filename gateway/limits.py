@@ -9,17 +9,9 @@ from __future__ import annotations
 
 from openpcc.wire import ohttp, sealed
 
-# Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
-MAX_ENVELOPE = (
-    sealed.MAX_REQUEST_BYTES
-    + (sealed.MAX_REQUEST_BYTES // sealed.CHUNK_SIZE + 1) * (1 + 4 + 16)
-    + 7
-    + sealed.NONCE_LEN
-    + 1
-    + sealed.MAX_MODEL_LEN
-    + 1
-    + sealed.MAX_CANDIDATES * (sealed.NODE_ID_LEN + sealed.KEY_ID_LEN + 32 + sealed.WRAPPED_LEN)
-)
+# Largest envelope a client can build, of any version (v2's X-Wing header is the larger:
+# 8 candidates of 1 176 bytes each).
+MAX_ENVELOPE = sealed.MAX_ENVELOPE_LEN
 # Inner BHTTP request: envelope plus headers (the token is ~480 bytes) and framing.
 MAX_INNER_REQUEST = MAX_ENVELOPE + 64 * 1024
 # Outer OHTTP body: the request prefix hdr ‖ enc of the largest KEM (X-Wing: 7 + 1120

@@ -89,10 +89,20 @@ class Registration:
     trusted_until: float = math.inf  # Unix time its attestation verdict ends
     credential: str = ""  # name of the admission credential that listed it
     digest: bytes = b""  # SHA-256 of the body it was parsed from (verdicts are cached by it)
+    pq_public_key: bytes | None = None  # the attested X-Wing key (claims), if any
 
     @functools.cached_property
     def key_id(self) -> bytes:  # checked against every request's candidates: hash once
         return sealed.key_id_for(self.public_key)
+
+    @functools.cached_property
+    def pq_key_id(self) -> bytes | None:
+        return None if self.pq_public_key is None else sealed.key_id_for(self.pq_public_key)
+
+    def has_key(self, version: sealed.Version, key_id: bytes) -> bool:
+        """Whether a request of this envelope version, sealed to ``key_id``, is for us."""
+        ours = self.pq_key_id if version is sealed.V2 else self.key_id
+        return ours is not None and ours == key_id
 
 
 def parse_registration(body: bytes) -> Registration:
@@ -271,7 +281,12 @@ class NodeRegistry:
         self._expire(time.monotonic())
         return len(self._nodes), sum(e.healthy for e in self._nodes.values())
 
-    def candidates(self, model: str, wanted: Iterable[tuple[bytes, bytes]]) -> list[Registration]:
+    def candidates(
+        self,
+        model: str,
+        wanted: Iterable[tuple[bytes, bytes]],
+        version: sealed.Version = sealed.V1,
+    ) -> list[Registration]:
         """Of the client's (node_id, key_id) pairs, those we can route ``model`` to.
 
         Registered, unexpired (as in ``_expire``) and healthy, like ``live()``, but looked
@@ -284,7 +299,7 @@ class NodeRegistry:
             if entry is None or not entry.healthy or t - entry.last_seen > self.ttl:
                 continue
             reg = entry.reg
-            if model in reg.models and reg.key_id == key_id and wall < reg.trusted_until:
+            if model in reg.models and reg.has_key(version, key_id) and wall < reg.trusted_until:
                 out.append(reg)
         return out
 

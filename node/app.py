@@ -79,6 +79,9 @@ class NodeConfig:
     # with this node's key) are opened, each once (openpcc/forwarding.py). Without it (no
     # gateway configured) the node has no way to tell a gateway from anyone else.
     forward_secret: str | None = None
+    # Open sealed requests v1 (X25519 only) from clients older than v2; the deprecation
+    # period is in docs/PROTOCOL.md. Clients of this release send v2 to this node.
+    accept_sealed_v1: bool = True
 
     def __post_init__(self) -> None:
         if len(self.node_id) != sealed.NODE_ID_LEN:
@@ -150,10 +153,16 @@ class NodeService:
         self.engine = engine
         self.evidence = evidence
         pair = hpke.generate_key_pair()
-        # Keep only the key object: the raw private bytes are never stored or written.
+        pq_pair = hpke.generate_key_pair(kem_id=hpke.KEM_XWING)
+        # Keep only the key objects: the raw private bytes are never stored or written.
         self._private_key = hpke.load_private_key(pair.private_key)
         self.public_key = pair.public_key
         self.key_id = sealed.key_id_for(self.public_key)
+        # X-Wing for sealed requests v2 (post-quantum); committed to by the claims too.
+        self._pq_private_key = hpke.load_private_key(pq_pair.private_key, kem_id=hpke.KEM_XWING)
+        self.pq_public_key = pq_pair.public_key
+        self.pq_key_id = sealed.key_id_for(self.pq_public_key)
+        del pair, pq_pair
         # Per boot, in memory only, committed to by the claims: registrations signed with
         # it are this attested node's (openpcc/admission.py).
         self._signing_key = ed25519.Ed25519PrivateKey.generate()
@@ -172,6 +181,9 @@ class NodeService:
         self.metrics = Metrics("openpcc_node")
         self.trace = StageTrace("node")
         self.metrics.describe("sealed_requests_total", "sealed requests by outcome")
+        self.metrics.describe(
+            "sealed_versions_total", "sealed requests addressed to this node, by envelope version"
+        )
         self.metrics.describe("registrations_total", "successful gateway registrations")
         if isinstance(registration, RegistrationConfig):
             registration = [registration]
@@ -201,6 +213,7 @@ class NodeService:
                     release_id=self.config.release_id,
                     lifetime=self.config.claims_lifetime,
                     signing_key=self.signing_key,
+                    pq_public_key=self.pq_public_key,
                     now=now,
                 )
                 self._bundle = await asyncio.to_thread(self.evidence.bundle, claims)
@@ -364,6 +377,10 @@ class NodeService:
     def _count(self, outcome: str) -> None:
         self.metrics.inc("sealed_requests_total", outcome=outcome)
 
+    def _count_version(self, version: int) -> None:
+        # How much v1 traffic is left: the input for ending its deprecation period.
+        self.metrics.inc("sealed_versions_total", version=str(version))
+
     async def sealed_handler(self, request: web.Request) -> web.StreamResponse:
         request[_T0] = time.perf_counter()
         if not self.engine_ready():
@@ -413,14 +430,23 @@ class NodeService:
         except OpenPCCError:
             self._count("malformed")
             return problem(400, "malformed sealed request")
+        v2 = header.version is sealed.V2
+        if not v2 and not self.config.accept_sealed_v1:
+            self._count("version_refused")
+            return problem(400, "sealed request v1 (X25519) is no longer accepted; use v2")
+        key_id = self.pq_key_id if v2 else self.key_id
         mine = [c for c in header.candidates if c.node_id == self.config.node_id]
-        if not mine or mine[0].key_id != self.key_id:
+        if not mine or mine[0].key_id != key_id:
             self._count("not_candidate")
             return problem(421, "not a candidate for this request")
+        self._count_version(header.version.number)
         t = time.perf_counter()
         try:
             opened = sealed.open_request(
-                envelope, self.config.node_id, self._private_key, self.public_key
+                envelope,
+                self.config.node_id,
+                self._pq_private_key if v2 else self._private_key,
+                self.pq_public_key if v2 else self.public_key,
             )
         except Exception:  # any failure to open is the same 400: no oracle on why
             self._count("does_not_open")

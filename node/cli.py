@@ -238,6 +238,7 @@ def _node_serve(ns: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         engine_read_timeout=args.engine_timeout,
         claims_lifetime=args.claims_lifetime,
+        accept_sealed_v1=args.accept_sealed_v1,
         forward_secret=args.admission_credential if args.gateway_internal else None,
     )
     registration = [

@@ -148,6 +148,14 @@ class NodeServeConfig:
         metadata=option("seconds each bundle's claims are valid (re-issued at half-life)",
                         kind="int"),
     )  # fmt: skip
+    accept_sealed_v1: bool = field(
+        default=True,
+        metadata=option(
+            "also open sealed requests v1 (X25519 only) from clients older than v2 "
+            "(X-Wing); off once the deprecation period in docs/PROTOCOL.md ends",
+            kind="bool",
+        ),
+    )
     max_tokens: int = field(
         default=4096,
         metadata=option("largest max_tokens / max_completion_tokens a request may ask for",

@@ -330,6 +330,7 @@ def make_claims(
     model_digest: bytes,
     release_id: str,
     signing_key: bytes,
+    pq_public_key: bytes | None = None,
     lifetime: int = DEFAULT_LIFETIME,
     now: float | None = None,
 ) -> Claims:
@@ -345,4 +346,5 @@ def make_claims(
         issued_at=issued,
         expires_at=issued + lifetime,
         signing_key=signing_key,
+        pq_public_key=pq_public_key,
     )

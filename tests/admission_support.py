@@ -103,7 +103,13 @@ def issue_credential(state: Path, name: str = "test", max_nodes: int = 64) -> st
 class AttestedIdentity:
     """A test node's attested self: per-boot signing key, claims and simulated bundle."""
 
-    def __init__(self, tee: SimulatedTEE, node_id: bytes, public_key: bytes) -> None:
+    def __init__(
+        self,
+        tee: SimulatedTEE,
+        node_id: bytes,
+        public_key: bytes,
+        pq_public_key: bytes | None = None,
+    ) -> None:
         self.node_id = node_id
         self.public_key = public_key
         self.key = ed25519.Ed25519PrivateKey.generate()
@@ -118,6 +124,7 @@ class AttestedIdentity:
             issued_at=now - 5,
             expires_at=now + 3600,
             signing_key=self.key.public_key().public_bytes_raw(),
+            pq_public_key=pq_public_key,
         )
         self.bundle = make_simulated_bundle(
             tee, self.claims, simulated_measurement(RELEASE)

@@ -343,3 +343,18 @@ def test_decode_never_raises_anything_but_decode_error(data):
 def test_from_json_obj_rejects_arbitrary_json(value):
     with pytest.raises(DecodeError):
         AttestationBundle.from_json_obj(value)
+
+
+def test_a_post_quantum_manifest_refuses_a_node_without_an_x_wing_key(tee):
+    """post_quantum.require covers the inner layer: a node attesting no X-Wing key fails
+    verification (clients never seal to it, gateways never admit it)."""
+    pq_key = bytes(1216)
+    plain = make_simulated_bundle(tee, claims_at(T0), MEAS)
+    with_pq = make_simulated_bundle(tee, claims_at(T0, pq_public_key=pq_key), MEAS)
+    strict = dev_policy(tee, post_quantum={"require": True})
+    v = verify_bundle(plain, policy=strict, now=NOW, expected_node_key=NODE_KEY)
+    assert failed(v) == {"post_quantum"}
+    v = verify_bundle(with_pq, policy=strict, now=NOW, expected_node_key=NODE_KEY)
+    assert v.ok and "post_quantum" in {c.name for c in v.checks}
+    v = verify_bundle(plain, policy=dev_policy(tee), now=NOW, expected_node_key=NODE_KEY)
+    assert v.ok and "post_quantum" not in {c.name for c in v.checks}

@@ -220,3 +220,28 @@ def test_mutated_claims_raise_only_openpcc_errors(c, edits):
 def test_random_claims_bytes(data):
     with contextlib.suppress(OpenPCCError):
         Claims.decode(data)
+
+
+# --- the optional X-Wing key (sealed requests v2) ------------------------------------------
+
+PQ = bytes(range(256)) * 4 + bytes(192)  # 1216 bytes
+
+
+def test_pq_key_is_optional_absent_not_null_and_keeps_old_bytes():
+    """Claims without an X-Wing key keep the exact bytes they had before the field
+    existed (so their REPORT_DATA is unchanged); with one, it is one more sorted key."""
+    assert example().encode() == GOLDEN and example().pq_public_key is None
+    c = example(pq_public_key=PQ)
+    data = c.encode()
+    assert b'"pq_public_key":"' + PQ.hex().encode() + b'"' in data
+    assert data.index(b'"node_id"') < data.index(b'"pq_public_key"') < data.index(b'"release_id"')
+    assert Claims.decode(data) == c
+    assert len(data) < 4096
+    assert report_data_for(c) != report_data_for(example())
+    assert gpu_nonce_for(c) != gpu_nonce_for(example())  # the GPU nonce commits to it too
+    with pytest.raises(DecodeError):  # null is not a spelling of "absent"
+        Claims.decode(GOLDEN.replace(b'"release_id"', b'"pq_public_key":null,"release_id"'))
+    with pytest.raises(DecodeError):
+        Claims.decode(data.replace(PQ.hex().encode(), PQ[:-1].hex().encode()))
+    with pytest.raises(EncodeError):
+        example(pq_public_key=b"\x01" * 32)

@@ -127,3 +127,22 @@ def test_the_client_lists_the_conversation_node_first() -> None:
     assert all(c is not nodes[4] for c in client._candidates(nodes[:4], salt))
     off = Client("http://relay.invalid", tokens=None, verifier=None, affinity=False)  # type: ignore[arg-type]
     assert off._affinity is None
+
+
+def test_the_client_seals_to_x_wing_nodes_whenever_there_are_any() -> None:
+    """Issue 20: one KEM per envelope, X-Wing (v2) whenever a node attests it; X25519
+    (v1) only when none does. The conversation's node yields to that rule."""
+    pq = bytes(1216)
+    legacy = [VerifiedNode(bytes([i]) * 16, bytes(32), ("m",), 1e12) for i in range(4)]
+    xwing = [VerifiedNode(bytes([9 + i]) * 16, bytes(32), ("m",), 1e12, pq_public_key=pq)
+             for i in range(2)]  # fmt: skip
+    client = Client("http://relay.invalid", tokens=None, verifier=None, k=3,  # type: ignore[arg-type]
+                    rng=random.Random(1))  # fmt: skip
+    assert client._affinity is not None
+    client._affinity.put(bytes(32), legacy[0].node_id)
+    for _ in range(20):
+        chosen = client._candidates(legacy + xwing, bytes(32))
+        assert sorted(n.node_id for n in chosen) == sorted(n.node_id for n in xwing)
+        assert {n.sealing_key for n in chosen} == {pq}
+    chosen = client._candidates(legacy, None)
+    assert len(chosen) == 3 and {n.sealing_key for n in chosen} == {bytes(32)}

@@ -145,7 +145,13 @@ def wait_listed(gw: Proc, expected: set[str], timeout: float = 10) -> None:
 
 
 def node_key(node: Proc) -> sealed.NodeKey:
+    """The node's X25519 key: v1 envelopes (most tests; routing is the same for v2)."""
     return sealed.NodeKey(node.extra["node_id"], node.extra["public_key"])
+
+
+def pq_node_key(node: Proc) -> sealed.NodeKey:
+    """The node's X-Wing key: v2 envelopes."""
+    return sealed.NodeKey(node.extra["node_id"], node.extra["pq_public_key"])
 
 
 @pytest.fixture
@@ -781,6 +787,36 @@ async def test_unusable_candidates_give_503(
         status, _, body = await (await infer(session, gw.url, token, sr.envelope)).collect()
         assert status == 503, body
     assert control(a, "state")["requests"] == []  # nothing was forwarded
+
+
+async def test_x_wing_v2_envelopes_route_by_the_attested_x_wing_key(
+    ready: list[Proc], gw: Proc, issuer: Proc, session: aiohttp.ClientSession
+):
+    """A v2 envelope names the node's X-Wing key id, which the gateway learned from the
+    admitted claims (not from the registration's X25519 field): routed, answered; a v2
+    envelope to a stale X-Wing key, or a v1 envelope carrying an X-Wing key id, is not."""
+    a = ready[0]
+    control(a, "reset")
+    good = seal_chat([pq_node_key(a)])
+    assert good.envelope[0] == 2
+    stale = seal_chat(
+        [sealed.NodeKey(a.extra["node_id"], hpke.generate_key_pair(kem_id=0x647A).public_key)]
+    )
+    # v1 header, but naming the X-Wing key id: key ids are per version's KEM.
+    relabelled = seal_chat([node_key(a)]).envelope
+    header = sealed.parse_envelope_header(relabelled)
+    at = header.length - header.version.entry_len + sealed.NODE_ID_LEN
+    crossed = relabelled[:at] + sealed.key_id_for(a.extra["pq_public_key"]) + relabelled[at + 8 :]
+    tokens = await mint(session, issuer.url, issuer.extra["api_key"], 3)
+    call = await infer(session, gw.url, tokens[0], good.envelope)
+    body = b"".join(
+        [ev async for ev in sealed_events(call, good.response_opener()) if isinstance(ev, bytes)]
+    )
+    assert body.startswith(b"first:/v1/chat/completions") and body.endswith(b"last\n")
+    for env, token in ((stale.envelope, tokens[1]), (crossed, tokens[2])):
+        status, _, out = await (await infer(session, gw.url, token, env)).collect()
+        assert status == 503, out
+    assert [r["version"] for r in control(a, "state")["requests"]] == [2]
 
 
 async def test_malformed_envelope_is_400_and_costs_the_token(

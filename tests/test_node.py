@@ -85,8 +85,20 @@ class Stack:
         return http_json(self.engine.port, "GET", "/_control/received")[1]
 
     def node_key(self) -> sealed.NodeKey:
+        """The node's X25519 key: requests sealed to it are v1."""
         reg = wait_until(self.registrations, 10, "a registration")[-1]["body"]
         return sealed.NodeKey(bytes.fromhex(reg["node_id"]), bytes.fromhex(reg["public_key"]))
+
+    def pq_node_key(self) -> sealed.NodeKey:
+        """The node's X-Wing key, from its attested claims: requests sealed to it are v2."""
+        return pq_key_of(self.registrations)
+
+
+def pq_key_of(registrations: Any) -> sealed.NodeKey:
+    reg = wait_until(registrations, 10, "a registration")[-1]["body"]
+    claims = AttestationBundle.from_json_obj(reg["bundle"]).claims
+    assert claims.pq_public_key is not None
+    return sealed.NodeKey(bytes.fromhex(reg["node_id"]), claims.pq_public_key)
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +240,7 @@ def test_registers_with_verifiable_bundle(stack: Stack) -> None:
     assert claims.node_id == node_id
     assert claims.hpke_public_key.hex() == doc["public_key"]
     assert claims.tee == bundle.tee == "simulated-snp"
+    assert claims.pq_public_key is not None and len(claims.pq_public_key) == 1216  # X-Wing
     assert claims.release_id == "test-release"
     assert claims.gpu_evidence_digest is None
     assert claims.model_digest == hashlib.sha256(MODEL.encode()).digest()  # --engine-url mode
@@ -542,6 +555,59 @@ async def test_not_a_candidate_is_421(stack: Stack) -> None:
         assert ans.status == 421
         assert ans.content_type.startswith("application/problem+json")
         problem_doc(ans.raw, 421)
+
+
+async def test_x_wing_v2_and_legacy_v1_requests_are_both_served(stack: Stack) -> None:
+    """Sealed to the attested X-Wing key (v2) or to the X25519 key (v1, deprecated but
+    still accepted by default): the same answer; the metrics count each version."""
+    for key in (stack.pq_node_key(), stack.node_key()):
+        req = seal(key, inner_request(body=chat_body(stream=True)))
+        assert req.envelope[0] == (2 if key.kem_id == hpke.KEM_XWING else 1)
+        ans = await post(stack.node_url, req.envelope, req)
+        assert ans.error is None and ans.head is not None and ans.head.status == 200
+        assert sse_text(ans.body) == "Hello from the fake engine."
+    # A v2 request sealed to a stale X-Wing key of this node id is not for this boot.
+    stale = sealed.NodeKey(
+        stack.node_key().node_id, hpke.generate_key_pair(kem_id=hpke.KEM_XWING).public_key
+    )
+    ans = await post(stack.node_url, sealed.seal_request([stale], MODEL, inner_request()).envelope)
+    assert ans.status == 421
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", stack.node.port, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    assert re.search(r'openpcc_node_sealed_versions_total\{version="2"\} [1-9]', text), text
+    assert re.search(r'openpcc_node_sealed_versions_total\{version="1"\} [1-9]', text), text
+
+
+async def test_a_node_past_the_v1_deprecation_refuses_x25519_requests(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gateway = start_gateway(tmp_path, SECRET)
+    node = start_node(
+        tmp_path,
+        engine_url=f"http://127.0.0.1:{stack.engine.port}",
+        model=MODEL,
+        gateway_port=gateway.port,
+        extra=["--no-accept-sealed-v1"],
+    )
+    try:
+        regs = lambda: http_json(gateway.port, "GET", "/_control/registrations")[1]  # noqa: E731
+        pq = pq_key_of(regs)
+        body = regs()[-1]["body"]
+        legacy = sealed.NodeKey(pq.node_id, bytes.fromhex(body["public_key"]))
+        url = f"http://127.0.0.1:{node.port}"
+        FORWARD_KEYS[url] = forward_key(SECRET, pq.node_id)
+        req = seal(legacy, inner_request(body=chat_body()))
+        ans = await post(url, req.envelope, req)
+        assert ans.status == 400 and "v1" in problem_doc(ans.raw, 400)["title"]
+        req = seal(pq, inner_request(body=chat_body()))
+        ans = await post(url, req.envelope, req)
+        assert ans.error is None and ans.head is not None and ans.head.status == 200
+    finally:
+        node.stop()
+        gateway.stop()
 
 
 async def test_garbage_is_400_and_node_stays_up(stack: Stack) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -423,6 +424,30 @@ def test_the_outer_layer_is_x_wing_and_a_post_quantum_manifest_never_downgrades(
             assert all(json.loads(line)["method"] == "GET" for line in new.splitlines())
 
     asyncio.run(go())
+
+
+def test_the_inner_layer_is_x_wing_v2_end_to_end(local_stack: LocalStack) -> None:
+    """Issue 20, inner layer: the stack's nodes attest X-Wing keys, so the client seals
+    v2 (X-Wing) and never v1; `openpcc status` says so; the nodes count only v2."""
+    from openpcc.devstack.local import collect_status
+
+    def versions() -> dict[str, float]:
+        out: dict[str, float] = {"1": 0.0, "2": 0.0}
+        for name in ("node1", "node2"):
+            with urllib.request.urlopen(local_stack.urls[name] + "/metrics") as r:
+                text = r.read().decode()
+            for v, n in re.findall(
+                r'openpcc_node_sealed_versions_total\{version="(\d)"\} (\S+)', text
+            ):
+                out[v] += float(n)
+        return out
+
+    before = versions()
+    report = asyncio.run(collect_status(local_stack.config_path))
+    assert report["inner_layer"].startswith("sealed v2, X-Wing"), report
+    assert asyncio.run(chat(local_stack, "post-quantum inside", max_tokens=8))
+    after = versions()
+    assert after["2"] == before["2"] + 1 and after["1"] == before["1"] == 0
 
 
 def test_node_killed_before_first_byte_is_served_by_another_candidate(

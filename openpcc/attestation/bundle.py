@@ -243,6 +243,17 @@ def verify_bundle(
         )
         ok = policy.accepts_model(claims.release_id, claims.model_digest)
         v.add("model_digest", ok, "in the release" if ok else "not a digest of this release")
+        if policy.post_quantum_required:
+            # No silent downgrade: a node without an attested X-Wing key would take only
+            # X25519-sealed requests (manifest ``post_quantum.require``).
+            pq = claims.pq_public_key is not None
+            v.add(
+                "post_quantum",
+                pq,
+                "X-Wing key attested"
+                if pq
+                else "the manifest requires post-quantum keys; the node attests none",
+            )
         if bundle.tee == "simulated-snp" or claims.tee == "simulated-snp":
             v.add(
                 "development",

@@ -7,10 +7,12 @@ claims, so the GPU's SPDM nonce cannot depend on it: :func:`gpu_nonce_for` hashe
 every claim *except* ``gpu_evidence_digest``. Encoding (exact, see
 docs/ATTESTATION.md):
 
-* canonical JSON: one object with exactly the 9 keys below, sorted by key, no
-  whitespace (separators ``,`` and ``:``), ASCII only, UTF-8 bytes;
+* canonical JSON: one object with exactly the 9 keys below, plus ``pq_public_key``
+  when the node has an X-Wing key, sorted by key, no whitespace (separators ``,`` and
+  ``:``), ASCII only, UTF-8 bytes;
 * byte strings as lower-case hex; times as integer Unix seconds (UTC);
-  ``gpu_evidence_digest`` is ``null`` when the node has no GPU;
+  ``gpu_evidence_digest`` is ``null`` when the node has no GPU; ``pq_public_key`` is
+  absent (never ``null``) for an X25519-only node, so such claims keep their bytes;
 * ``node_id`` and ``release_id`` match ``[A-Za-z0-9][A-Za-z0-9._:+@/-]{0,127}``, so no
   JSON escaping ever occurs.
 
@@ -54,11 +56,13 @@ _FIELDS = (
     "signing_key",
     "tee",
 )
+_OPTIONAL = "pq_public_key"  # absent when None (X25519-only nodes, claims before X-Wing)
 _HEX_LEN = {
     "hpke_public_key": 32,
     "model_digest": 32,
     "gpu_evidence_digest": 32,
     "signing_key": 32,
+    _OPTIONAL: 1216,  # X-Wing (KEM 0x647A) public key
 }
 
 
@@ -72,6 +76,8 @@ class Claims:
     ``issued_at`` / ``expires_at``: Unix seconds, UTC.
     ``signing_key``: the node's per-boot Ed25519 public key (32 bytes). It signs the node's
     registrations with a gateway, so only the attested node can list itself under its id.
+    ``pq_public_key``: the node's X-Wing public key (1216 bytes) for sealed requests v2,
+    or None for a node with only its X25519 key.
     """
 
     node_id: str
@@ -83,6 +89,7 @@ class Claims:
     issued_at: int
     expires_at: int
     signing_key: bytes
+    pq_public_key: bytes | None = None
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -95,6 +102,8 @@ class Claims:
         }
         if not include_gpu_digest:
             del obj["gpu_evidence_digest"]
+        if obj[_OPTIONAL] is None:
+            del obj[_OPTIONAL]
         return obj
 
     def encode(self) -> bytes:
@@ -121,13 +130,15 @@ class Claims:
         if not isinstance(obj, dict):
             raise DecodeError("claims must be a JSON object")
         keys = set(obj)
-        if keys != set(_FIELDS):
-            missing, extra = set(_FIELDS) - keys, keys - set(_FIELDS)
+        if keys - {_OPTIONAL} != set(_FIELDS):
+            missing, extra = set(_FIELDS) - keys, keys - set(_FIELDS) - {_OPTIONAL}
             raise DecodeError(
                 f"claims keys wrong: missing {sorted(missing)}, unknown {sorted(extra)}"
             )
         values: dict[str, Any] = {}
-        for name in _FIELDS:
+        for name in (*_FIELDS, _OPTIONAL):
+            if name not in obj:
+                continue
             value = obj[name]
             if name in _HEX_LEN:
                 if value is None and name == "gpu_evidence_digest":
@@ -173,7 +184,7 @@ def _problem(c: Claims) -> str | None:
         return f"tee must be one of {sorted(TEE_TYPES)}"
     for name, n in _HEX_LEN.items():
         v = getattr(c, name)
-        if v is None and name == "gpu_evidence_digest":
+        if v is None and name in ("gpu_evidence_digest", _OPTIONAL):
             continue
         if not isinstance(v, bytes) or len(v) != n:
             return f"{name} must be {n} bytes"
@@ -211,7 +222,7 @@ def gpu_nonce_for(claims: Claims) -> bytes:
 
     SHA-256(GPU_NONCE_LABEL || canonical JSON of the claims with the
     ``gpu_evidence_digest`` key removed); i.e. it covers node_id, hpke_public_key, tee,
-    model_digest, release_id, issued_at, expires_at and signing_key. The value of
+    model_digest, release_id, issued_at, expires_at, signing_key and pq_public_key. The value of
     ``gpu_evidence_digest`` (if any) is ignored, which breaks the circularity: the node
     derives the nonce, collects GPU evidence, then fills in the digest.
     """

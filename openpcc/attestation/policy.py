@@ -40,8 +40,10 @@ Only ``format``, ``serial``, ``issued_at``, ``expires_at``, ``releases``,
 ``ohttp_key_configs`` and ``token_key_ids`` are required; the platform sections default
 to the strict values shown. ``post_quantum.require`` (default false): a client then uses
 only an X-Wing (KEM 0x647A) gateway key config the manifest pins and refuses the
-gateway otherwise (no silent downgrade to X25519); without it a client still prefers a
-pinned X-Wing config. A release without an ``snp``/``tdx``/``gpu`` section
+gateway otherwise (no silent downgrade to X25519), and a node bundle whose claims attest
+no X-Wing key (``pq_public_key``) fails verification, for clients and for gateway
+admission alike; without it a client still prefers a pinned X-Wing config and nodes
+with X-Wing keys. A release without an ``snp``/``tdx``/``gpu`` section
 accepts no evidence of that kind. Signed form (``SignedManifest``)::
 
     {"format": "openpcc-signed-manifest/1", "key_id": "<sha256(raw pubkey) hex>",
@@ -648,7 +650,8 @@ class TrustPolicy:
 
     @property
     def post_quantum_required(self) -> bool:
-        """``post_quantum.require``: only a pinned X-Wing gateway key config will do."""
+        """``post_quantum.require``: only a pinned X-Wing gateway key config and nodes that
+        attest an X-Wing key will do."""
         return self.manifest.require_post_quantum
 
     def pins_post_quantum_key(self) -> bool | None:

@@ -1,7 +1,8 @@
 """The client's node verifier: a directory entry is usable only if its bundle verifies.
 
-The node's HPKE key and id are taken from the claims the TEE signed, never from the
-gateway's directory fields (which only have to agree with them).
+The node's HPKE keys (X25519, and X-Wing when attested) and id are taken from the claims
+the TEE signed, never from the gateway's directory fields (which only have to agree with
+them).
 """
 
 from __future__ import annotations
@@ -45,5 +46,10 @@ class BundleVerifier:
         # first: the client's cache of verdicts must not outlive the manifest.
         until = min(float(claims.expires_at), self.policy.valid_until)
         return VerifiedNode(
-            claimed_id, claims.hpke_public_key, models, until, release_id=claims.release_id
+            claimed_id,
+            claims.hpke_public_key,
+            models,
+            until,
+            release_id=claims.release_id,
+            pq_public_key=claims.pq_public_key,
         )

@@ -75,6 +75,12 @@ class VerifiedNode:
     models: tuple[str, ...]
     expires_at: float
     release_id: str = ""  # the manifest release its attestation matched ("" if unknown)
+    pq_public_key: bytes | None = None  # attested X-Wing key: sealed requests v2
+
+    @property
+    def sealing_key(self) -> bytes:
+        """The key a request to this node is sealed to: X-Wing when attested."""
+        return self.pq_public_key or self.public_key
 
 
 P = ParamSpec("P")
@@ -455,7 +461,12 @@ class Client:
         raise TruncatedResponseError("the node sent no completion")
 
     def _candidates(self, nodes: list[VerifiedNode], salt: bytes | None) -> list[VerifiedNode]:
-        """k random nodes; the one that answered this conversation's last turn first."""
+        """k random nodes; the one that answered this conversation's last turn first.
+
+        Only nodes that attest an X-Wing key when there are any: one KEM per envelope,
+        and a recording of the request then needs ML-KEM-768 broken too (sealed v2).
+        """
+        nodes = [n for n in nodes if n.pq_public_key is not None] or nodes
         k = min(self._k, len(nodes))
         last = self._affinity.get(salt) if self._affinity is not None and salt else None
         first = next((n for n in nodes if n.node_id == last), None)
@@ -503,7 +514,7 @@ class Client:
             )
         )
         sreq = sealed.seal_request(
-            [sealed.NodeKey(n.node_id, n.public_key) for n in chosen], model, inner
+            [sealed.NodeKey(n.node_id, n.sealing_key) for n in chosen], model, inner
         )
         t1 = time.perf_counter()
         token = await self._tokens.take()

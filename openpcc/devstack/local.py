@@ -17,7 +17,7 @@ import json
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -494,6 +494,25 @@ def outer_layer_line(cfg: Any, trust: Any) -> str:
     )
 
 
+def inner_layer_line(nodes: Sequence[Any], trust: Any) -> str:
+    """`openpcc status`'s inner-layer line: which KEM requests to the nodes are sealed
+    with (the client seals to X-Wing nodes whenever a model has any)."""
+    pq = sum(n.pq_public_key is not None for n in nodes)
+    required = trust is not None and trust.post_quantum_required
+    if not nodes:
+        kem = "no verified node"
+    elif pq == len(nodes):
+        kem = "sealed v2, X-Wing (MLKEM768-X25519, post-quantum hybrid), KEM 0x647a"
+    elif pq:
+        kem = (
+            f"sealed v2, X-Wing, KEM 0x647a to {pq} of {len(nodes)} nodes; X25519 (not "
+            "post-quantum) to the others, only for models no X-Wing node serves"
+        )
+    else:
+        kem = "sealed v1, X25519 (not post-quantum), KEM 0x0020: no node attests an X-Wing key"
+    return kem + ("; the release manifest requires post-quantum" if required else "")
+
+
 async def collect_status(config_path: Path) -> dict[str, Any]:
     """What `openpcc status` reports; every probe is independent so one failure shows."""
     client, wallet, model, _ = client_from_config(config_path)
@@ -518,6 +537,8 @@ async def collect_status(config_path: Path) -> dict[str, Any]:
                 for n in nodes
             ]
             report["rejected_nodes"] = client.rejected_nodes()
+            # Which KEM the inner layer (sealed to the nodes) is encrypted with.
+            report["inner_layer"] = inner_layer_line(nodes, client.trust)
         except OpenPCCError as exc:
             report["verified_nodes"] = f"error: {exc}"
         try:

@@ -2,13 +2,17 @@
 
 The client encrypts its Binary HTTP request once under a fresh data key and wraps
 that key with HPKE to each of k candidate nodes, so the gateway can route to any
-candidate but read none. The node answers in padded chunks sealed under keys derived
+candidate but read none. Version 2 wraps with X-Wing (post-quantum hybrid), version 1
+with X25519; the version fixes the KEM, so an envelope never mixes the two (one
+X25519 wrap would undo the others' protection against a recorded-now, broken-later
+attack). The node answers in padded chunks sealed under keys derived
 from the same data key and a fresh response nonce; the last chunk is flagged final
 inside the AEAD, so a cut stream is detected, never mistaken for a short answer.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -32,10 +36,13 @@ from openpcc.errors import (
 from openpcc.wire import bhttp, hpke
 from openpcc.wire.varint import decode_varint, encode_varint
 
-VERSION: Final = 0x01
+VERSION_1: Final = 0x01  # X25519; nodes still open it (deprecation: docs/PROTOCOL.md)
+VERSION_2: Final = 0x02  # X-Wing
+VERSION: Final = VERSION_2  # what clients send to nodes that have an X-Wing key
 REQUEST_MEDIA_TYPE: Final = "application/openpcc-sealed-request"
 RESPONSE_MEDIA_TYPE: Final = "application/openpcc-sealed-response"
-SUITE: Final = hpke.DEFAULT_SUITE  # X25519 / HKDF-SHA256 / AES-128-GCM
+SUITE_V1: Final = hpke.DEFAULT_SUITE  # X25519 / HKDF-SHA256 / AES-128-GCM
+SUITE_V2: Final = hpke.Suite(kem_id=hpke.KEM_XWING)  # X-Wing / HKDF-SHA256 / AES-128-GCM
 NODE_ID_LEN: Final = 16
 KEY_ID_LEN: Final = 8
 DATA_KEY_LEN: Final = 16
@@ -50,8 +57,6 @@ REQUEST_BUCKETS: Final = (1024, 4096, 16384, 65536, 262144, 1048576)
 RESPONSE_BUCKETS: Final = (64, 256, 1024, 4096, 16384)
 MAX_CHUNK_SEALED: Final = max(CHUNK_SIZE, RESPONSE_BUCKETS[-1]) + 16
 
-WRAP_INFO_LABEL: Final = b"openpcc sealed request v1"
-CONTEXT_LABEL: Final = b"openpcc sealed request v1 context"
 REQ_KEY_LABEL: Final = b"openpcc request key"
 REQ_NONCE_LABEL: Final = b"openpcc request nonce"
 RESP_KEY_LABEL: Final = b"openpcc response key"
@@ -60,14 +65,74 @@ FLAG_MORE: Final = 0x00
 FLAG_FINAL: Final = 0x01
 
 
+@dataclass(frozen=True)
+class Version:
+    """What one envelope version fixes: its HPKE suite and its domain-separation labels."""
+
+    number: int
+    suite: hpke.Suite
+    wrap_info_label: bytes
+    context_label: bytes
+
+    @functools.cached_property
+    def suite_bytes(self) -> bytes:
+        s = self.suite
+        return (
+            s.kem_id.to_bytes(2, "big") + s.kdf_id.to_bytes(2, "big") + s.aead_id.to_bytes(2, "big")
+        )
+
+    @property
+    def entry_len(self) -> int:
+        """Bytes per candidate: node_id ‖ key_id ‖ enc ‖ wrapped_key."""
+        return NODE_ID_LEN + KEY_ID_LEN + self.suite.nenc + WRAPPED_LEN
+
+
+V1: Final = Version(
+    VERSION_1, SUITE_V1, b"openpcc sealed request v1", b"openpcc sealed request v1 context"
+)
+V2: Final = Version(
+    VERSION_2, SUITE_V2, b"openpcc sealed request v2", b"openpcc sealed request v2 context"
+)
+VERSIONS: Final = {VERSION_1: V1, VERSION_2: V2}
+_BY_KEM: Final = {v.suite.kem_id: v for v in VERSIONS.values()}
+_KEM_BY_PK_LEN: Final = {v.suite.npk: v.suite.kem_id for v in VERSIONS.values()}
+SUITE: Final = SUITE_V1  # kept for callers that size X25519 fields
+# Largest header of any version: what a gateway or node must accept before the chunks.
+MAX_HEADER_LEN: Final = (
+    7
+    + NONCE_LEN
+    + 1
+    + MAX_MODEL_LEN
+    + 1
+    + MAX_CANDIDATES * max(v.entry_len for v in VERSIONS.values())
+)
+# Largest envelope a client can build: 8 MiB padded request, per-16-KiB framing, header.
+MAX_ENVELOPE_LEN: Final = (
+    MAX_REQUEST_BYTES + (MAX_REQUEST_BYTES // CHUNK_SIZE + 1) * (1 + 4 + 16) + MAX_HEADER_LEN
+)
+WRAP_INFO_LABEL: Final = V1.wrap_info_label
+CONTEXT_LABEL: Final = V1.context_label
+
+
+def version_for_kem(kem_id: int) -> Version:
+    try:
+        return _BY_KEM[kem_id]
+    except KeyError:
+        raise UnsupportedError(f"no sealed-request version for KEM 0x{kem_id:04x}") from None
+
+
 def key_id_for(public_key: bytes) -> bytes:
-    """A node key's 8-byte id: the first bytes of SHA-256 over the raw X25519 key."""
+    """A node key's 8-byte id: the first bytes of SHA-256 over the raw public key
+    (X25519: 32 bytes; X-Wing: 1216 bytes)."""
     return hashlib.sha256(bytes(public_key)).digest()[:KEY_ID_LEN]
 
 
 @dataclass(frozen=True)
 class NodeKey:
-    """A candidate as the client knows it, from a verified attestation bundle."""
+    """A candidate as the client knows it, from a verified attestation bundle.
+
+    The KEM follows from the key's length (32 bytes X25519, 1216 bytes X-Wing).
+    """
 
     node_id: bytes
     public_key: bytes
@@ -75,10 +140,16 @@ class NodeKey:
     def __post_init__(self) -> None:
         if len(self.node_id) != NODE_ID_LEN:
             raise EncodeError(f"node id must be {NODE_ID_LEN} bytes")
-        if len(self.public_key) != SUITE.npk:
-            raise EncodeError(f"node public key must be {SUITE.npk} bytes")
+        if len(self.public_key) not in _KEM_BY_PK_LEN:
+            raise EncodeError(
+                f"node public key must be {' or '.join(map(str, _KEM_BY_PK_LEN))} bytes"
+            )
 
     @property
+    def kem_id(self) -> int:
+        return _KEM_BY_PK_LEN[len(self.public_key)]
+
+    @functools.cached_property
     def key_id(self) -> bytes:
         return key_id_for(self.public_key)
 
@@ -99,16 +170,23 @@ class EnvelopeHeader:
     model: str
     candidates: tuple[Candidate, ...]
     length: int  # bytes of the header; sealed chunks follow
+    version: Version = V1
+
+    @property
+    def kem_id(self) -> int:
+        return self.version.suite.kem_id
 
     @property
     def context(self) -> bytes:
-        return _context(self.request_nonce, self.model, self.candidates)
+        return _context(self.version, self.request_nonce, self.model, self.candidates)
 
 
-def _context(nonce: bytes, model: str, candidates: Sequence[Candidate | NodeKey]) -> bytes:
+def _context(
+    v: Version, nonce: bytes, model: str, candidates: Sequence[Candidate | NodeKey]
+) -> bytes:
     """SHA-256 over everything the gateway could swap: nonce, model, candidate set."""
-    h = hashlib.sha256(CONTEXT_LABEL + b"\x00")
-    h.update(_suite_bytes() + bytes([VERSION]) + nonce)
+    h = hashlib.sha256(v.context_label + b"\x00")
+    h.update(v.suite_bytes + bytes([v.number]) + nonce)
     m = model.encode()
     h.update(bytes([len(m)]) + m + bytes([len(candidates)]))
     for c in candidates:
@@ -116,16 +194,8 @@ def _context(nonce: bytes, model: str, candidates: Sequence[Candidate | NodeKey]
     return h.digest()
 
 
-def _suite_bytes() -> bytes:
-    return (
-        SUITE.kem_id.to_bytes(2, "big")
-        + SUITE.kdf_id.to_bytes(2, "big")
-        + SUITE.aead_id.to_bytes(2, "big")
-    )
-
-
-def _wrap_info(node_id: bytes, key_id: bytes) -> bytes:
-    return WRAP_INFO_LABEL + b"\x00" + node_id + key_id
+def _wrap_info(v: Version, node_id: bytes, key_id: bytes) -> bytes:
+    return v.wrap_info_label + b"\x00" + node_id + key_id
 
 
 def _derive(dk: bytes, salt: bytes, key_label: bytes, nonce_label: bytes) -> tuple[AESGCM, int]:
@@ -235,15 +305,23 @@ def seal_request(
     data_key: bytes | None = None,
     request_nonce: bytes | None = None,
     ephemerals: Sequence[bytes] | None = None,
+    wraps: Sequence[bytes] | None = None,
 ) -> SealedRequest:
     """Seal one padded Binary HTTP request to every candidate (k = len(candidates)).
 
-    ``data_key``, ``request_nonce`` and ``ephemerals`` are injectable for vectors only.
+    All candidates' keys must be of one KEM: X-Wing gives version 2, X25519 version 1.
+    ``data_key``, ``request_nonce``, ``ephemerals`` (X25519) and ``wraps`` (stored
+    enc ‖ wrapped_key per candidate, for X-Wing's non-deterministic encapsulation) are
+    injectable for vectors only.
     """
     if not 1 <= len(candidates) <= MAX_CANDIDATES:
         raise EncodeError(f"1 to {MAX_CANDIDATES} candidates, got {len(candidates)}")
     if len({c.node_id for c in candidates}) != len(candidates):
         raise EncodeError("candidate node ids must be distinct")
+    kems = {c.kem_id for c in candidates}
+    if len(kems) != 1:
+        raise EncodeError("candidates mix X25519 and X-Wing keys: one KEM per envelope")
+    v = version_for_kem(kems.pop())
     m = model.encode()
     if not 1 <= len(m) <= MAX_MODEL_LEN:
         raise EncodeError(f"model name must be 1 to {MAX_MODEL_LEN} bytes")
@@ -253,15 +331,19 @@ def seal_request(
     nonce = os.urandom(NONCE_LEN) if request_nonce is None else bytes(request_nonce)
     if len(dk) != DATA_KEY_LEN or len(nonce) != NONCE_LEN:
         raise EncodeError("data key and request nonce must be 16 bytes")
-    ctx = _context(nonce, model, candidates)
-    header = bytearray([VERSION]) + _suite_bytes() + nonce + bytes([len(m)]) + m
+    ctx = _context(v, nonce, model, candidates)
+    header = bytearray([v.number]) + v.suite_bytes + nonce + bytes([len(m)]) + m
     header.append(len(candidates))
     for i, c in enumerate(candidates):
+        header += c.node_id + c.key_id
+        if wraps is not None:
+            header += wraps[i]
+            continue
         eph = None if ephemerals is None else ephemerals[i]
         sender = hpke.setup_sender(
-            c.public_key, _wrap_info(c.node_id, c.key_id), suite=SUITE, ephemeral=eph
+            c.public_key, _wrap_info(v, c.node_id, c.key_id), suite=v.suite, ephemeral=eph
         )
-        header += c.node_id + c.key_id + sender.enc + sender.seal(dk, ctx)
+        header += sender.enc + sender.seal(dk, ctx)
     padded = bytes(bhttp_request) + bytes(
         pad_bucket(len(bhttp_request), REQUEST_BUCKETS) - len(bhttp_request)
     )
@@ -278,14 +360,15 @@ def seal_request(
 
 
 def parse_envelope_header(data: bytes) -> EnvelopeHeader:
-    """Read the routing header (model, candidates) without any key."""
+    """Read the routing header (version, model, candidates) without any key."""
     buf = bytes(data)
     if len(buf) < 7 + NONCE_LEN + 2:
         raise TruncatedError("sealed request header truncated")
-    if buf[0] != VERSION:
-        raise UnsupportedError(f"sealed request version {buf[0]} is not 1")
-    if buf[1:7] != _suite_bytes():
-        raise UnsupportedError("sealed request uses an unsupported HPKE suite")
+    v = VERSIONS.get(buf[0])
+    if v is None:
+        raise UnsupportedError(f"sealed request version {buf[0]} is not 1 or 2")
+    if buf[1:7] != v.suite_bytes:
+        raise UnsupportedError(f"sealed request v{v.number} uses an unsupported HPKE suite")
     nonce = buf[7 : 7 + NONCE_LEN]
     pos = 7 + NONCE_LEN
     mlen = buf[pos]
@@ -303,7 +386,7 @@ def parse_envelope_header(data: bytes) -> EnvelopeHeader:
     pos += 1
     if not 1 <= count <= MAX_CANDIDATES:
         raise DecodeError(f"candidate count {count} not in 1..{MAX_CANDIDATES}")
-    entry = NODE_ID_LEN + KEY_ID_LEN + SUITE.nenc + WRAPPED_LEN
+    entry, nenc = v.entry_len, v.suite.nenc
     if len(buf) < pos + count * entry:
         raise TruncatedError("sealed request header truncated in the candidates")
     cands = []
@@ -311,13 +394,11 @@ def parse_envelope_header(data: bytes) -> EnvelopeHeader:
         nid = buf[pos : pos + NODE_ID_LEN]
         kid = buf[pos + NODE_ID_LEN : pos + NODE_ID_LEN + KEY_ID_LEN]
         e0 = pos + NODE_ID_LEN + KEY_ID_LEN
-        cands.append(
-            Candidate(nid, kid, buf[e0 : e0 + SUITE.nenc], buf[e0 + SUITE.nenc : pos + entry])
-        )
+        cands.append(Candidate(nid, kid, buf[e0 : e0 + nenc], buf[e0 + nenc : pos + entry]))
         pos += entry
     if len({c.node_id for c in cands}) != count:
         raise DecodeError("duplicate candidate node id")
-    return EnvelopeHeader(nonce, model, tuple(cands), pos)
+    return EnvelopeHeader(nonce, model, tuple(cands), pos, v)
 
 
 # ------------------------------------------------------------------------------- node
@@ -338,8 +419,16 @@ def open_request(
     private_key: hpke.PrivateKeyLike,
     public_key: bytes,
 ) -> OpenedRequest:
-    """Unwrap this node's copy of the data key, then decrypt and unpad the request."""
+    """Unwrap this node's copy of the data key, then decrypt and unpad the request.
+
+    The key must be of the envelope's KEM (a node holding both passes the matching one).
+    """
     header = parse_envelope_header(envelope)
+    v = header.version
+    if len(public_key) != v.suite.npk:
+        raise UnsupportedError(
+            f"a v{v.number} request needs this node's {hpke.kem_name(v.suite.kem_id)} key"
+        )
     kid = key_id_for(public_key)
     mine = [c for c in header.candidates if c.node_id == node_id]
     if not mine:
@@ -348,7 +437,9 @@ def open_request(
     if cand.key_id != kid:
         raise UnsupportedError("request was sealed to another key of this node")
     ctx = header.context
-    receiver = hpke.setup_receiver(private_key, cand.enc, _wrap_info(node_id, kid), suite=SUITE)
+    receiver = hpke.setup_receiver(
+        private_key, cand.enc, _wrap_info(v, node_id, kid), suite=v.suite
+    )
     dk = receiver.open(cand.wrapped_key, ctx)
     aead, iv = _derive(dk, header.request_nonce, REQ_KEY_LABEL, REQ_NONCE_LABEL)
     cipher = _ChunkCipher(aead, iv, ctx)

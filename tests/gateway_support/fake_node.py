@@ -39,11 +39,18 @@ class State:
         self.node_id = bytes.fromhex(args.node_id)
         self.sk = bytes.fromhex(args.private_key)
         self.pk = hpke.public_key_from_private(self.sk)
+        # X-Wing (sealed v2), as a real node has beside its X25519 key, unless --no-pq.
+        self.pq_sk = bytes.fromhex(args.pq_seed) if args.pq_seed else None
+        self.pq_pk = (
+            hpke.public_key_from_private(self.pq_sk, kem_id=hpke.KEM_XWING) if self.pq_sk else None
+        )
         self.mode = "ok"
         self.url: str | None = None
         self.waiting = 0  # the engine queue /readyz reports (load-aware routing)
         self.refusals: list[int] = []
-        self.identity = AttestedIdentity(simulated_tee(Path(args.tee_dir)), self.node_id, self.pk)
+        self.identity = AttestedIdentity(
+            simulated_tee(Path(args.tee_dir)), self.node_id, self.pk, self.pq_pk
+        )
         self.healthy = True
         self.heartbeat = True
         self.release = asyncio.Event()
@@ -63,8 +70,12 @@ async def sealed_handler(request: web.Request) -> web.StreamResponse:
         return web.Response()
     if st.mode == "status500":
         return web.Response(status=500, text="boom")
+    v2 = body[:1] == bytes([sealed.VERSION_2]) and st.pq_sk is not None
+    st.requests[-1]["version"] = 2 if v2 else 1
     try:
-        opened = sealed.open_request(body, st.node_id, st.sk, st.pk)
+        opened = sealed.open_request(
+            body, st.node_id, st.pq_sk if v2 else st.sk, st.pq_pk if v2 else st.pk
+        )
     except Exception as exc:
         return web.Response(status=421 if "candidate" in str(exc) or "key" in str(exc) else 400)
     inner = bhttp.decode_request(opened.bhttp_request)
@@ -161,6 +172,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--node-id", required=True)
     p.add_argument("--private-key", required=True)
+    p.add_argument("--pq-seed", default="", help="X-Wing seed (hex); none: X25519 only")
     p.add_argument("--model", default="tiny")
     p.add_argument("--gateway", required=True, help="gateway internal base URL")
     p.add_argument("--credential", required=True)

@@ -79,19 +79,28 @@ def start_node(
     model: str = "tiny",
     hold: float = 10,
     cred: str | None = None,
+    pq: bool = True,
 ) -> Proc:
     """A fake node with a real attested identity (tests/admission_support.py), admitted
-    with the workdir's credential unless ``cred`` names another."""
+    with the workdir's credential unless ``cred`` names another; with an X-Wing key
+    beside its X25519 one (as real nodes) unless ``pq`` is false."""
     pair = hpke.generate_key_pair()
+    pq_pair = hpke.generate_key_pair(kem_id=hpke.KEM_XWING) if pq else None
     cred = cred or credential(workdir)
     proc = fake(
         f"node-{node_id.hex()[:8]}", workdir, "gateway_support.fake_node",
         "--node-id", node_id.hex(), "--private-key", pair.private_key.hex(), "--model", model,
         "--gateway", gateway_internal, "--credential", cred, "--interval", "0.5",
         "--hold", str(hold), "--tee-dir", str(workdir / "simulated-tee"),
+        "--pq-seed", pq_pair.private_key.hex() if pq_pair else "",
         wait="/readyz",
     )  # fmt: skip
-    proc.extra.update(node_id=node_id, public_key=pair.public_key, credential=cred)
+    proc.extra.update(
+        node_id=node_id,
+        public_key=pair.public_key,
+        pq_public_key=pq_pair.public_key if pq_pair else None,
+        credential=cred,
+    )
     return proc
 
 
