@@ -428,12 +428,13 @@ def test_the_outer_layer_is_x_wing_and_a_post_quantum_manifest_never_downgrades(
 
 def test_the_inner_layer_is_x_wing_v2_end_to_end(local_stack: LocalStack) -> None:
     """Issue 20, inner layer: the stack's nodes attest X-Wing keys, so the client seals
-    v2 (X-Wing) and never v1; `openpcc status` says so; the nodes count only v2."""
+    v2 (X-Wing) and never v1; `openpcc status` says so; the nodes count only v2; and the
+    second request uses HPKE setups prepared off its path (issue 19), which open alike."""
     from openpcc.devstack.local import collect_status
 
     def versions() -> dict[str, float]:
         out: dict[str, float] = {"1": 0.0, "2": 0.0}
-        for name in ("node1", "node2"):
+        for name in ("node", "node2"):
             with urllib.request.urlopen(local_stack.urls[name] + "/metrics") as r:
                 text = r.read().decode()
             for v, n in re.findall(
@@ -445,9 +446,27 @@ def test_the_inner_layer_is_x_wing_v2_end_to_end(local_stack: LocalStack) -> Non
     before = versions()
     report = asyncio.run(collect_status(local_stack.config_path))
     assert report["inner_layer"].startswith("sealed v2, X-Wing"), report
-    assert asyncio.run(chat(local_stack, "post-quantum inside", max_tokens=8))
+
+    async def two_turns() -> tuple[int, int]:
+        """The second request seals with setups the client prepared after the first."""
+        client, wallet, model, _ = client_from_config(local_stack.config_path)
+        try:
+            for turn in range(2):
+                answer = await client.chat_completions(model, [{"role": "user", "content": "pq"}])
+                assert answer["choices"][0]["message"]["content"]
+                if turn == 0:
+                    assert client._prepared is not None and client._prepared._task is not None
+                    await client._prepared._task
+            assert client._prepared is not None
+            return client._prepared.hits, client._prepared.misses
+        finally:
+            await client.aclose()
+            await wallet.aclose()
+
+    hits, misses = asyncio.run(two_turns())
+    assert (hits, misses) == (1 + 2, 1 + 2)  # outer + k=2 wraps: set up, then prepared
     after = versions()
-    assert after["2"] == before["2"] + 1 and after["1"] == before["1"] == 0
+    assert after["2"] == before["2"] + 2 and after["1"] == before["1"] == 0
 
 
 def test_node_killed_before_first_byte_is_served_by_another_candidate(

@@ -45,6 +45,7 @@ from openpcc.client.errors import (
     TruncatedResponseError,
     client_errors,
 )
+from openpcc.client.prepared import PreparedSenders
 from openpcc.client.sse import DONE, SSEParser
 from openpcc.client.unwrap import (
     Event,
@@ -208,12 +209,14 @@ class Client:
         refresher: PolicyRefresher | None = None,
         cache_secret: CacheSecret | None = None,
         affinity: bool = True,
+        prepare: bool = True,
     ) -> None:
         """``refresher`` (openpcc/client/manifest.py) keeps the release manifest behind
         ``verifier`` and ``trust`` current: when it brings a newer one, both are swapped
         (``use_policy``). ``cache_secret`` keys this client's conversation cache scopes
         (openpcc/client/cachescope.py; in memory if None); ``affinity`` asks the node that
-        answered a conversation's last turn first."""
+        answered a conversation's last turn first; ``prepare`` keeps HPKE sender setups
+        ready off the request path (openpcc/client/prepared.py)."""
         if not 1 <= k <= sealed.MAX_CANDIDATES:
             raise ValueError(f"k must be 1..{sealed.MAX_CANDIDATES}")
         self._relay = relay_url.rstrip("/")
@@ -228,6 +231,7 @@ class Client:
         self._refresher = refresher
         self._cache_secret = cache_secret or CacheSecret(None, clock=clock)
         self._affinity = Affinity() if affinity else None
+        self._prepared = PreparedSenders() if prepare else None
         # The node that answered the last request whose answer head arrived (with requests
         # in flight at once, whichever came last; affinity itself is kept per conversation).
         self.last_node_id: bytes | None = None
@@ -248,6 +252,8 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._prepared is not None:
+            await self._prepared.aclose()
         if self._session is not None and self._own_session:
             await self._session.close()
             self._session = None
@@ -466,7 +472,7 @@ class Client:
         Only nodes that attest an X-Wing key when there are any: one KEM per envelope,
         and a recording of the request then needs ML-KEM-768 broken too (sealed v2).
         """
-        nodes = [n for n in nodes if n.pq_public_key is not None] or nodes
+        nodes = _sealing_pool(nodes)
         k = min(self._k, len(nodes))
         last = self._affinity.get(salt) if self._affinity is not None and salt else None
         first = next((n for n in nodes if n.node_id == last), None)
@@ -474,6 +480,10 @@ class Client:
             return self._rng.sample(nodes, k)
         others = [n for n in nodes if n is not first]
         return [first, *self._rng.sample(others, k - 1)]
+
+    def _sealing_keys(self, nodes: list[VerifiedNode]) -> list[sealed.NodeKey]:
+        """The keys requests to these nodes are sealed to (the pool of ``_candidates``)."""
+        return [sealed.NodeKey(n.node_id, n.sealing_key) for n in _sealing_pool(nodes)]
 
     async def models(self) -> list[str]:
         """Models served by at least one verified node.
@@ -513,8 +523,10 @@ class Client:
                 json.dumps(body).encode(),
             )
         )
+        keys = [sealed.NodeKey(n.node_id, n.sealing_key) for n in chosen]
+        prepared = self._prepared
         sreq = sealed.seal_request(
-            [sealed.NodeKey(n.node_id, n.sealing_key) for n in chosen], model, inner
+            keys, model, inner, senders=prepared.wraps(keys) if prepared else None
         )
         t1 = time.perf_counter()
         token = await self._tokens.take()
@@ -537,7 +549,8 @@ class Client:
                 sreq.envelope,
             )
         )
-        sender = ChunkedRequestSender(await self.key_config())
+        config = await self.key_config()
+        sender = prepared.outer(config) if prepared else ChunkedRequestSender(config)
         wire = sender.seal_chunk(outer, final=True)
         trace.record("seal", (t1 - t0) + (time.perf_counter() - t2))
         unwrap = ResponseUnwrapper(sender.response_receiver(), sreq.response_opener())
@@ -614,6 +627,10 @@ class Client:
             if status == 503:
                 raise NoCapacityError(status, problem)
             raise GatewayError(status, problem)
+        if prepared is not None:
+            # The answer has ended: the likeliest idle moment to set up the next request's
+            # encapsulations, for this gateway key and the nodes this model can go to.
+            prepared.refill(config, self._sealing_keys(nodes))
         if node_status != 200:
             raise NodeError(node_status or 0, bytes(node_body))
         if not streaming:
@@ -622,6 +639,11 @@ class Client:
             except ValueError as exc:
                 raise MalformedResponseError("the node's answer is not JSON") from exc
             yield answer
+
+
+def _sealing_pool(nodes: list[VerifiedNode]) -> list[VerifiedNode]:
+    """The nodes attesting an X-Wing key if there are any, else all (one KEM per envelope)."""
+    return [n for n in nodes if n.pq_public_key is not None] or nodes
 
 
 def _node_id_of(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:

@@ -297,6 +297,16 @@ class SealedRequest:
         return ResponseOpener(self._dk, self._nonce, self.context)
 
 
+def wrap_sender(node: NodeKey) -> hpke.SenderContext:
+    """The HPKE sender setup that wraps a data key to ``node`` (its version's suite and
+    info): independent of the request, so a client may make it ahead of time
+    (``seal_request(senders=...)``), each for one request only."""
+    v = version_for_kem(node.kem_id)
+    return hpke.setup_sender(
+        node.public_key, _wrap_info(v, node.node_id, node.key_id), suite=v.suite
+    )
+
+
 def seal_request(
     candidates: Sequence[NodeKey],
     model: str,
@@ -306,13 +316,15 @@ def seal_request(
     request_nonce: bytes | None = None,
     ephemerals: Sequence[bytes] | None = None,
     wraps: Sequence[bytes] | None = None,
+    senders: Sequence[hpke.SenderContext] | None = None,
 ) -> SealedRequest:
     """Seal one padded Binary HTTP request to every candidate (k = len(candidates)).
 
     All candidates' keys must be of one KEM: X-Wing gives version 2, X25519 version 1.
-    ``data_key``, ``request_nonce``, ``ephemerals`` (X25519) and ``wraps`` (stored
-    enc ‖ wrapped_key per candidate, for X-Wing's non-deterministic encapsulation) are
-    injectable for vectors only.
+    ``senders``: one unused ``wrap_sender(candidate)`` per candidate, made ahead of time
+    (each is sealed to once, here). ``data_key``, ``request_nonce``, ``ephemerals``
+    (X25519) and ``wraps`` (stored enc ‖ wrapped_key per candidate, for X-Wing's
+    non-deterministic encapsulation) are injectable for vectors only.
     """
     if not 1 <= len(candidates) <= MAX_CANDIDATES:
         raise EncodeError(f"1 to {MAX_CANDIDATES} candidates, got {len(candidates)}")
@@ -339,10 +351,17 @@ def seal_request(
         if wraps is not None:
             header += wraps[i]
             continue
-        eph = None if ephemerals is None else ephemerals[i]
-        sender = hpke.setup_sender(
-            c.public_key, _wrap_info(v, c.node_id, c.key_id), suite=v.suite, ephemeral=eph
-        )
+        if senders is not None:
+            sender = senders[i]
+            if sender.suite != v.suite or sender.seq != 0:
+                raise EncodeError(
+                    "a prepared wrap sender must be unused and of the version's suite"
+                )
+        else:
+            eph = None if ephemerals is None else ephemerals[i]
+            sender = hpke.setup_sender(
+                c.public_key, _wrap_info(v, c.node_id, c.key_id), suite=v.suite, ephemeral=eph
+            )
         header += sender.enc + sender.seal(dk, ctx)
     padded = bytes(bhttp_request) + bytes(
         pad_bucket(len(bhttp_request), REQUEST_BUCKETS) - len(bhttp_request)
