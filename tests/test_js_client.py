@@ -4,7 +4,8 @@ Starts the whole local local_stack (issuer, relay, gateway, a simulated-TEE node
 engine, then runs the JS package's own tests: the cross-language vectors (`node --test
 test/*.test.js`), and end to end (`test/e2e.test.js`, pointed at the local_stack's
 client.json): a Node client and the example extension page in headless Debian Chromium
-(playwright-core) each get a private, attested, streamed answer. The page is served from
+(playwright-core) each get a private, attested, streamed answer, X-Wing on both layers
+(OHTTP as the relay saw it, sealed requests v2 as the node saw them). The page is served from
 its own origin and calls the relay and issuer cross-origin, which the local_stack allows with
 `--allow-origin` (CORS); from an origin not allowed, the same calls fail.
 """
@@ -84,9 +85,13 @@ def test_js_client_node_end_to_end(node_bin: str, local_stack: LocalStack) -> No
             "OPENPCC_EXPECT_TEXT": "Hello from the fake engine.",
             "OPENPCC_SKIP_BROWSER": "1",
             "OPENPCC_EXPECT_KEM": str(0x647A),  # the dev manifest pins the X-Wing config
+            "OPENPCC_EXPECT_INNER_KEM": str(0x647A),  # the dev nodes attest X-Wing keys
         },
     )
     assert "ok 1 - Node: tokens, verified node, streamed private chat" in out
+    # ...and the node received only sealed v2 (X-Wing) envelopes: its own record.
+    versions = _node_sealed_versions(local_stack)
+    assert versions and set(versions) == {(2, 0x647A)}, versions
     # Our gateway opened what the JS client sent on X-Wing, plain (discovery) and chunked
     # (chats) OHTTP alike: the relay saw only X-Wing request headers.
     kinds = _relay_ohttp_kems(local_stack)
@@ -105,6 +110,16 @@ def _relay_ohttp_kems(local_stack: LocalStack, origin: str | None = None) -> set
     return out
 
 
+def _node_sealed_versions(local_stack: LocalStack) -> list[tuple[int, int]]:
+    """(version, KEM) of every sealed envelope the node received, from its audit log."""
+    out = []
+    for r in read_audit(local_stack.audit["node"]):
+        if r["method"] == "POST" and r["path"] == "/v1/sealed":
+            body = bytes.fromhex(str(r["body_hex"]))
+            out.append((body[0], int.from_bytes(body[1:3], "big")))
+    return out
+
+
 def _headers(rec: dict) -> dict[str, str]:
     return {k.lower(): v for k, v in rec["headers"]}
 
@@ -116,6 +131,7 @@ def test_js_client_headless_chromium(node_bin: str, local_stack: LocalStack) -> 
         [node_bin, "build.mjs"], cwd=JS, capture_output=True, text=True, timeout=120
     )
     assert build.returncode == 0, build.stdout + build.stderr
+    sealed_before = len(_node_sealed_versions(local_stack))
     out = _node_test(
         node_bin,
         ["test/e2e.test.js"],
@@ -155,6 +171,9 @@ def test_js_client_headless_chromium(node_bin: str, local_stack: LocalStack) -> 
     assert any(r["method"] == "POST" and _headers(r).get("origin") == page for r in relay_log)
     # The browser bundle sent its OHTTP on X-Wing too (the dev manifest pins it).
     assert {kem for _, kem in _relay_ohttp_kems(local_stack, page)} == {0x647A}
+    # ...and sealed its prompt to the node with X-Wing as well (sealed v2).
+    from_page = _node_sealed_versions(local_stack)[sealed_before:]
+    assert from_page and set(from_page) == {(2, 0x647A)}, from_page
     # ...and the gateway heard of none of it: no preflight, no Origin.
     gateway_log = read_audit(local_stack.audit["gateway"])
     assert gateway_log and all(r["method"] != "OPTIONS" for r in gateway_log)

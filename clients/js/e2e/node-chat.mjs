@@ -59,4 +59,7 @@ process.stdout.write(JSON.stringify({
   conversation_node_ids: conversationNodes,
   // The outer layer's KEM: X-Wing (0x647a) whenever the manifest pins the gateway's X-Wing config.
   outer_kem: (await client.keyConfig()).kemId,
+  // The inner layer's: X-Wing (sealed v2) whenever a verified node serving the model attests an X-Wing key.
+  inner_kem: await client.innerKem(cfg.model),
+  sealed_version: client.lastSealedVersion,
 }) + '\n');

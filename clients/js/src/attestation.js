@@ -154,7 +154,8 @@ export class TrustPolicy {
     return this.manifest.ohttpConfigs.has(toHex(config)) || this.manifest.ohttpDigests.has(toHex(await sha256(config)));
   }
   acceptsTokenKey(keyId) { return this.manifest.tokenKeyIds.has(toHex(keyId)); }
-  /** `post_quantum.require`: only a pinned X-Wing gateway key config will do. */
+  /** `post_quantum.require`: only a pinned X-Wing gateway key config, and only nodes whose
+   *  claims attest an X-Wing key (`pq_public_key`), will do: no silent downgrade on either layer. */
   get postQuantumRequired() { return this.manifest.requirePostQuantum === true; }
   /** Whether an X-Wing (KEM 0x647a) config is pinned by value: true / false, or null when
    *  only a sha256: pin could be one. */
@@ -167,9 +168,14 @@ export class TrustPolicy {
 // ------------------------------------------------------------------------- claims
 
 const CLAIM_FIELDS = ['expires_at', 'gpu_evidence_digest', 'hpke_public_key', 'issued_at', 'model_digest', 'node_id', 'release_id', 'signing_key', 'tee'];
+// Absent (never null) on a node with only its X25519 key, so claims from before X-Wing
+// keep their exact bytes.
+const PQ_CLAIM = 'pq_public_key';
+const PQ_KEY_LEN = 1216; // X-Wing (KEM 0x647a) public key
 
 function canonicalClaims(obj) {
-  return '{' + CLAIM_FIELDS.map((k) => `${JSON.stringify(k)}:${JSON.stringify(obj[k])}`).join(',') + '}';
+  const keys = [...CLAIM_FIELDS, ...(PQ_CLAIM in obj ? [PQ_CLAIM] : [])].sort();
+  return '{' + keys.map((k) => `${JSON.stringify(k)}:${JSON.stringify(obj[k])}`).join(',') + '}';
 }
 
 /** Strict decode of canonical claims bytes (see openpcc/attestation/claims.py). */
@@ -179,16 +185,23 @@ export function decodeClaims(bytes) {
   if (/[^\x20-\x7e]/.test(text)) throw new DecodeError('claims must be ASCII');
   let obj;
   try { obj = JSON.parse(text); } catch (e) { throw new DecodeError(`claims are not JSON: ${e.message}`); }
-  strictObj(obj, 'claims', CLAIM_FIELDS);
+  strictObj(obj, 'claims', CLAIM_FIELDS, [PQ_CLAIM]);
   for (const k of ['hpke_public_key', 'model_digest', 'gpu_evidence_digest', 'signing_key']) {
     if (k === 'gpu_evidence_digest' && obj[k] === null) continue;
     if (typeof obj[k] !== 'string' || !HEX_RE.test(obj[k]) || obj[k].length !== 64) throw new DecodeError(`${k} must be 32 bytes of lower-case hex`);
+  }
+  const pq = obj[PQ_CLAIM];
+  if (PQ_CLAIM in obj && (typeof pq !== 'string' || !HEX_RE.test(pq) || pq.length !== 2 * PQ_KEY_LEN)) {
+    throw new DecodeError(`${PQ_CLAIM} must be ${PQ_KEY_LEN} bytes of lower-case hex (absent, not null, without an X-Wing key)`);
   }
   for (const k of ['issued_at', 'expires_at']) if (!isInt(obj[k]) || obj[k] < 0) throw new DecodeError(`${k} must be an integer`);
   for (const k of ['node_id', 'release_id']) if (typeof obj[k] !== 'string' || !ID_RE.test(obj[k])) throw new DecodeError(`${k} is malformed`);
   if (!['sev-snp', 'tdx', 'simulated-snp'].includes(obj.tee)) throw new DecodeError('unknown tee');
   if (canonicalClaims(obj) !== text) throw new DecodeError('claims are not in canonical form');
-  return { ...obj, hpkePublicKey: fromHex(obj.hpke_public_key), modelDigest: obj.model_digest, signingKey: fromHex(obj.signing_key) };
+  return {
+    ...obj, hpkePublicKey: fromHex(obj.hpke_public_key), modelDigest: obj.model_digest, signingKey: fromHex(obj.signing_key),
+    pqPublicKey: PQ_CLAIM in obj ? fromHex(pq) : null,
+  };
 }
 
 /** REPORT_DATA = SHA-512("OpenPCC attestation v1 claims\0" ‖ canonical claims). */
@@ -421,8 +434,9 @@ function strictB64(s, what) {
 
 /**
  * Verify one `GET /v1/nodes` entry at `now` (Unix seconds) under a TrustPolicy.
- * Returns {nodeId, publicKey, models, expiresAt}; throws VerificationError listing every
- * failed check. The node key and id come from the attested claims only.
+ * Returns {nodeId, publicKey, pqPublicKey, models, expiresAt}; throws VerificationError
+ * listing every failed check. The node keys (X25519, and X-Wing or null) and id come
+ * from the attested claims only.
  */
 export async function verifyNodeEntry(entry, policy, now = Date.now() / 1000) {
   policy.checkCurrent(now); // an expired manifest trusts nothing any more
@@ -452,6 +466,11 @@ export async function verifyNodeEntry(entry, policy, now = Date.now() / 1000) {
   const release = policy.release(claims.release_id);
   add('release', release, `release ${claims.release_id}${release ? '' : ' is not in the manifest'}`);
   add('model_digest', release?.modelDigests.has(claims.model_digest), 'model digest in the release');
+  if (policy.postQuantumRequired) {
+    // No silent downgrade: a node without an attested X-Wing key takes only X25519-sealed requests.
+    const pq = claims.pqPublicKey !== null;
+    add('post_quantum', pq, pq ? 'X-Wing key attested' : 'the manifest requires post-quantum keys; the node attests none');
+  }
   const simulated = b.tee === 'simulated-snp' || claims.tee === 'simulated-snp';
   if (simulated) add('development', policy.development, policy.development ? 'simulated TEE: manifest trusts development roots' : 'simulated TEE, but the manifest trusts no development root');
   const expectedRd = await reportDataFor(claimsBytes);
@@ -499,5 +518,5 @@ export async function verifyNodeEntry(entry, policy, now = Date.now() / 1000) {
   }
   // Trusted until the claims or the manifest that admitted them expire, whichever is first.
   const expiresAt = Math.min(claims.expires_at, policy.manifest.expiresAt);
-  return { nodeId: listedId, publicKey: claims.hpkePublicKey, signingKey: claims.signingKey, models: (entry.models ?? []).map(String), expiresAt, checks };
+  return { nodeId: listedId, publicKey: claims.hpkePublicKey, pqPublicKey: claims.pqPublicKey, signingKey: claims.signingKey, models: (entry.models ?? []).map(String), expiresAt, checks };
 }

@@ -1,8 +1,9 @@
 // The OpenPCC client: private, attested chat completions through a relay.
 // Mirrors openpcc/client/client.py: tokens from the wallet; k random candidates among
-// the nodes whose bundles verified under the signed release manifest (the node that
-// answered a conversation's last turn first); the OpenAI request, with its cache salt,
-// sealed to them; wrapped with the token in chunked OHTTP; POSTed to the relay; the
+// the nodes whose bundles verified under the signed release manifest (only those attesting
+// an X-Wing key whenever the model has any; the node that answered a conversation's last
+// turn first); the OpenAI request, with its cache salt, sealed to them (v2 with X-Wing,
+// else v1 with X25519); wrapped with the token in chunked OHTTP; POSTed to the relay; the
 // answer streamed back, each layer opened incrementally, the node's authenticated end of
 // stream required. Runs in browsers and Node >= 20 (fetch, WebCrypto, streams only).
 import { decodeResponse, encodeRequest } from './bhttp.js';
@@ -15,7 +16,7 @@ import {
   DecodeError, GatewayError, NoCapacityError, NoVerifiedNodeError, NodeError, OpenPCCError, RelayError,
   TokenRejectedError, TruncatedError, TruncatedResponseError, VerificationError,
 } from './errors.js';
-import { ChunkedRequestSender, KEM_XWING, MEDIA_TYPE_CHUNKED_REQUEST, MEDIA_TYPE_REQUEST, encapsulateRequest, parseKeyConfigs } from './ohttp.js';
+import { ChunkedRequestSender, KEM_X25519, KEM_XWING, MEDIA_TYPE_CHUNKED_REQUEST, MEDIA_TYPE_REQUEST, encapsulateRequest, parseKeyConfigs } from './ohttp.js';
 import { TokenWallet, formatAuthorization, selectTokenKey } from './privacypass.js';
 import { MAX_CANDIDATES, REQUEST_MEDIA_TYPE, sealRequest } from './sealed.js';
 import { NodeTruncatedError, ResponseUnwrapper } from './unwrap.js';
@@ -198,6 +199,8 @@ export class OpenPCCClient {
     this.affinity = affinity === false ? null : new Affinity();
     /** The node id (32 hex) the last sealed answer named (openpcc-node-id), or null. */
     this.lastNodeId = null;
+    /** The sealed-request version of the last request: 2 (X-Wing), 1 (X25519), or null. */
+    this.lastSealedVersion = null;
     const self = this;
     this.chat = { completions: { create: (params) => self.#createChat(params) } };
     this.completions = { create: (params) => self.#createCompletion(params) };
@@ -343,6 +346,17 @@ export class OpenPCCClient {
     return this.nodes.filter((n) => n.expiresAt > now);
   }
 
+  /**
+   * The KEM requests for `model` are sealed with (the inner layer; keyConfig().kemId is
+   * the outer one): KEM_XWING (sealed v2) when a verified node serving it attests an
+   * X-Wing key, else KEM_X25519 (v1); null when no verified node serves it.
+   */
+  async innerKem(model) {
+    const nodes = (await this.verifiedNodes()).filter((n) => n.models.includes(model));
+    if (!nodes.length) return null;
+    return nodes.some((n) => n.pqPublicKey) ? KEM_XWING : KEM_X25519;
+  }
+
   /** Models served by at least one verified node. */
   async models() {
     return [...new Set((await this.verifiedNodes()).flatMap((n) => n.models))].sort();
@@ -402,6 +416,10 @@ export class OpenPCCClient {
     let nodes = (await this.verifiedNodes()).filter((n) => n.models.includes(model));
     if (!nodes.length) nodes = (await this.verifiedNodes({ refresh: true })).filter((n) => n.models.includes(model));
     if (!nodes.length) throw new NoVerifiedNodeError(model, this.rejected);
+    // One KEM per envelope, and X-Wing whenever the model has a node attesting it: a
+    // recording of this request then needs ML-KEM-768 broken too (sealed v2).
+    const pq = nodes.filter((n) => n.pqPublicKey);
+    if (pq.length) nodes = pq;
     const chosen = chooseCandidates(nodes, Math.min(this.k, nodes.length), salt && this.affinity ? this.affinity.get(salt) : null);
     const inner = encodeRequest({
       method: 'POST', scheme: 'https', authority: 'node', path,
@@ -413,7 +431,8 @@ export class OpenPCCClient {
       ],
       content: te.encode(JSON.stringify(body)),
     });
-    const sreq = await sealRequest(chosen.map((n) => ({ nodeId: n.nodeId, publicKey: n.publicKey })), model, inner);
+    const sreq = await sealRequest(chosen.map((n) => ({ nodeId: n.nodeId, publicKey: n.pqPublicKey ?? n.publicKey })), model, inner);
+    this.lastSealedVersion = sreq.version;
     const token = await this.wallet.take();
     await this.#checkTokenKey(token.tokenKeyId);
     const outer = encodeRequest({

@@ -74,7 +74,13 @@ export interface ChatCreateParams {
 }
 export interface VerifiedNode {
   nodeId: Uint8Array;
+  /** The node's attested X25519 key (claims `hpke_public_key`, 32 bytes): sealed requests v1. */
   publicKey: Uint8Array;
+  /**
+   * The node's attested X-Wing key (claims `pq_public_key`, 1216 bytes), or null for an
+   * X25519-only node. Requests are sealed to it (v2) whenever a node serving the model has one.
+   */
+  pqPublicKey: Uint8Array | null;
   /** The node's attested per-boot Ed25519 public key (claims `signing_key`, 32 bytes). */
   signingKey: Uint8Array;
   models: string[];
@@ -210,6 +216,14 @@ export class OpenPCCClient {
    * openpcc-node-id header, or null (absent or malformed). For tests and debugging.
    */
   readonly lastNodeId: string | null;
+  /**
+   * The KEM requests for `model` are sealed with (the inner layer): KEM_XWING (sealed v2)
+   * when a verified node serving it attests an X-Wing key, else KEM_X25519 (v1); null
+   * when no verified node serves it.
+   */
+  innerKem(model: string): Promise<number | null>;
+  /** The sealed-request version of the most recent request: 2 (X-Wing), 1 (X25519), or null. */
+  readonly lastSealedVersion: 1 | 2 | null;
 }
 
 export function createClient(opts: ClientOptions): OpenPCCClient;
@@ -239,7 +253,10 @@ export class TrustPolicy {
   checkCurrent(now: number): void;
   acceptsOhttpKey(config: Uint8Array): Promise<boolean>;
   acceptsTokenKey(keyId: Uint8Array): boolean;
-  /** The manifest's `post_quantum.require`: only a pinned X-Wing OHTTP key will do. */
+  /**
+   * The manifest's `post_quantum.require`: only a pinned X-Wing OHTTP key, and only nodes
+   * whose claims attest an X-Wing key (`pq_public_key`; check `post_quantum`), will do.
+   */
   readonly postQuantumRequired: boolean;
   /** An X-Wing config pinned by value: true / false; null if only a sha256: pin could be one. */
   pinsPostQuantumKey(): boolean | null;
@@ -256,7 +273,7 @@ export function verifySnp(
   opts: { now: number; chainPem?: string; expectedReportData?: Uint8Array; policy?: Record<string, unknown> },
 ): Promise<{ platform: 'sev-snp' | 'simulated-snp'; product: string | null; checks: Check[] }>;
 export function parseSnpReport(report: Uint8Array): Record<string, unknown>;
-/** The attested claims (canonical JSON, 9 keys), with the byte strings decoded too. */
+/** The attested claims (canonical JSON, 9 keys and the optional `pq_public_key`), with the byte strings decoded too. */
 export interface Claims {
   expires_at: number;
   gpu_evidence_digest: string | null;
@@ -267,10 +284,14 @@ export interface Claims {
   release_id: string;
   signing_key: string;
   tee: 'sev-snp' | 'tdx' | 'simulated-snp';
+  /** Absent (never null) for an X25519-only node; else 2432 lower-case hex. */
+  pq_public_key?: string;
   hpkePublicKey: Uint8Array;
   modelDigest: string;
   /** The node's per-boot Ed25519 public key (32 bytes). */
   signingKey: Uint8Array;
+  /** The node's X-Wing public key (1216 bytes), or null when the claims have none. */
+  pqPublicKey: Uint8Array | null;
 }
 export function decodeClaims(bytes: Uint8Array): Claims;
 export function reportDataFor(claimsBytes: Uint8Array): Promise<Uint8Array>;
@@ -279,13 +300,39 @@ export function reportDataFor(claimsBytes: Uint8Array): Promise<Uint8Array>;
 export interface SealedRequest {
   envelope: Uint8Array;
   context: Uint8Array;
+  /** 2 (X-Wing keys) or 1 (X25519 keys). */
+  version: 1 | 2;
+  kemId: number;
   responseOpener(): ResponseOpener;
 }
+/** What one sealed-request version fixes (docs/PROTOCOL.md "Sealed requests"). */
+export interface SealedVersion {
+  number: 1 | 2;
+  kemId: number;
+  /** Public key and encapsulation sizes of its KEM. */
+  npk: number;
+  nenc: number;
+  suite: Uint8Array;
+  wrapInfoLabel: Uint8Array;
+  contextLabel: Uint8Array;
+}
+/** X-Wing (KEM 0x647a, 1216-byte keys, 1120-byte enc): what clients send. */
+export const SEALED_V2: SealedVersion;
+/** X25519 (KEM 0x0020): deprecated, for nodes attesting no X-Wing key. */
+export const SEALED_V1: SealedVersion;
+/** The version a node key (32 or 1216 bytes) is sealed to; EncodeError for other sizes. */
+export function versionForKey(publicKey: Uint8Array): SealedVersion;
+/**
+ * Seal to 1..8 candidates whose keys are all X-Wing (1216 bytes: version 2) or all
+ * X25519 (32 bytes: version 1); mixed KEMs are an EncodeError. `testing` is for vectors
+ * only: `ephemerals` are X25519 key pairs or X-Wing 64-byte encapsulation seeds; `wraps`
+ * are stored enc ‖ wrapped key bytes, one per candidate.
+ */
 export function sealRequest(
   candidates: Array<{ nodeId: Uint8Array; publicKey: Uint8Array }>,
   model: string,
   bhttpRequest: Uint8Array,
-  testing?: { dataKey?: Uint8Array; requestNonce?: Uint8Array; ephemerals?: CryptoKeyPair[] },
+  testing?: { dataKey?: Uint8Array; requestNonce?: Uint8Array; ephemerals?: Array<CryptoKeyPair | Uint8Array>; wraps?: Uint8Array[] },
 ): Promise<SealedRequest>;
 export type SealedEvent = { type: 'head'; status: number; headers: Field[] } | { type: 'data'; data: Uint8Array };
 export class ResponseOpener {
@@ -294,6 +341,7 @@ export class ResponseOpener {
   receiveData(data: Uint8Array): Promise<SealedEvent[]>;
   endOfInput(): SealedEvent[];
 }
+/** A node key's 8-byte id: SHA-256(raw X25519 or X-Wing public key)[0..8]. */
 export function keyIdFor(publicKey: Uint8Array): Promise<Uint8Array>;
 
 export interface BhttpRequest {

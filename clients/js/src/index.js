@@ -9,7 +9,7 @@ export {
 } from './cachescope.js';
 export { TokenWallet, formatAuthorization } from './privacypass.js';
 export { loadTrustPolicy, TrustPolicy, verifyNodeEntry, verifySnp, parseSnpReport, decodeClaims, reportDataFor } from './attestation.js';
-export { sealRequest, ResponseOpener, keyIdFor } from './sealed.js';
+export { sealRequest, ResponseOpener, keyIdFor, versionForKey, SEALED_V1, SEALED_V2 } from './sealed.js';
 export { encodeRequest, decodeRequest, decodeResponse, ResponseStreamDecoder } from './bhttp.js';
 export {
   parseKeyConfigs, encapsulateRequest, ChunkedRequestSender, ChunkedResponseReceiver, KEM_X25519, KEM_XWING,

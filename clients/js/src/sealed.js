@@ -1,28 +1,50 @@
 // The sealed-request layer (client -> node), client side. Spec: docs/PROTOCOL.md
-// "Sealed requests"; mirrors openpcc/wire/sealed.py byte for byte.
+// "Sealed requests"; mirrors openpcc/wire/sealed.py byte for byte. Version 2 wraps the
+// data key with X-Wing (post-quantum hybrid), version 1 with X25519.
 import { decodeResponse } from './bhttp.js';
 import { concat, decodeVarint, encodeVarint, randomBytes, te, u16 } from './bytes.js';
-import { aesGcmKey, aesGcmOpen, aesGcmSeal, hkdf, hpkeSuite, sha256, xorCounter } from './crypto.js';
+import { KEM_X25519, KEM_XWING, aesGcmKey, aesGcmOpen, aesGcmSeal, hkdf, hpkeSuite, sha256, xorCounter } from './crypto.js';
 import { DecodeError, EncodeError, LimitExceededError, StateError, TruncatedError } from './errors.js';
 
 export const REQUEST_MEDIA_TYPE = 'application/openpcc-sealed-request';
 export const RESPONSE_MEDIA_TYPE = 'application/openpcc-sealed-response';
-const VERSION = 0x01;
-const SUITE = concat(u16(0x0020), u16(0x0001), u16(0x0001));
 export const NODE_ID_LEN = 16;
 const KEY_ID_LEN = 8;
 const NONCE_LEN = 16;
+const WRAPPED_LEN = 16 + 16; // data key + AES-128-GCM tag
 export const MAX_CANDIDATES = 8;
 const CHUNK_SIZE = 16 * 1024;
 const MAX_REQUEST_BYTES = 8 * 1024 * 1024;
 const REQUEST_BUCKETS = [1024, 4096, 16384, 65536, 262144, 1048576];
 const MAX_CHUNK_SEALED = 16384 + 16;
-const WRAP_INFO_LABEL = te.encode('openpcc sealed request v1');
-const CONTEXT_LABEL = te.encode('openpcc sealed request v1 context');
 const FLAG_MORE = 0x00;
 const FLAG_FINAL = 0x01;
 
-/** A node key's 8-byte id: SHA-256(raw X25519 public key)[0..8]. */
+function version(number, kemId, npk, nenc) {
+  const label = `openpcc sealed request v${number}`;
+  return {
+    number, kemId, npk, nenc,
+    suite: concat(u16(kemId), u16(0x0001), u16(0x0001)),
+    wrapInfoLabel: te.encode(label),
+    contextLabel: te.encode(`${label} context`),
+  };
+}
+// The version fixes the KEM, so an envelope never mixes the two: one X25519 wrap beside
+// X-Wing ones would let whoever records it now and breaks X25519 later read it.
+/** Version 2: X-Wing (ML-KEM-768 + X25519), what clients send to nodes attesting an X-Wing key. */
+export const SEALED_V2 = version(2, KEM_XWING, 1216, 1120);
+/** Version 1: X25519 only; deprecated, still opened by nodes (docs/PROTOCOL.md). */
+export const SEALED_V1 = version(1, KEM_X25519, 32, 32);
+const BY_PK_LEN = new Map([[SEALED_V1.npk, SEALED_V1], [SEALED_V2.npk, SEALED_V2]]);
+
+/** The version an envelope to this node key takes: its KEM follows from the length (32 or 1216). */
+export function versionForKey(publicKey) {
+  const v = BY_PK_LEN.get(publicKey?.length);
+  if (!v) throw new EncodeError(`node public key must be ${[...BY_PK_LEN.keys()].join(' or ')} bytes`);
+  return v;
+}
+
+/** A node key's 8-byte id: SHA-256(raw public key)[0..8] (X25519: 32 bytes; X-Wing: 1216). */
 export async function keyIdFor(publicKey) { return (await sha256(publicKey)).slice(0, KEY_ID_LEN); }
 
 export function padBucket(size, buckets) {
@@ -31,9 +53,9 @@ export function padBucket(size, buckets) {
   return Math.ceil(size / top) * top;
 }
 
-async function context(nonce, model, cands) {
+async function context(v, nonce, model, cands) {
   const m = te.encode(model);
-  const parts = [CONTEXT_LABEL, Uint8Array.of(0), SUITE, Uint8Array.of(VERSION), nonce, Uint8Array.of(m.length), m, Uint8Array.of(cands.length)];
+  const parts = [v.contextLabel, Uint8Array.of(0), v.suite, Uint8Array.of(v.number), nonce, Uint8Array.of(m.length), m, Uint8Array.of(cands.length)];
   for (const c of cands) parts.push(c.nodeId, c.keyId);
   return sha256(concat(...parts));
 }
@@ -82,34 +104,44 @@ class FrameReader {
 }
 
 /**
- * Seal one Binary HTTP request to every candidate ({nodeId, publicKey} with 16- and
- * 32-byte Uint8Arrays). dataKey, requestNonce and ephemerals (CryptoKeyPairs) are
- * injectable for test vectors only.
+ * Seal one Binary HTTP request to every candidate ({nodeId, publicKey}: 16 bytes, and
+ * 32 (X25519, version 1) or 1216 (X-Wing, version 2); all of one KEM, else EncodeError).
+ * dataKey, requestNonce, ephemerals (X25519 CryptoKeyPairs or X-Wing 64-byte
+ * encapsulation seeds) and wraps (stored enc ‖ wrapped key per candidate, as in the v2
+ * vector, whose X-Wing encapsulations were drawn at random) are injectable for test
+ * vectors only.
  */
-export async function sealRequest(candidates, model, bhttpRequest, { dataKey, requestNonce, ephemerals } = {}) {
+export async function sealRequest(candidates, model, bhttpRequest, { dataKey, requestNonce, ephemerals, wraps } = {}) {
   if (candidates.length < 1 || candidates.length > MAX_CANDIDATES) throw new EncodeError(`1 to ${MAX_CANDIDATES} candidates`);
   const ids = new Set(candidates.map((c) => c.nodeId.join(',')));
   if (ids.size !== candidates.length) throw new EncodeError('candidate node ids must be distinct');
+  for (const c of candidates) if (c.nodeId.length !== NODE_ID_LEN) throw new EncodeError('bad node id');
+  const versions = new Set(candidates.map((c) => versionForKey(c.publicKey)));
+  if (versions.size !== 1) throw new EncodeError('candidates mix X25519 and X-Wing keys: one KEM per envelope');
+  const [v] = versions;
   const m = te.encode(model);
   if (m.length < 1 || m.length > 255) throw new EncodeError('model name must be 1 to 255 bytes');
   if (bhttpRequest.length > MAX_REQUEST_BYTES) throw new EncodeError('request too large');
   const dk = dataKey ?? randomBytes(16);
   const nonce = requestNonce ?? randomBytes(NONCE_LEN);
-  const cands = [];
-  for (const c of candidates) {
-    if (c.nodeId.length !== NODE_ID_LEN || c.publicKey.length !== 32) throw new EncodeError('bad node id or key');
-    cands.push({ nodeId: c.nodeId, publicKey: c.publicKey, keyId: await keyIdFor(c.publicKey) });
+  if (dk.length !== 16 || nonce.length !== NONCE_LEN) throw new EncodeError('data key and request nonce must be 16 bytes');
+  if (wraps && (wraps.length !== candidates.length || wraps.some((w) => w.length !== v.nenc + WRAPPED_LEN))) {
+    throw new EncodeError(`one ${v.nenc + WRAPPED_LEN}-byte wrap per candidate`);
   }
-  const ctx = await context(nonce, model, cands);
-  const suite = hpkeSuite();
-  const header = [Uint8Array.of(VERSION), SUITE, nonce, Uint8Array.of(m.length), m, Uint8Array.of(cands.length)];
+  const cands = [];
+  for (const c of candidates) cands.push({ nodeId: c.nodeId, publicKey: c.publicKey, keyId: await keyIdFor(c.publicKey) });
+  const ctx = await context(v, nonce, model, cands);
+  const suite = hpkeSuite(v.kemId);
+  const header = [Uint8Array.of(v.number), v.suite, nonce, Uint8Array.of(m.length), m, Uint8Array.of(cands.length)];
   for (const [i, c] of cands.entries()) {
+    header.push(c.nodeId, c.keyId);
+    if (wraps) { header.push(wraps[i]); continue; }
     const s = await suite.createSenderContext({
       recipientPublicKey: await suite.kem.deserializePublicKey(c.publicKey),
-      info: concat(WRAP_INFO_LABEL, Uint8Array.of(0), c.nodeId, c.keyId),
+      info: concat(v.wrapInfoLabel, Uint8Array.of(0), c.nodeId, c.keyId),
       ...(ephemerals ? { ekm: ephemerals[i] } : {}),
     });
-    header.push(c.nodeId, c.keyId, new Uint8Array(s.enc), new Uint8Array(await s.seal(dk, ctx)));
+    header.push(new Uint8Array(s.enc), new Uint8Array(await s.seal(dk, ctx)));
   }
   const padded = new Uint8Array(padBucket(bhttpRequest.length, REQUEST_BUCKETS));
   padded.set(bhttpRequest);
@@ -121,6 +153,8 @@ export async function sealRequest(candidates, model, bhttpRequest, { dataKey, re
   return {
     envelope: concat(...parts),
     context: ctx,
+    version: v.number,
+    kemId: v.kemId,
     responseOpener: () => new ResponseOpener(dk, nonce, ctx),
   };
 }

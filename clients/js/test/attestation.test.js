@@ -1,5 +1,5 @@
 // Attestation: real SEV-SNP captures (tests/attestation-samples) and simulated-TEE
-// bundles made by the Python code, checked by the JS verifier.
+// bundles made by the Python code (with and without an X-Wing key), checked by the JS verifier.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -64,6 +64,47 @@ test('claims: signing_key is required, 32 bytes of lower-case hex, sorted betwee
   const { tee, ...rest } = claims; // signing_key after tee: not canonical
   const { signing_key: sk, ...noKey } = rest;
   assert.throws(() => decodeClaims(enc({ ...noKey, tee, signing_key: sk })), /canonical/);
+});
+
+test('claims: pq_public_key is optional, 1216 bytes of lower-case hex, never null, in canonical order', () => {
+  const base = {
+    expires_at: 2000, gpu_evidence_digest: null, hpke_public_key: 'ab'.repeat(32), issued_at: 1000,
+    model_digest: 'cd'.repeat(32), node_id: '00112233445566778899aabbccddeeff',
+  };
+  const tail = { release_id: 'dev', signing_key: 'ef'.repeat(32), tee: 'simulated-snp' };
+  const enc = (o) => new TextEncoder().encode(JSON.stringify(o)); // insertion order = sorted
+  const pq = '5a'.repeat(1216);
+  const c = decodeClaims(enc({ ...base, pq_public_key: pq, ...tail }));
+  assert.equal(Buffer.from(c.pqPublicKey).toString('hex'), pq);
+  assert.ok(enc({ ...base, pq_public_key: pq, ...tail }).length < 4096, 'claims with an X-Wing key fit the limit');
+  assert.equal(decodeClaims(enc({ ...base, ...tail })).pqPublicKey, null, 'absent: an X25519-only node');
+  for (const bad of [null, '5A'.repeat(1216), '5a'.repeat(1215), '5a'.repeat(1217), '5a'.repeat(32), '', 7, ['5a']]) {
+    assert.throws(() => decodeClaims(enc({ ...base, pq_public_key: bad, ...tail })), (e) => e instanceof DecodeError && /pq_public_key must be 1216 bytes/.test(e.message), JSON.stringify(bad)?.slice(0, 20));
+  }
+  // After tee (not sorted), or with whitespace: not the canonical encoding.
+  assert.throws(() => decodeClaims(enc({ ...base, ...tail, pq_public_key: pq })), /canonical/);
+  const spaced = new TextEncoder().encode(JSON.stringify({ ...base, pq_public_key: pq, ...tail }).replace('"pq_public_key":', '"pq_public_key": '));
+  assert.throws(() => decodeClaims(spaced), /canonical/);
+  assert.throws(() => decodeClaims(enc({ ...base, pq_public_key: pq, ...tail, pq_key: pq.slice(0, 64) })), /unknown key pq_key/);
+});
+
+test('simulated-TEE bundles: the attested X-Wing key, and post_quantum.require refuses X25519-only nodes', async (t) => {
+  const f = sim(t);
+  if (!f) return;
+  const policy = await loadTrustPolicy(f.signed, f.release_pubkey_pem);
+  const pq = await verifyNodeEntry(f.entry, policy, f.now);
+  assert.equal(Buffer.from(pq.pqPublicKey).toString('hex'), f.pq_public_key);
+  assert.equal(pq.pqPublicKey.length, 1216);
+  assert.equal(byName(pq.checks).post_quantum, undefined, 'checked only when the manifest requires it');
+  const legacy = await verifyNodeEntry(f.entry_x25519, policy, f.now);
+  assert.equal(legacy.pqPublicKey, null);
+  const strict = await loadTrustPolicy(f.signed_pq_required, f.release_pubkey_pem);
+  assert.equal(strict.postQuantumRequired, true);
+  const ok = await verifyNodeEntry(f.entry, strict, f.now);
+  assert.ok(byName(ok.checks).post_quantum.ok);
+  await assert.rejects(verifyNodeEntry(f.entry_x25519, strict, f.now), (e) => e instanceof VerificationError
+    && /^post_quantum: the manifest requires post-quantum keys; the node attests none$/.test(e.message)
+    && byName(e.checks).post_quantum.ok === false);
 });
 
 test('simulated-TEE bundle is rejected without a dev root, with another measurement, or a swapped key', async (t) => {

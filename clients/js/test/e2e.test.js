@@ -24,6 +24,10 @@ test('Node: tokens, verified node, streamed private chat', { skip: !CFG && 'OPEN
   assert.match(n1 ?? '', /^[0-9a-f]{32}$/, 'the node names itself (openpcc-node-id)');
   assert.equal(n2, n1, 'the second turn went to the node that answered the first');
   if (process.env.OPENPCC_EXPECT_KEM) assert.equal(out.outer_kem, Number(process.env.OPENPCC_EXPECT_KEM), 'outer-layer KEM');
+  if (process.env.OPENPCC_EXPECT_INNER_KEM) {
+    assert.equal(out.inner_kem, Number(process.env.OPENPCC_EXPECT_INNER_KEM), 'inner-layer KEM');
+    assert.equal(out.sealed_version, out.inner_kem === 0x647a ? 2 : 1, 'sealed-request version');
+  }
   console.log(JSON.stringify(out));
 });
 

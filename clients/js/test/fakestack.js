@@ -1,9 +1,9 @@
 // A relay + gateway + nodes for chat requests, faked at the fetch level with the real
-// layers: the relay's chunked OHTTP (real gateway keys: X25519, or X-Wing, or both), the gateway's Binary HTTP, the
-// sealed request opened by the node it is routed to (real X25519 node keys) and its sealed
-// response. What each party saw is logged, so tests can tell what the relay could read
-// (`relaySaw`), what the gateway could read (`gatewaySaw`) and what only the node read
-// (`infers[].inner`).
+// layers: the relay's chunked OHTTP (real gateway keys: X25519, or X-Wing, or both), the
+// gateway's Binary HTTP, the sealed request (v2 to the nodes' real X-Wing keys, v1 to
+// legacy X25519-only nodes) opened by the node it is routed to, and its sealed response.
+// What each party saw is logged, so tests can tell what the relay could read (`relaySaw`),
+// what the gateway could read (`gatewaySaw`) and what only the node read (`infers[].inner`).
 import assert from 'node:assert/strict';
 import { decodeRequest } from '../src/bhttp.js';
 import { concat, decodeVarint, encodeVarint, randomBytes, te, toHex, u16 } from '../src/bytes.js';
@@ -28,27 +28,35 @@ function fieldsObject(fields) {
   return out;
 }
 
-/** Open a sealed request as the node `node` (keys {nodeId, keyPair}). */
+/** Open a sealed request as the node `node` (keys {nodeId, keyPair, pqKeyPair}), v1 or v2. */
 async function openSealed(envelope, node) {
   let p = 0;
   const version = envelope[p++];
+  assert.ok(version === 1 || version === 2, `sealed request version ${version}`);
+  const kem = version === 2 ? KEM_XWING : KEM_X25519;
+  const nenc = version === 2 ? 1120 : 32;
   const suiteId = envelope.subarray(p, p + 6); p += 6;
+  assert.deepEqual([...suiteId], [kem >> 8, kem & 0xff, 0, 1, 0, 1], 'the version fixes the suite');
   const nonce = envelope.slice(p, p + 16); p += 16;
   const mlen = envelope[p++];
   const model = envelope.subarray(p, p + mlen); p += mlen;
   const n = envelope[p++];
   const cands = [];
   for (let i = 0; i < n; i++) {
-    cands.push({ nodeId: envelope.slice(p, p + 16), keyId: envelope.slice(p + 16, p + 24), enc: envelope.slice(p + 24, p + 56), wrapped: envelope.slice(p + 56, p + 88) });
-    p += 88;
+    const e = p + 24;
+    cands.push({ nodeId: envelope.slice(p, p + 16), keyId: envelope.slice(p + 16, e), enc: envelope.slice(e, e + nenc), wrapped: envelope.slice(e + nenc, e + nenc + 32) });
+    p = e + nenc + 32;
   }
-  const ctx = await sha256(concat(te.encode('openpcc sealed request v1 context'), Uint8Array.of(0), suiteId, Uint8Array.of(version), nonce,
+  const label = `openpcc sealed request v${version}`;
+  const ctx = await sha256(concat(te.encode(`${label} context`), Uint8Array.of(0), suiteId, Uint8Array.of(version), nonce,
     Uint8Array.of(mlen), model, Uint8Array.of(n), ...cands.flatMap((c) => [c.nodeId, c.keyId])));
   const mine = cands.find((c) => toHex(c.nodeId) === toHex(node.nodeId));
   assert.ok(mine, 'routed to a node that is not a candidate');
-  const suite = hpkeSuite();
-  const hpke = await suite.createRecipientContext({
-    recipientKey: node.keyPair, enc: mine.enc, info: concat(te.encode('openpcc sealed request v1'), Uint8Array.of(0), mine.nodeId, mine.keyId),
+  const keyPair = version === 2 ? node.pqKeyPair : node.keyPair;
+  assert.ok(keyPair, 'a v2 request to a node without an X-Wing key');
+  assert.equal(toHex(mine.keyId), toHex((await sha256(version === 2 ? node.pqPublicKey : node.publicKey)).slice(0, 8)), 'key id');
+  const hpke = await hpkeSuite(kem).createRecipientContext({
+    recipientKey: keyPair, enc: mine.enc, info: concat(te.encode(label), Uint8Array.of(0), mine.nodeId, mine.keyId),
   });
   const dk = new Uint8Array(await hpke.open(mine.wrapped, ctx));
   const key = await aesGcmKey(await hkdf(dk, nonce, 'openpcc request key', 16));
@@ -60,7 +68,7 @@ async function openSealed(envelope, node) {
     plain.push(await aesGcmOpen(key, xorCounter(iv, seq), concat(ctx, Uint8Array.of(flag)), envelope.subarray(off, off + len)));
     p = off + len;
   }
-  return { request: decodeRequest(concat(...plain)), dk, nonce, ctx };
+  return { request: decodeRequest(concat(...plain)), dk, nonce, ctx, version };
 }
 
 /** The node's sealed response: its nonce, then the head and the body, each one sealed chunk. */
@@ -81,12 +89,15 @@ async function sealResponse({ dk, nonce, ctx }, status, headers, body) {
 }
 
 /**
- * `nodes` nodes serving model 'm'. `route(candidateHexes) -> hex` is the gateway's pick
- * (default: the first candidate, as an unloaded gateway does). `nodeIdHeader`: true (the
- * node's id), false (none), or (id) -> list of values to send instead.
+ * `nodes` nodes serving model 'm', each with an X25519 and an X-Wing key, except the
+ * first `legacyNodes` (X25519 only, pqPublicKey null: they take sealed v1).
+ * `route(candidateHexes) -> hex` is the gateway's pick (default: the first candidate, as
+ * an unloaded gateway does). `nodeIdHeader`: true (the node's id), false (none), or
+ * (id) -> list of values to send instead.
  */
-export async function fakeChatStack({ nodes: count = 4, route = (c) => c[0], nodeIdHeader = true, kems = [KEM_X25519] } = {}) {
+export async function fakeChatStack({ nodes: count = 4, legacyNodes = 0, route = (c) => c[0], nodeIdHeader = true, kems = [KEM_X25519] } = {}) {
   const suite = hpkeSuite();
+  const pqSuite = hpkeSuite(KEM_XWING);
   // The gateway's OHTTP keys: one config per KEM in `kems` (key ids 7, 8, …), listed in order.
   const gwKeys = new Map();
   for (const [i, kem] of kems.entries()) {
@@ -99,8 +110,10 @@ export async function fakeChatStack({ nodes: count = 4, route = (c) => c[0], nod
   const nodes = [];
   for (let i = 0; i < count; i++) {
     const keyPair = await suite.kem.generateKeyPair();
+    const pqKeyPair = i < legacyNodes ? null : await pqSuite.kem.generateKeyPair();
     nodes.push({
       nodeId: randomBytes(16), keyPair, publicKey: new Uint8Array(await suite.kem.serializePublicKey(keyPair.publicKey)),
+      pqKeyPair, pqPublicKey: pqKeyPair && new Uint8Array(await pqSuite.kem.serializePublicKey(pqKeyPair.publicKey)),
       models: ['m'], expiresAt: 1e12, checks: [], signingKey: new Uint8Array(32),
     });
   }
@@ -139,7 +152,7 @@ export async function fakeChatStack({ nodes: count = 4, route = (c) => c[0], nod
     const opened = await openSealed(outer.content, node);
     const inner = opened.request;
     const body = JSON.parse(td.decode(inner.content));
-    stack.infers.push({ candidates, answeredBy: pick, inner, headers: fieldsObject(inner.headers), body });
+    stack.infers.push({ candidates, answeredBy: pick, inner, headers: fieldsObject(inner.headers), body, version: opened.version });
     const answer = body.stream
       ? te.encode(`data: ${JSON.stringify({ choices: [{ index: 0, delta: { content: 'ok' } }] })}\n\ndata: [DONE]\n\n`)
       : te.encode(JSON.stringify({ object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }] }));
@@ -168,9 +181,10 @@ function nodeIdFields(how, id) {
 }
 
 function candidatesOf(envelope) {
+  const entry = 16 + 8 + (envelope[0] === 2 ? 1120 : 32) + 32; // node_id ‖ key_id ‖ enc ‖ wrapped
   const mlen = envelope[23];
   const n = envelope[24 + mlen];
   const out = [];
-  for (let i = 0, p = 25 + mlen; i < n; i++, p += 88) out.push(toHex(envelope.subarray(p, p + 16)));
+  for (let i = 0, p = 25 + mlen; i < n; i++, p += entry) out.push(toHex(envelope.subarray(p, p + 16)));
   return out;
 }
