@@ -188,21 +188,43 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from openpcc.errors import OpenPCCError
+    from openpcc.privacypass import rsa_openssl
+    from openpcc.privacypass.blindrsa import RSA_BACKEND_ENV, rsa_backend
     from openpcc.service.config import config_from_args
     from openpcc.service.serve import Listener, serve, serve_settings
     from tokens.app import create_app
     from tokens.config import IssuerConfig
     from tokens.keys import ensure_key
+    from tokens.store import open_store
 
     config, settings = serve_settings(lambda: config_from_args(IssuerConfig, args), args, "issuer")
+    try:
+        backend = rsa_backend()  # OPENPCC_RSA_BACKEND=openssl without libcrypto: do not start
+    except OpenPCCError as exc:
+        print(f"openpcc issuer: {exc}", file=sys.stderr)
+        return 2
+    if backend == "gmpy2" and not os.environ.get(RSA_BACKEND_ENV):
+        logging.getLogger("openpcc.issuer").warning(
+            "%s: blind signing falls back to gmpy2 (0.3-0.55 of OpenSSL's speed)",
+            rsa_openssl.unavailable_reason(),
+        )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # In this process, before any worker starts: the first key (else each worker would
+    # make one), and the SQLite schema and WAL mode (switching to WAL needs the database
+    # to itself).
     ring = ensure_key(config.state_dir)
-    app = create_app(_store(args), ring, config, audit_log=config.audit_log)
+    if config.workers > 1 and not config.redis:
+        asyncio.run(open_store(config.state_dir).close())
+
+    def app() -> Any:  # in each worker: its own store connection
+        return create_app(_store(args), ring, config, audit_log=config.audit_log)
 
     def bound(ports: dict[str, int]) -> None:
         logging.getLogger("openpcc.issuer").info(
-            "issuer listening on %s:%d", config.host, ports["public"]
-        )
+            "issuer listening on %s:%d (RSA private operation on %s, pid %d)",
+            config.host, ports["public"], backend, os.getpid(),
+        )  # fmt: skip
 
     # No access log: it would record client addresses next to accounts.
     return serve(
@@ -210,4 +232,5 @@ def _serve(args: argparse.Namespace) -> int:
         settings=settings,
         on_bound=bound,
         shutdown_timeout=config.shutdown_timeout,
+        workers=config.workers,
     )

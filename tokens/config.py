@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openpcc.service.config import option
+from openpcc.service.config import option, workers_field
 
 ENV_PREFIX = "OPENPCC_ISSUER_"
 MAX_BATCH = 1000
+MAX_WORKERS = 64
 # A key's lifetime plus its rotation lead may not exceed this (31 days: the default 30-day
 # lifetime and 1-hour lead fit, with room below the gateway's default 32-day --spent-ttl).
 MAX_KEY_LIFETIME = 31 * 24 * 3600
@@ -51,6 +52,7 @@ class IssuerConfig:
     max_batch: int = field(
         default=MAX_BATCH, metadata=option("tokens per batch request", kind="int")
     )
+    workers: int = workers_field()
     shutdown_timeout: float = field(
         default=10.0,
         metadata=option("on SIGTERM, stop accepting and let in-flight requests finish this long",
@@ -71,6 +73,8 @@ class IssuerConfig:
             raise ValueError("--directory-max-age must be >= 0")
         if self.shutdown_timeout < 0:
             raise ValueError("--shutdown-timeout must be >= 0")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be 1..{MAX_WORKERS}")
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
             raise ValueError("--public-url must be an absolute http(s) URL")
 

@@ -14,21 +14,23 @@ Side channels — what this module can and cannot promise
 --------------------------------------------------------
 ``blind_sign`` applies the private key to a message the *client chose*, so it is
 a remote RSA decryption oracle and the classic remote timing attacks apply
-(RFC 9474 §7.1 asks for mitigations such as RSA blinding). We do three things:
+(RFC 9474 §7.1 asks for mitigations such as RSA blinding). Two backends do the
+private operation (``OPENPCC_RSA_BACKEND`` or ``backend=``: ``openssl``, ``gmpy2``,
+default ``auto``: OpenSSL where it loads):
 
-1. **Exponent side**: the two CRT exponentiations use ``gmpy2.powmod_sec``
-   (GMP ``mpz_powm_sec``), whose run time and memory access pattern do not
-   depend on the secret exponent ``dP``/``dQ``. Plain ``gmpy2.powmod``
-   (``mpz_powm``) uses a sliding window and is *not* constant time.
-2. **Base side**: we blind the input ourselves before the private operation
-   (``m·u^e mod n`` for a fresh random ``u``, unblinded by ``u^-1`` afterwards),
-   as OpenSSL does by default. The reductions ``m mod p``, ``m mod q`` and the
-   CRT recombination run on Python/GMP integers whose timing depends on the
-   operand values; blinding makes those values independent of the client's
-   chosen input, which is what attacks such as Brumley-Boneh need.
-3. **Faults**: the result is checked with ``s^e == m mod n`` before it is
-   returned (RFC 9474 §4.3 steps 3-4), so a faulty CRT half cannot leak a
-   factor of ``n`` (Bellcore attack).
+- **openssl** (``rsa_openssl``): the system libcrypto's own RSA private operation,
+  which blinds the input, runs a constant-time CRT exponentiation and checks its
+  result; faster than gmpy2 (0.3 of OpenSSL's speed here), and it releases the GIL.
+- **gmpy2**, the fallback: (1) the two CRT exponentiations use ``gmpy2.powmod_sec``
+  (GMP ``mpz_powm_sec``), whose run time and memory access pattern do not depend on
+  the secret exponent ``dP``/``dQ`` (plain ``powmod`` uses a sliding window and is
+  *not* constant time); (2) we blind the input ourselves (``m·u^e mod n`` for a fresh
+  random ``u``, unblinded by ``u^-1``), as OpenSSL does, so the variable-time
+  reductions and CRT recombination on Python/GMP integers see values independent of
+  the client's input, which is what attacks such as Brumley-Boneh need.
+
+Both: the result is checked with ``s^e == m mod n`` before it is returned (RFC 9474
+§4.3 steps 3-4), so a faulty CRT half cannot leak a factor of ``n`` (Bellcore attack).
 
 What we cannot promise: CPython integers, ``int.to_bytes``/``from_bytes``,
 ``pow(x, -1, n)`` and GMP's division are variable time, and the interpreter
@@ -36,14 +38,14 @@ itself adds noise but no guarantees; cache-timing resistance of GMP is "best
 effort" upstream. Client-side operations (``blind``/``finalize``) handle only
 public values plus the blinding factor ``r``; ``r``'s inverse is computed with
 variable-time arithmetic, which leaks at most about a random value that never
-leaves the client's process. For hard constant-time guarantees, run the issuer's
-private operation in a dedicated implementation (e.g. an HSM or BoringSSL's
-``RSA_sign_raw`` with blinding).
+leaves the client's process. For hard guarantees beyond OpenSSL's, run the issuer's
+private operation in an HSM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Final
@@ -53,7 +55,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from openpcc.errors import DecodeError, EncodeError, VerificationError
+from openpcc.errors import DecodeError, EncodeError, OpenPCCError, VerificationError
+from openpcc.privacypass import rsa_openssl
 
 __all__ = [
     "PREFIX_LEN",
@@ -61,20 +64,45 @@ __all__ = [
     "RSABSSA_SHA384_PSSZERO_RANDOMIZED",
     "RSABSSA_SHA384_PSS_DETERMINISTIC",
     "RSABSSA_SHA384_PSS_RANDOMIZED",
+    "RSA_BACKENDS",
+    "RSA_BACKEND_ENV",
     "VARIANTS",
     "BlindRSAVariant",
     "PrivateKey",
     "PublicKey",
+    "RSABackendError",
     "blind",
     "blind_sign",
     "emsa_pss_encode",
     "finalize",
     "prepare",
+    "rsa_backend",
     "verify",
 ]
 
 HASH_LEN: Final = 48  # SHA-384
 PREFIX_LEN: Final = 32  # RFC 9474 §4.1 PrepareRandomize
+RSA_BACKEND_ENV: Final = "OPENPCC_RSA_BACKEND"
+RSA_BACKENDS: Final = ("openssl", "gmpy2")
+
+
+class RSABackendError(OpenPCCError, ValueError):
+    """An RSA backend name that is not ``auto``, ``openssl`` or ``gmpy2``."""
+
+
+def rsa_backend(name: str | None = None) -> str:
+    """The backend ``blind_sign`` uses: ``name``, else ``OPENPCC_RSA_BACKEND``, else
+    ``auto`` (OpenSSL where libcrypto loads, gmpy2 otherwise). Asking for ``openssl``
+    where it cannot load raises ``rsa_openssl.OpenSSLUnavailableError``: a service
+    told to use it should not start without it."""
+    choice = (name or os.environ.get(RSA_BACKEND_ENV) or "auto").strip().lower()
+    if choice == "auto":
+        return "openssl" if rsa_openssl.available() else "gmpy2"
+    if choice == "openssl":
+        rsa_openssl.libcrypto()
+    elif choice != "gmpy2":
+        raise RSABackendError(f"RSA backend {choice!r}: use auto, openssl or gmpy2")
+    return choice
 
 
 @dataclass(frozen=True)
@@ -156,9 +184,10 @@ class PublicKey:
 
 
 class PrivateKey:
-    """An RSA private key with its CRT values as ``gmpy2`` integers for ``blind_sign``."""
+    """An RSA private key with its CRT values as ``gmpy2`` integers for ``blind_sign``,
+    and, made on first use, its libcrypto twin for the OpenSSL backend."""
 
-    __slots__ = ("_dp", "_dq", "_key", "_n", "_p", "_q", "_qinv", "public_key")
+    __slots__ = ("_dp", "_dq", "_key", "_n", "_native", "_p", "_q", "_qinv", "public_key")
 
     def __init__(self, key: rsa.RSAPrivateKey) -> None:
         if not isinstance(key, rsa.RSAPrivateKey):
@@ -172,10 +201,23 @@ class PrivateKey:
         self._dp = gmpy2.mpz(nums.dmp1)
         self._dq = gmpy2.mpz(nums.dmq1)
         self._qinv = gmpy2.mpz(nums.iqmp)  # q^-1 mod p
+        self._native: rsa_openssl.NativeRSAKey | None = None
 
     @property
     def key(self) -> rsa.RSAPrivateKey:
         return self._key
+
+    def native(self) -> rsa_openssl.NativeRSAKey:
+        """The key in libcrypto, made once per process (a forked child makes its own)."""
+        native = self._native
+        if native is None or native.generation != rsa_openssl.generation():
+            der = self._key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            native = self._native = rsa_openssl.NativeRSAKey(der, self.public_key.modulus_bits)
+        return native
 
     @classmethod
     def generate(cls, bits: int = 2048) -> PrivateKey:
@@ -306,11 +348,12 @@ def _rsasp1_crt(sk: PrivateKey, m: gmpy2.mpz) -> gmpy2.mpz:
     return s2 + h * sk._q
 
 
-def blind_sign(sk: PrivateKeyLike, blinded_msg: bytes) -> bytes:
-    """RFC 9474 §4.3 BlindSign: blinded_msg^d mod n, with base blinding and a fault check.
+def blind_sign(sk: PrivateKeyLike, blinded_msg: bytes, *, backend: str | None = None) -> bytes:
+    """RFC 9474 §4.3 BlindSign: blinded_msg^d mod n, blinded, with a fault check.
 
-    Raises DecodeError for a wrong-length or out-of-range input and
-    VerificationError if the result fails ``s^e == m`` (a computation fault).
+    ``backend``: ``openssl`` or ``gmpy2`` (default: ``rsa_backend()``). Raises
+    DecodeError for a wrong-length or out-of-range input and VerificationError if the
+    result fails ``s^e == m`` (a computation fault).
     """
     key = _priv(sk)
     pub = key.public_key
@@ -320,7 +363,21 @@ def blind_sign(sk: PrivateKeyLike, blinded_msg: bytes) -> bytes:
     m = gmpy2.mpz(int.from_bytes(blinded_msg, "big"))
     if m >= n:
         raise DecodeError("message representative out of range")
-    # Base blinding (see module docstring): sign m·u^e, multiply by u^-1.
+    out: bytes | None = None
+    if (backend or rsa_backend()) == "openssl":
+        out = key.native().private_op(bytes(blinded_msg))
+        s = gmpy2.mpz(int.from_bytes(out, "big"))
+    else:
+        s = _gmpy2_private_op(key, m)
+    if gmpy2.powmod(s, pub.e, n) != m:
+        raise VerificationError("signing failure (fault check s^e != m)")
+    return out if out is not None else int(s).to_bytes(pub.modulus_len, "big")
+
+
+def _gmpy2_private_op(key: PrivateKey, m: gmpy2.mpz) -> gmpy2.mpz:
+    """``m^d mod n`` with our own base blinding (see module docstring): sign ``m·u^e``,
+    multiply by ``u^-1``."""
+    n = key._n
     while True:
         u = gmpy2.mpz(secrets.randbelow(int(n) - 2) + 2)
         try:
@@ -328,10 +385,7 @@ def blind_sign(sk: PrivateKeyLike, blinded_msg: bytes) -> bytes:
         except ZeroDivisionError:  # pragma: no cover - u shares a factor with n
             continue
         break
-    s = (_rsasp1_crt(key, (m * gmpy2.powmod(u, pub.e, n)) % n) * u_inv) % n
-    if gmpy2.powmod(s, pub.e, n) != m:
-        raise VerificationError("signing failure (fault check s^e != m)")
-    return int(s).to_bytes(pub.modulus_len, "big")
+    return (_rsasp1_crt(key, (m * gmpy2.powmod(u, key.public_key.e, n)) % n) * u_inv) % n
 
 
 def finalize(

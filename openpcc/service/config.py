@@ -150,5 +150,19 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:
     return cls(**values, **extra)
 
 
+def workers_field() -> Any:
+    """A party's ``--workers N`` (``OPENPCC_<PARTY>_WORKERS``): N processes serve its
+    ports together (openpcc/service/workers.py); pass it to ``serve(workers=...)``."""
+    return dataclasses.field(
+        default=1,
+        metadata=option(
+            "processes serving the same port (SO_REUSEPORT; one core each); they share the "
+            "state store and drain together on SIGTERM",
+            kind="int",
+            metavar="N",
+        ),
+    )
+
+
 def _show(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
