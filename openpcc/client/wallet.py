@@ -3,9 +3,11 @@
 The wallet buys tokens from the issuer in batches, ahead of use, so that the moment a
 token is spent says nothing about when it was issued. Three rules shape it:
 
-* **Never reuse.** ``take()`` removes a token from the store file (atomically, fsynced,
-  under a file lock) *before* handing it out. A crash can lose a token; it can never
-  spend one twice.
+* **Never reuse.** A token is removed from the store file (atomically, fsynced, under a
+  file lock) *before* it can be handed out: a background task leases tokens from the
+  file into an in-memory reserve, and ``take()`` pops from that reserve without any
+  file I/O. A crash can lose the reserve (at most ``reserve`` tokens); it can never
+  make a handed-out token come back.
 * **Key consistency.** The issuer must not give one user a personal key unnoticed. The
   wallet learns the key from a directory obtained through a caller-provided fetcher (in
   production: through the OHTTP relay, anonymously), asks for tokens only under a key
@@ -27,6 +29,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +76,11 @@ TOKEN_REQUEST_MEDIA_TYPE: Final = "application/private-token-request"
 TOKEN_RESPONSE_MEDIA_TYPE: Final = "application/private-token-response"
 DEFAULT_RETRY_AFTER: Final = 60.0
 _MAX_RESPONSE: Final = 8 + batched.MAX_BATCH * (3 + issuance.NK)
+# Refresh the directory in the background once it is this share of directory_ttl old,
+# so that takes meet a fresh copy instead of waiting for the fetch.
+_REFRESH_AHEAD: Final = 0.75
+# A background reserve refill that failed (e.g. disk full) is retried at most this often.
+_RESERVE_RETRY_S: Final = 1.0
 
 DirectoryFetcher = Callable[[], Awaitable[bytes]]
 
@@ -134,8 +142,12 @@ class _TokenStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except FileNotFoundError:  # first use: create the folder (each syscall here
+                # is a GIL hand-over that a busy event loop can delay by milliseconds)
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise WalletStoreError(f"cannot open token store {self.path}: {exc}") from exc
         try:
@@ -144,7 +156,11 @@ class _TokenStore:
         finally:
             os.close(fd)  # releases the lock
 
-    def _read(self) -> list[_Entry]:
+    def _read(self) -> list[dict[str, Any]]:
+        """The stored items, undecoded. Why: decoding every token on each transaction
+        cost ~30 µs a token of CPU under the GIL, which stalled the event loop's takes;
+        an item is decoded (and fully checked) only when a transaction looks at it, and
+        the others are written back exactly as read."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -155,39 +171,54 @@ class _TokenStore:
             obj = json.loads(raw)
             if not isinstance(obj, dict) or obj.get("format") != STORE_FORMAT:
                 raise ValueError(f"not a {STORE_FORMAT} file")
-            out = []
-            for item in obj["tokens"]:
-                key_id = bytes.fromhex(item["key_id"])
-                token = Token.decode(b64url_decode(item["token"]))
-                if token.token_key_id != key_id:
-                    raise ValueError("token does not carry the key id it is filed under")
-                out.append(_Entry(key_id, token))
-            return out
-        except (ValueError, KeyError, TypeError, OpenPCCError) as exc:
-            raise WalletStoreError(
-                f"token store {self.path} is malformed ({exc}); move it away to start afresh"
-            ) from None
+            items = obj["tokens"]
+            if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("key_id"), str) and "token" in i
+                for i in items
+            ):
+                raise ValueError("tokens must be a list of {key_id, token} objects")
+            return items
+        except (ValueError, KeyError, TypeError) as exc:
+            raise self._malformed(exc) from None
 
-    def _write(self, entries: Sequence[_Entry]) -> None:
+    def _malformed(self, exc: Exception) -> WalletStoreError:
+        return WalletStoreError(
+            f"token store {self.path} is malformed ({exc}); move it away to start afresh"
+        )
+
+    def _decode(self, item: dict[str, Any]) -> _Entry:
         try:
-            self._write_atomic(entries)
+            key_id = bytes.fromhex(item["key_id"])
+            token = Token.decode(b64url_decode(item["token"]))
+            if token.token_key_id != key_id:
+                raise ValueError("token does not carry the key id it is filed under")
+            return _Entry(key_id, token)
+        except (ValueError, KeyError, TypeError, OpenPCCError) as exc:
+            raise self._malformed(exc) from None
+
+    @staticmethod
+    def _encode(token: Token) -> dict[str, Any]:
+        return {"key_id": token.token_key_id.hex(), "token": b64url_encode(token.encode())}
+
+    def _write(self, items: Sequence[dict[str, Any]]) -> None:
+        try:
+            self._write_atomic(items)
         except OSError as exc:
+            # E.g. disk full: the file still holds the old list; free what the tmp took.
+            with contextlib.suppress(OSError):
+                self.tmp_path.unlink()
             raise WalletStoreError(f"cannot write token store {self.path}: {exc}") from exc
 
-    def _write_atomic(self, entries: Sequence[_Entry]) -> None:
-        body = json.dumps(
-            {
-                "format": STORE_FORMAT,
-                "tokens": [
-                    {"key_id": e.key_id.hex(), "token": b64url_encode(e.token.encode())}
-                    for e in entries
-                ],
-            },
-            indent=0,
-        ).encode()
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()  # left over from a crash; O_EXCL below needs it gone
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _write_atomic(self, items: Sequence[dict[str, Any]]) -> None:
+        # One line through json's C encoder: indent= (one token a line, as the file used
+        # to be) selects the pure-Python encoder, ~20 µs a token under the GIL.
+        body = json.dumps({"format": STORE_FORMAT, "tokens": items}).encode() + b"\n"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(self.tmp_path, flags, 0o600)
+        except FileExistsError:  # left over from a crash
+            self.tmp_path.unlink()
+            fd = os.open(self.tmp_path, flags, 0o600)
         try:
             view = memoryview(body)
             while view:
@@ -208,34 +239,38 @@ class _TokenStore:
     def pop(self, usable: Callable[[_Entry], bool], n: int = 1) -> tuple[list[_Entry], int, int]:
         """Remove and return up to ``n`` of the oldest usable tokens in one transaction
         (unusable ones met on the way go too); also how many were dropped and how many
-        are left."""
+        are left. It returns only after the file without them is durable."""
         with self._locked():
-            entries = self._read()
+            items = self._read()
             taken: list[_Entry] = []
-            dropped = 0
-            while entries and len(taken) < n:
-                first = entries.pop(0)
-                if usable(first):
-                    taken.append(first)
+            dropped = i = 0
+            while i < len(items) and len(taken) < n:
+                entry = self._decode(items[i])
+                i += 1
+                if usable(entry):
+                    taken.append(entry)
                 else:
                     dropped += 1
-            if taken or dropped:
-                self._write(entries)
-            return taken, dropped, len(entries)
+            if i:
+                self._write(items[i:])
+            return taken, dropped, len(items) - i
 
-    def extend(self, tokens: Sequence[Token]) -> None:
+    def extend(self, tokens: Sequence[Token]) -> int:
+        """Append ``tokens``; returns how many the file holds now."""
         with self._locked():
-            entries = self._read()
-            entries.extend(_Entry(t.token_key_id, t) for t in tokens)
-            self._write(entries)
+            items = self._read()
+            items.extend(self._encode(t) for t in tokens)
+            self._write(items)
+            return len(items)
 
-    def retain(self, usable: Callable[[_Entry], bool]) -> int:
+    def retain(self, usable: Callable[[_Entry], bool]) -> tuple[int, int]:
+        """Drop unusable tokens; returns how many were dropped and how many are left."""
         with self._locked():
-            entries = self._read()
-            kept = [e for e in entries if usable(e)]
-            if len(kept) != len(entries):
+            items = self._read()
+            kept = [i for i in items if usable(self._decode(i))]
+            if len(kept) != len(items):
                 self._write(kept)
-            return len(entries) - len(kept)
+            return len(items) - len(kept), len(kept)
 
 
 # --------------------------------------------------------------------------- directory
@@ -280,7 +315,7 @@ class TokenWallet:
         issuer_name: str | None = None,
         batch_size: int = 100,
         low_water: int = 20,
-        reserve: int = 16,
+        reserve: int = 128,
         max_keys: int = 3,
         directory_fetcher: DirectoryFetcher | None = None,
         session: aiohttp.ClientSession | None = None,
@@ -325,27 +360,48 @@ class TokenWallet:
         self._timeout = timeout
         self._clock = clock
         self._store = _TokenStore(Path(store_path).expanduser())
-        # Tokens already removed from the file but not yet handed out. Why: one file
-        # transaction (lock, read, write, two fsyncs: ~5 ms) per request sat on the
-        # time to first token; taking a few at once off the event loop keeps the file's
-        # guarantee (a crash can lose these, never hand one out twice) at a fraction of
-        # the cost. The batch starts at 1 and doubles up to ``reserve``, so a one-shot
-        # CLI run takes exactly one token; aclose() files any left back.
+        # The reserve: tokens already removed from the file (durably) and not yet handed
+        # out, so that take() is a pop from memory. Why: the file transaction (lock,
+        # read, write, two fsyncs: 2-50 ms) used to run inside every ~10th take, and at
+        # 64 concurrent requests the others queued behind it. Now a background task
+        # ("a reserve refill") leases tokens from the file into the reserve, and it
+        # never adds a token to the reserve before the file without it is fsynced and
+        # renamed in place: a crash loses at most the reserve and never resurrects a
+        # token that left the process. The reserve's target starts at 0 (a one-shot
+        # CLI run takes exactly one token) and grows when takers find it empty
+        # (doubling, or to twice as many as waited) up to ``reserve``, and is refilled
+        # in the background when under 3/4 full; aclose() files what is left back. The
+        # loop only pops from ``_held`` and the worker thread only appends to it (deque
+        # operations are thread-safe).
         self.reserve = reserve
-        self._held: list[_Entry] = []
-        self._next_batch = 1
+        self._held: deque[_Entry] = deque()
+        self._target = 0
+        self._waiters = 0  # takers waiting for a reserve refill
+        self._starved = False  # a taker found the reserve empty since the last refill began
+        self._round: asyncio.Task[None] | None = None  # the reserve refill in flight
+        self._round_retry_at = 0.0  # monotonic; after a failed background refill
+        self._io: set[asyncio.Future[int]] = set()  # file transactions in flight
         self._stored: int | None = None  # tokens in the file after our last transaction
-        self._take_lock = asyncio.Lock()
-        self._waiting = 0  # takers inside _pop (holding or queued for the take lock)
         self._keys: _KeyView | None = None
-        self._lock = asyncio.Lock()  # one refill (and directory refresh) at a time
+        self._lock = asyncio.Lock()  # one issuer refill at a time
+        self._dir_lock = asyncio.Lock()  # one directory fetch at a time (never held by refills)
+        self._dir_task: asyncio.Task[None] | None = None
+        self._dir_retry_at = 0.0  # monotonic; after a failed background refresh
         self._bg: asyncio.Task[None] | None = None
         self._bg_sending = False  # past its jitter delay: may have quota in flight
+        self._round_sending = False  # a reserve refill is asking the issuer
         self._batch_ok = True  # False after the issuer answered 415 to a batch
         self._quota_until = 0.0
         self._closed = False
-        #: The last error a background refill hit (it cannot raise to anyone).
-        self.last_refill_error: OpenPCCError | None = None
+        self._issuer_error: OpenPCCError | None = None
+        self._reserve_error: OpenPCCError | None = None
+
+    @property
+    def last_refill_error(self) -> OpenPCCError | None:
+        """The last error background work hit (it cannot raise to anyone): a reserve
+        refill from the file (e.g. ``WalletStoreError`` on a full disk) or an issuer
+        refill; ``None`` again once that kind of work succeeds."""
+        return self._reserve_error or self._issuer_error
 
     def __repr__(self) -> str:  # never shows the API key
         return f"TokenWallet({self.issuer_url!r}, store={str(self._store.path)!r})"
@@ -366,22 +422,32 @@ class TokenWallet:
     async def take(self) -> Token:
         """An unspent token, already removed from the store; refills first if empty.
 
-        Raises QuotaExceededError, IssuerAuthError, KeyConsistencyError or IssuerError
-        when no token can be had.
+        With tokens in the reserve this does no I/O and takes no lock (the directory
+        is refreshed ahead of its expiry in the background); it waits only when the
+        reserve is empty. Raises QuotaExceededError, IssuerAuthError,
+        KeyConsistencyError, IssuerError or WalletStoreError when no token can be had.
         """
         self._check_open()
-        await self._current_keys()
+        await self._fresh_keys()
         for _ in range(8):
-            tok = await self._pop()
-            if tok is None:
-                async with self._lock:
-                    if self._store.count() == 0:
-                        await self._refill_locked(self.batch_size)
-                        self._stored = None
-                tok = await self._pop()
-            if tok is not None:
-                self._maybe_background_refill()
-                return tok
+            entry = self._pop_held()
+            if entry is not None:
+                self._after_take()
+                return entry.token
+            self._starved = True
+            self._waiters += 1
+            try:
+                refill = self._start_round()
+                # wait() neither cancels the refill when this taker gives up (others
+                # wait for it too) nor raises a CancelledError when aclose() stops it.
+                await asyncio.wait([refill])
+            finally:
+                self._waiters -= 1
+            self._check_open()
+            if refill.cancelled():
+                raise WalletError("the token reserve refill was stopped; try again")
+            if (exc := refill.exception()) is not None:
+                raise exc
         raise IssuerError("tokens ran out while being refilled; too many concurrent takers?")
 
     async def refill(self, n: int | None = None) -> int:
@@ -391,30 +457,35 @@ class TokenWallet:
             return await self._refill_locked(n or self.batch_size)
 
     async def settle(self) -> None:
-        """Wait for an in-flight background refill (for shutdown and tests)."""
-        task = self._bg
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+        """Wait for in-flight background work (refills, directory refresh): for shutdown
+        and tests. Its errors are in ``last_refill_error``, not raised."""
+        for _ in range(8):
+            tasks = [t for t in (self._round, self._bg, self._dir_task) if t and not t.done()]
+            if not tasks:
+                return
+            for task in tasks:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(task)
 
     async def aclose(self) -> None:
-        """Stop the background refill and close the HTTP session we opened."""
+        """Stop background work and close the HTTP session we opened; file the reserve
+        back so the next wallet on this file can spend it."""
         self._closed = True
-        held, self._held = self._held, []
+        # An issuer refill already sent has used quota: give it a moment to land.
+        await _stop(self._round, grace=5.0 if self._round_sending else 0.0)
+        await _stop(self._bg, grace=5.0 if self._bg_sending else 0.0)
+        await _stop(self._dir_task, grace=0.0)
+        self._round = self._bg = self._dir_task = None
+        # A file transaction cannot be stopped: let it land, its tokens go back below.
+        if self._io:
+            await asyncio.wait(list(self._io))
+        held = [e.token for e in self._held]
+        self._held.clear()
         if held:  # never handed out: back to the file for the next wallet
             try:
-                self._store.extend([e.token for e in held])
+                self._stored = await asyncio.to_thread(self._store.extend, held)
             except WalletStoreError as exc:
                 log.warning("could not file %d held tokens back: %s", len(held), exc)
-        task, self._bg = self._bg, None
-        if task is not None and not task.done():
-            if self._bg_sending:
-                # A refill already at the issuer has used quota: give it a moment to land.
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self._session is not None and self._own_session:
             await self._session.close()
             self._session = None
@@ -441,42 +512,129 @@ class TokenWallet:
             and e.token.challenge_digest == self._digest
         )
 
-    async def _pop(self) -> Token | None:
-        self._waiting += 1
-        try:
-            async with self._take_lock:
-                return await self._pop_locked()
-        finally:
-            self._waiting -= 1
-
-    async def _pop_locked(self) -> Token | None:
+    def _pop_held(self) -> _Entry | None:
+        """The oldest usable reserve token: memory only, no await, so two takers on one
+        event loop can never get the same one."""
         while self._held:
-            entry = self._held.pop(0)
+            entry = self._held.popleft()
             if self._usable(entry):  # the key may have left the directory meanwhile
-                return entry.token
-        # Enough for everyone already queued behind us, so a burst of requests pays
-        # for one file transaction, not one each.
-        n = min(self.reserve, max(self._next_batch, self._waiting))
-        # The file transaction fsyncs: keep it off the event loop.
-        taken, dropped, left = await asyncio.to_thread(self._store.pop, self._usable, n)
+                return entry
+        return None
+
+    def _after_take(self) -> None:
+        if (
+            not self._closed
+            and self._target >= 2
+            and 4 * len(self._held) < 3 * self._target  # below 3/4: runway for a slow disk
+            and (self._round is None or self._round.done())
+            and time.monotonic() >= self._round_retry_at
+        ):
+            # Submitted now, not when a task gets its turn: on a busy loop that turn
+            # can come tens of milliseconds later, and the reserve would run dry.
+            leased = self._submit_lease(self._target - len(self._held))
+            task = asyncio.get_running_loop().create_task(self._refill_reserve(leased))
+            task.add_done_callback(_retrieve)
+            self._round = task
+        self._maybe_background_refill()
+
+    def _start_round(self) -> asyncio.Task[None]:
+        """The reserve refill in flight, or a new one for the takers waiting; it is
+        sized when it first runs, so that a burst of takers shares one transaction."""
+        task = self._round
+        if task is None or task.done():
+            task = self._round = asyncio.get_running_loop().create_task(self._refill_reserve())
+            task.add_done_callback(_retrieve)
+        return task
+
+    def _grow(self, waiting: int) -> None:
+        """The reserve ran dry: it was too small for this load. Double it, and with
+        ``waiting`` takers at once (that many requests in flight) make it cover each
+        one's next take twice over while a refill runs; a lone first take gets 1."""
+        self._starved = False
+        burst = 2 * waiting if waiting > 1 else 1
+        self._target = min(self.reserve, max(2 * self._target, burst))
+
+    async def _refill_reserve(self, leased: asyncio.Future[int] | None = None) -> None:
+        """One reserve refill. In the background (``leased``: already sized and
+        submitted) it tops the reserve up to its target; for waiting takers it leases
+        enough for them plus the target. Takers still waiting after that (they came
+        late, or takers that did not wait took the tokens first) get a second lease;
+        if the file is empty, a batch from the issuer comes first (that wait cannot
+        be avoided)."""
+        waiting = self._waiters
+        target = self._target
+        try:
+            if leased is not None:
+                await asyncio.shield(leased)
+                if self._starved:  # takers waited for this one
+                    self._grow(self._waiters)
+                    target = self._target
+            else:
+                if self._starved:
+                    self._grow(waiting)
+                    if target or waiting > 1:  # not a lone first take (that leases just one)
+                        target = self._target
+                n = waiting + target - len(self._held)
+                if n > 0:
+                    await self._lease(n)
+            if self._waiters > len(self._held):  # came late, or others took theirs
+                got = await self._lease(max(1, self._waiters + target - len(self._held)))
+                if not got and not self._held:  # the file is empty: the issuer it is
+                    self._round_sending = True
+                    try:
+                        async with self._lock:
+                            if await asyncio.to_thread(self._store.count) == 0:
+                                await self._refill_locked(self.batch_size)
+                    finally:
+                        self._round_sending = False
+                    await self._lease(max(1, self._waiters + target - len(self._held)))
+        except OpenPCCError as exc:
+            self._reserve_error = exc
+            self._round_retry_at = time.monotonic() + _RESERVE_RETRY_S
+            if not waiting and not self._waiters:  # nobody to raise to
+                log.warning("background token reserve refill failed: %s", exc)
+            raise
+        self._reserve_error = None
+
+    async def _lease(self, n: int) -> int:
+        """How many tokens a lease of ``n`` moved (0: the file is empty). Shielded:
+        cancelling the caller cannot stop the worker thread anyway."""
+        return await asyncio.shield(self._submit_lease(n))
+
+    def _submit_lease(self, n: int) -> asyncio.Future[int]:
+        """Start moving up to ``n`` tokens from the file into the reserve, in a worker
+        thread; aclose() waits for it before filing the reserve back."""
+        fut = asyncio.get_running_loop().run_in_executor(None, self._lease_in_thread, n)
+        self._io.add(fut)
+        fut.add_done_callback(self._io_done)
+        return fut
+
+    def _lease_in_thread(self, n: int) -> int:
+        """The file transaction returns only once the file without the tokens is fsynced
+        and renamed in place (folder fsynced too); only then do they join the reserve.
+        Appending here, not in a callback on the loop, keeps a busy loop from delaying
+        them (deque appends are thread-safe; only the loop pops)."""
+        taken, dropped, left = self._store.pop(self._usable, n)
         self._stored = left
-        if taken:
-            self._next_batch = min(self.reserve, 2 * n)
+        self._held.extend(taken)
         if dropped:
             log.info(
                 "dropped %d stored tokens: key no longer published or other challenge",
                 dropped,
             )
-        if not taken:
-            return None
-        self._held = taken[1:]
-        return taken[0].token
+        return len(taken)
+
+    def _io_done(self, fut: asyncio.Future[int]) -> None:
+        self._io.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # seen: the awaiting refill (if any) raised it already
 
     def _maybe_background_refill(self) -> None:
         if self._closed or (self._bg is not None and not self._bg.done()):
             return
-        stored = self._store.count() if self._stored is None else self._stored
-        if self._clock() < self._quota_until or stored + len(self._held) >= self.low_water:
+        if self._stored is None:  # unknown until our first file transaction
+            return
+        if self._clock() < self._quota_until or self._stored + len(self._held) >= self.low_water:
             return
         self._bg = asyncio.get_running_loop().create_task(self._background_refill())
 
@@ -488,12 +646,12 @@ class TokenWallet:
         self._bg_sending = True
         try:
             async with self._lock:
-                if self._store.count() < self.low_water:
+                if await asyncio.to_thread(self._store.count) < self.low_water:
                     await self._refill_locked(self.batch_size)
-            self.last_refill_error = None
+            self._issuer_error = None
         except OpenPCCError as exc:
             # Nobody awaits this task: keep the error for the next take() to meet again.
-            self.last_refill_error = exc
+            self._issuer_error = exc
             log.warning("background token refill failed: %s", exc)
         finally:
             self._bg_sending = False
@@ -509,6 +667,42 @@ class TokenWallet:
         self._check_open()
         await self._current_keys(force=True)
 
+    async def _fresh_keys(self) -> None:
+        """Wait for the directory only when there is none or it has expired; past
+        ``_REFRESH_AHEAD`` of its lifetime, refresh it in the background instead."""
+        view = self._keys
+        if view is not None:
+            age = time.monotonic() - view.fetched_at
+            if age < self.directory_ttl:
+                if age >= self.directory_ttl * _REFRESH_AHEAD:
+                    self._refresh_ahead()
+                return
+        await self._current_keys()
+
+    def _refresh_ahead(self) -> None:
+        if (
+            self._closed
+            or (self._dir_task is not None and not self._dir_task.done())
+            or time.monotonic() < self._dir_retry_at
+        ):
+            return
+        self._dir_task = asyncio.get_running_loop().create_task(self._refresh_in_background())
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            async with self._dir_lock:
+                view = self._keys
+                if view is not None and (
+                    time.monotonic() - view.fetched_at < self.directory_ttl * _REFRESH_AHEAD
+                ):
+                    return  # refreshed meanwhile
+                # force: on failure keep the current (still valid) copy as it is; a
+                # KeyConsistencyError is raised again by the take that finds it expired.
+                await self._current_keys_locked(force=True)
+        except (OpenPCCError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._dir_retry_at = time.monotonic() + min(30.0, self.directory_ttl / 4)
+            log.warning("background issuer directory refresh failed: %s", exc)
+
     async def _current_keys(self, *, force: bool = False) -> _KeyView:
         view = self._keys
         if (
@@ -517,7 +711,7 @@ class TokenWallet:
             and time.monotonic() - view.fetched_at < self.directory_ttl
         ):
             return view
-        async with self._lock:
+        async with self._dir_lock:
             return await self._current_keys_locked(force=force)
 
     async def _current_keys_locked(self, *, force: bool = False) -> _KeyView:
@@ -545,7 +739,7 @@ class TokenWallet:
                 self._scrub(f"cannot fetch the issuer directory: {exc}; check the network")
             ) from None
         self._keys = view = self._accept_directory(raw)
-        dropped = self._store.retain(self._usable)
+        dropped, self._stored = await asyncio.to_thread(self._store.retain, self._usable)
         if dropped:
             log.info("dropped %d stored tokens whose key the issuer no longer publishes", dropped)
         return view
@@ -610,14 +804,14 @@ class TokenWallet:
         if now < self._quota_until:
             wait = self._quota_until - now
             raise QuotaExceededError(wait, self._quota_message(wait))
-        view = await self._current_keys_locked()
+        view = await self._current_keys()
         try:
             return await self._issue(view, n)
         except IssuerError as exc:
             if exc.status != 400:
                 raise
             # A 400 usually means the issuer rotated keys since our directory: refetch once.
-            fresh = await self._current_keys_locked(force=True)
+            fresh = await self._current_keys(force=True)
             if fresh.entry.token_key == view.entry.token_key:
                 raise
         return await self._issue(fresh, n)
@@ -650,8 +844,8 @@ class TokenWallet:
             ) from None
         if not tokens:
             raise IssuerError("the issuer answered the batch but signed none of it; try later")
-        self._store.extend(tokens)
-        self._stored = None  # recount on the next check
+        # In a thread (fsyncs); cancelling this task cannot stop it, so signed tokens land.
+        self._stored = await asyncio.to_thread(self._store.extend, tokens)
         return len(tokens)
 
     async def _post_all(
@@ -776,6 +970,25 @@ class TokenWallet:
             return ""
         parts = [str(obj[k]) for k in ("title", "detail") if isinstance(obj.get(k), str)]
         return self._scrub(": ".join(parts))
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a reserve refill's error as seen: takers that waited got it already, and
+    ``last_refill_error`` keeps it for everyone else."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _stop(task: asyncio.Task[None] | None, *, grace: float) -> None:
+    """Cancel ``task`` after up to ``grace`` seconds; its errors are not ours to raise."""
+    if task is None or task.done():
+        return
+    if grace > 0:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=grace)
+    task.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await task
 
 
 def _retry_after(value: str | None, now: float) -> float:
