@@ -6,6 +6,7 @@ absolute numbers on shared 2-core machines drift by tens of percent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -177,3 +179,35 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(body)
     return path
+
+
+class ExternalEngine:
+    """A vLLM that is already running (the benches' ``*_ENGINE_URL`` variables), e.g.
+    started by ``python -m bench.bench_multiturn serve-engine`` in an earlier device
+    call, so its start-up does not eat into the command that measures."""
+
+    pgid = None
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.served_model_name = ""
+
+    async def start(self) -> None:
+        from openpcc.engine_models import discover_model
+
+        timeout = float(os.environ.get("OPENPCC_BENCH_STARTUP_TIMEOUT") or "600")
+        self.served_model_name = await asyncio.to_thread(discover_model, self.url, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:  # listed models come before a ready engine on some versions
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no healthy engine at {self.url}")
+            await asyncio.sleep(1)
+
+    async def stop(self) -> None:
+        pass

