@@ -2,16 +2,22 @@
 
 - Throughput: a load generator (own process, raw sockets, keep-alive) POSTs 256-byte
   OHTTP requests through each relay to a fast upstream (an nginx that answers 64 bytes
-  at once), for a fixed time; requests/s and the ratio python/nginx (goal >= 0.5).
+  at once), for a fixed time; requests/s and the ratio python/nginx (goal >= 0.5). The
+  relays take turns for ROUNDS rounds and each ratio is the median of the rounds' own
+  ratios (the VM is shared: same-round ratios, not absolute numbers, are what compare).
+  Each relay's CPU time per request comes from /proc (nginx: its worker).
+- Relays: the default (`python`: the lean server, relay/server.py, on uvloop where it is
+  installed), the same on asyncio's loop (`--no-uvloop`), the previous aiohttp server
+  (`--http-server aiohttp`) on both loops, and nginx (`infra/relay/nginx.conf`).
 - Per-chunk latency: the fake gateway streams 16-byte records, each stamped with
   CLOCK_MONOTONIC when sent; the client stamps arrival. Direct-to-gateway is the floor.
-- Ceiling: a bare aiohttp server answering 64 bytes itself (no upstream hop), same load:
-  what the framework allows at all; the relay does two HTTP exchanges per request.
+- Floors: bare servers answering 64 bytes themselves (no upstream hop), same load: aiohttp,
+  and a minimal asyncio protocol (what any Python asyncio server allows at all); the
+  relay does two HTTP exchanges per request.
 - Memory: the Python relay's RSS after the load (and its high-water mark).
 
-Where uvloop is installed (extra `openpcc[uvloop]`), the Python relay runs a second time
-with `--uvloop`. Both relays run one worker (one core), so the ratio compares like with like.
-Loopback only, bounded loops.
+All relays run one worker (one core), so the ratio compares like with like. Loopback
+only, bounded loops.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import http.client
 import importlib.util
 import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -33,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._harness import percentile  # noqa: E402
+from bench._harness import cpu_seconds, percentile  # noqa: E402
 from tests.harness import spawn  # noqa: E402
 from tests.relay_support.procs import (  # noqa: E402
     Proc,
@@ -47,7 +54,8 @@ from tests.relay_support.procs import (  # noqa: E402
 )
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
-DURATION = 3.0
+DURATION = 2.0
+ROUNDS = int(os.environ.get("OPENPCC_BENCH_RELAY_ROUNDS", "3"))
 CONCURRENCY = 32
 BODY = os.urandom(256)
 LATENCY_REQUESTS = 5
@@ -110,10 +118,47 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 """
 
 
-def aiohttp_floor_rps(workdir: Path, loop: str) -> float:
+# The same with no framework: a minimal asyncio protocol that finds the head's end and
+# Content-Length, and answers 64 bytes (no validation, no limits). What a Python asyncio
+# process can do at all per request on this machine, with one HTTP exchange.
+BARE_PROTOCOL = """
+import asyncio, sys
+ANSWER = (b"HTTP/1.1 200 OK\\r\\nContent-Type: message/ohttp-res\\r\\n"
+          b"Content-Length: 64\\r\\n\\r\\n" + b"x" * 64)
+class Bare(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t, self.buf = transport, b""
+    def data_received(self, data):
+        buf = self.buf + data
+        while True:
+            end = buf.find(b"\\r\\n\\r\\n")
+            if end < 0:
+                break
+            at = buf.lower().find(b"content-length:", 0, end)
+            n = int(buf[at + 15 : buf.find(b"\\r\\n", at)]) if at >= 0 else 0
+            if len(buf) < end + 4 + n:
+                break
+            buf = buf[end + 4 + n :]
+            self.t.write(ANSWER)
+        self.buf = buf
+async def main():
+    loop = asyncio.get_running_loop()
+    await loop.create_server(Bare, "127.0.0.1", int(sys.argv[1]), backlog=1024)
+    await asyncio.Event().wait()
+if sys.argv[2] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
+
+
+def floor_rps(workdir: Path, server: str, loop: str) -> float:
+    """Requests/s of a bare server (``aiohttp`` or ``protocol``) answering by itself."""
     port = free_port()
-    cmd = [sys.executable, "-c", BARE_AIOHTTP, str(port), loop]
-    bare = spawn(f"bare-aiohttp-{loop}", cmd, workdir, report=False, ports={"public": port})
+    script = BARE_AIOHTTP if server == "aiohttp" else BARE_PROTOCOL
+    cmd = [sys.executable, "-c", script, str(port), loop]
+    bare = spawn(f"bare-{server}-{loop}", cmd, workdir, report=False, ports={"public": port})
     try:
         wait_http(bare.url + "/healthz", bare)
         load(port, duration=0.5)
@@ -224,6 +269,32 @@ def _pct(values: list[float], q: float) -> float:
     return round(percentile(values, q), 3)
 
 
+def nginx_worker(master: int) -> int:
+    """The one worker of an nginx master (``worker_processes 1``), not its cache helpers."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            title = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == master and b"worker process" in title:
+            return int(stat.parent.name)
+    raise RuntimeError(f"nginx {master} has no worker")
+
+
+# Each Python relay: its flags. "python" is the default (lean server, uvloop where installed).
+PYTHON_RELAYS = {
+    "python": [],
+    "python-asyncio": ["--no-uvloop"],
+    "python-aiohttp": ["--http-server", "aiohttp"],
+    "python-aiohttp-asyncio": ["--http-server", "aiohttp", "--no-uvloop"],
+}
+
+
+def _median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 3)
+
+
 def run() -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
     procs: list[Proc] = []
@@ -231,8 +302,10 @@ def run() -> dict[str, Any]:
         upstream = start_fast_upstream(workdir)
         gateway = start_gateway(workdir)
         procs += [upstream, gateway]
-        results: dict[str, Any] = {}
-        kinds = ["python", *(["python-uvloop"] if HAVE_UVLOOP else []), "nginx"]
+        kinds = [k for k in PYTHON_RELAYS if HAVE_UVLOOP or "asyncio" not in k] + ["nginx"]
+        if not HAVE_UVLOOP:  # then the default runs on asyncio's loop already
+            kinds = ["python", "python-aiohttp", "nginx"]
+        relays: dict[str, tuple[Proc, Proc, int]] = {}
         for kind in kinds:
             settings = RelaySettings(
                 upstream.port,
@@ -247,22 +320,48 @@ def run() -> dict[str, Any]:
                 gateway.port, max_body="8m", max_concurrency=4096, rate=1_000_000, burst=1_000_000
             )
             if kind.startswith("python"):
-                settings.extra_args = ["--rate-limit", "0"]
-                if kind == "python-uvloop":
-                    settings.extra_args.append("--uvloop")
-                    lat_settings.extra_args = ["--uvloop"]
+                settings.extra_args = ["--rate-limit", "0", *PYTHON_RELAYS[kind]]
+                lat_settings.extra_args = list(PYTHON_RELAYS[kind])
                 relay = start_python_relay(settings, workdir, access_log=False)
                 lat_relay = start_python_relay(lat_settings, workdir, access_log=False)
+                pid = relay.proc.pid
             else:
                 relay = start_nginx_relay(settings, workdir)
                 lat_relay = start_nginx_relay(lat_settings, workdir)
+                pid = nginx_worker(relay.proc.pid)
             procs += [relay, lat_relay]
+            relays[kind] = (relay, lat_relay, pid)
             load(relay.port, duration=0.5)  # warm up connections and caches
-            throughput = load(relay.port)
+
+        # Throughput: the relays take turns, ROUNDS times; ratios are same-round ratios.
+        rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+        for _ in range(ROUNDS):
+            for kind in kinds:
+                relay, _, pid = relays[kind]
+                before = cpu_seconds(pid)
+                got = load(relay.port)
+                used = cpu_seconds(pid) - before
+                ok = got["statuses"].get("200", 0)
+                got["cpu_us_per_request"] = round(used / max(ok, 1) * 1e6, 1)
+                got["cpu_utilisation"] = round(used / got["seconds"], 3)
+                rounds[kind].append(got)
+        results: dict[str, Any] = {}
+        for kind in kinds:
+            runs = rounds[kind]
+            ratios = [
+                r["rps"] / max(n["rps"], 1e-9) for r, n in zip(runs, rounds["nginx"], strict=True)
+            ]
+            relay, lat_relay, _ = relays[kind]
             delays = chunk_latencies_ms(lat_relay.port, "/")
-            entry = {
-                "rps": throughput["rps"],
-                "statuses": throughput["statuses"],
+            entry: dict[str, Any] = {
+                "rps": _median([r["rps"] for r in runs]),
+                "rps_ratio_over_nginx": round(_median(ratios), 3),
+                "cpu_us_per_request": _median([r["cpu_us_per_request"] for r in runs]),
+                "rounds": [
+                    {k: r[k] for k in ("rps", "statuses", "cpu_us_per_request", "cpu_utilisation")}
+                    for r in runs
+                ],
+                "round_ratios_over_nginx": [round(x, 3) for x in ratios],
                 "chunk_latency_ms_p50": _pct(delays, 0.5),
                 "chunk_latency_ms_p99": _pct(delays, 0.99),
                 "chunks": len(delays),
@@ -270,46 +369,69 @@ def run() -> dict[str, Any]:
             if kind.startswith("python"):
                 entry["rss_kib"] = rss_kib(relay.proc.pid)
             results[kind] = entry
+        for relay, lat_relay, _ in relays.values():
             relay.stop()
             lat_relay.stop()
-        floors = {"asyncio": aiohttp_floor_rps(workdir, "asyncio")}
-        if HAVE_UVLOOP:
-            floors["uvloop"] = aiohttp_floor_rps(workdir, "uvloop")
+        nginx_rps = results["nginx"]["rps"]
+
+        # Floors: bare servers with no upstream hop, against the median nginx rate above.
+        loops = ["asyncio", *(["uvloop"] if HAVE_UVLOOP else [])]
+        floors = {loop: floor_rps(workdir, "aiohttp", loop) for loop in loops}
+        protocol_floors = {loop: floor_rps(workdir, "protocol", loop) for loop in loops}
         results["bare_aiohttp_rps"] = floors
+        results["bare_protocol_rps"] = protocol_floors
         direct = chunk_latencies_ms(gateway.port, "/gateway")
         results["direct_chunk_latency_ms_p50"] = _pct(direct, 0.5)
-        ratio = results["python"]["rps"] / max(results["nginx"]["rps"], 1e-9)
+        py = results["python"]
         summary = {
-            "python_rps": results["python"]["rps"],
-            "nginx_rps": results["nginx"]["rps"],
-            "rps_ratio_python_over_nginx": round(ratio, 3),
+            "python_rps": py["rps"],
+            "nginx_rps": nginx_rps,
+            "rps_ratio_python_over_nginx": py["rps_ratio_over_nginx"],
             "goal_ratio": 0.5,
-            "python_chunk_latency_ms_p50": results["python"]["chunk_latency_ms_p50"],
+            "python_server": "lean",
+            "python_event_loop": "uvloop" if HAVE_UVLOOP else "asyncio",
+            "python_cpu_us_per_request": py["cpu_us_per_request"],
+            "nginx_cpu_us_per_request": results["nginx"]["cpu_us_per_request"],
+            "python_chunk_latency_ms_p50": py["chunk_latency_ms_p50"],
             "nginx_chunk_latency_ms_p50": results["nginx"]["chunk_latency_ms_p50"],
             "direct_chunk_latency_ms_p50": results["direct_chunk_latency_ms_p50"],
-            "python_chunk_latency_ms_p99": results["python"]["chunk_latency_ms_p99"],
+            "python_chunk_latency_ms_p99": py["chunk_latency_ms_p99"],
             "nginx_chunk_latency_ms_p99": results["nginx"]["chunk_latency_ms_p99"],
-            "bare_aiohttp_no_upstream_over_nginx": round(
-                floors["asyncio"] / max(results["nginx"]["rps"], 1e-9), 3
+            "bare_aiohttp_no_upstream_over_nginx": round(floors["asyncio"] / nginx_rps, 3),
+            "bare_protocol_no_upstream_over_nginx": round(
+                protocol_floors["asyncio"] / nginx_rps, 3
             ),
-            "python_rss_mib_after_load": round(results["python"]["rss_kib"]["VmRSS"] / 1024, 1),
-            "python_rss_mib_peak": round(results["python"]["rss_kib"]["VmHWM"] / 1024, 1),
+            "python_rss_mib_after_load": round(py["rss_kib"]["VmRSS"] / 1024, 1),
+            "python_rss_mib_peak": round(py["rss_kib"]["VmHWM"] / 1024, 1),
+            # The previous server (aiohttp), same run: the before/after of relay/server.py.
+            "python_aiohttp_rps": results["python-aiohttp"]["rps"],
+            "rps_ratio_python_aiohttp_over_nginx": results["python-aiohttp"][
+                "rps_ratio_over_nginx"
+            ],
+            "python_aiohttp_cpu_us_per_request": results["python-aiohttp"]["cpu_us_per_request"],
         }
-        if HAVE_UVLOOP:  # the relay's opt-in --uvloop (extra openpcc[uvloop])
-            fast = results["python-uvloop"]
-            summary["python_uvloop_rps"] = fast["rps"]
-            summary["rps_ratio_python_uvloop_over_nginx"] = round(
-                fast["rps"] / max(results["nginx"]["rps"], 1e-9), 3
-            )
-            summary["python_uvloop_chunk_latency_ms_p50"] = fast["chunk_latency_ms_p50"]
+        if HAVE_UVLOOP:
+            # "python" runs on uvloop now (the default): these keys keep their meaning.
+            summary["python_uvloop_rps"] = py["rps"]
+            summary["rps_ratio_python_uvloop_over_nginx"] = py["rps_ratio_over_nginx"]
+            summary["python_uvloop_chunk_latency_ms_p50"] = py["chunk_latency_ms_p50"]
             summary["bare_aiohttp_uvloop_no_upstream_over_nginx"] = round(
-                floors["uvloop"] / max(results["nginx"]["rps"], 1e-9), 3
+                floors["uvloop"] / nginx_rps, 3
             )
+            summary["bare_protocol_uvloop_no_upstream_over_nginx"] = round(
+                protocol_floors["uvloop"] / nginx_rps, 3
+            )
+            for kind in ("python-asyncio", "python-aiohttp-asyncio"):
+                key = kind.replace("-", "_")
+                summary[f"{key}_rps"] = results[kind]["rps"]
+                summary[f"rps_ratio_{key}_over_nginx"] = results[kind]["rps_ratio_over_nginx"]
+                summary[f"{key}_cpu_us_per_request"] = results[kind]["cpu_us_per_request"]
         return {
             "summary": summary,
             "details": results,
             "config": {
                 "duration_s": DURATION,
+                "rounds": ROUNDS,
                 "concurrency": CONCURRENCY,
                 "request_bytes": len(BODY),
                 "response_bytes": 64,

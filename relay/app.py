@@ -1,94 +1,52 @@
-"""The OHTTP relay: forward ciphertext to configured gateways, and nothing else.
+"""The relay as an aiohttp application: the ``--http-server aiohttp`` fallback.
 
-Privacy rules this file enforces (see docs/relay.md):
-- Requests reach only the configured gateway URLs; paths are static routes, never
-  derived from the request, so this is not an open proxy.
-- Headers are allow-listed in both directions; the upstream client (relay/upstream.py)
-  adds none of its own (no User-Agent, Accept, Accept-Encoding, cookies, redirects,
-  proxies).
-- Bodies stream in both directions with back-pressure; a client that goes away
-  cancels the upstream request (the server runs with handler cancellation on).
-- No client address is logged, counted per client, or exported; the rate limiter
-  keeps keyed hashes in memory only (relay/ratelimit.py).
+The default server is relay/server.py, a lean asyncio protocol (about half the CPU per
+request); this one is kept, on the same core (relay/core.py: allow-lists, limits, key
+cache, metrics), for operators who want the framework's HTTP parsing. Both pass the same
+contract suite (tests/test_relay.py; tests/test_relay_server.py runs it on this one).
+
+Bodies stream in both directions with back-pressure; a client that goes away cancels
+the upstream request (the server runs with handler cancellation on).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 
-from openpcc.service.stagetrace import StageTrace
 from relay.config import Gateway, RelayConfig
-from relay.ratelimit import RateLimiter
-from relay.upstream import Client, Endpoint, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-
-log = logging.getLogger("openpcc.relay")
-
-# The Content-Type line sent upstream, by the client's (lower-cased, parameters dropped)
-# media type: only these two are relayed, so no client byte rides in a header.
-OHTTP_REQUEST_TYPES = {
-    "message/ohttp-req": b"Content-Type: message/ohttp-req\r\n",
-    "message/ohttp-chunked-req": b"Content-Type: message/ohttp-chunked-req\r\n",
-}
-INCREMENTAL = b"Incremental: ?1\r\n"
-# Response headers passed back to the client; everything else the gateway sends is dropped.
-RESPONSE_HEADERS = {b"content-type": "Content-Type", b"incremental": "Incremental"}
-KEYS_RESPONSE_HEADERS = {b"content-type": "Content-Type", b"cache-control": "Cache-Control"}
-OUTCOMES = (
-    "ok",
-    "too_large",
-    "unsupported_type",
-    "rate_limited",
-    "overloaded",
-    "upstream_unreachable",
-    "upstream_timeout",
-    "upstream_aborted",
-    "client_aborted",
-    "client_timeout",
+from relay.core import (
+    INCREMENTAL,
+    NO_UPLOAD,
+    OHTTP_REQUEST_TYPES,
+    PREFLIGHT_HEADERS,
+    RESPONSE_HEADERS,
+    SERVER,
+    CachedKeys,
+    Metrics,
+    RelayCore,
+    Upload,
+    UploadError,
+    classify,
+    failure_status,
+    log,
+    problem_body,
 )
-ROUTES = ("ohttp", "keys")
-TITLES = {
-    400: "Bad request",
-    404: "Not found",
-    405: "Method not allowed",
-    408: "Request timeout",
-    413: "Request body too large",
-    415: "Unsupported media type",
-    429: "Too many requests",
-    500: "Internal error",
-    502: "Bad gateway",
-    503: "Relay overloaded",
-    504: "Gateway timeout",
-}
 
-# Every response the relay makes names it so (not aiohttp's version string). Set here
-# rather than by an on_response_prepare hook, which would run for every request.
-SERVER = "openpcc-relay"
+__all__ = ["Metrics", "Relay", "build_app", "problem"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# CORS, only with --allow-origin: what a browser's preflight of the POST must hear. Never
-# Allow-Credentials: clients send no cookie, and the relay wants none.
-PREFLIGHT_HEADERS = {
-    "Server": SERVER,
-    "Access-Control-Allow-Methods": "POST",
-    "Access-Control-Allow-Headers": "content-type, incremental",
-    "Access-Control-Max-Age": "86400",
-}
+PREFLIGHT = {"Server": SERVER, **PREFLIGHT_HEADERS}
 
 
 def problem(status: int, headers: dict[str, str] | None = None) -> web.Response:
     """An RFC 9457 problem with a generic title: upstream details never reach the client."""
-    body = {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status}
     return web.Response(
         status=status,
-        text=json.dumps(body) + "\n",
+        body=problem_body(status),
         content_type="application/problem+json",
         headers={"Server": SERVER, **headers} if headers else {"Server": SERVER},
     )
@@ -99,123 +57,27 @@ def _unexpected(exc: Exception) -> web.Response:
     return problem(500)
 
 
-class Metrics:
-    """Aggregate counters only: nothing per client, per address or per request."""
-
-    def __init__(self) -> None:
-        self.requests = {(r, o): 0 for r in ROUTES for o in OUTCOMES}
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.in_flight = 0
-        self.keys_cache = {"hit": 0, "miss": 0}
-
-    def count(self, route: str, outcome: str) -> None:
-        self.requests[(route, outcome)] += 1
-
-    def render(self) -> str:
-        lines = [
-            "# HELP openpcc_relay_requests_total Proxied requests by route and outcome.",
-            "# TYPE openpcc_relay_requests_total counter",
-        ]
-        for (route, outcome), n in self.requests.items():
-            lines.append(f'openpcc_relay_requests_total{{route="{route}",outcome="{outcome}"}} {n}')
-        lines += [
-            "# HELP openpcc_relay_request_bytes_total Request body bytes sent to gateways.",
-            "# TYPE openpcc_relay_request_bytes_total counter",
-            f"openpcc_relay_request_bytes_total {self.bytes_in}",
-            "# HELP openpcc_relay_response_bytes_total Response body bytes sent to clients.",
-            "# TYPE openpcc_relay_response_bytes_total counter",
-            f"openpcc_relay_response_bytes_total {self.bytes_out}",
-            "# HELP openpcc_relay_in_flight Requests currently being relayed.",
-            "# TYPE openpcc_relay_in_flight gauge",
-            f"openpcc_relay_in_flight {self.in_flight}",
-            "# HELP openpcc_relay_keys_cache_total Key configuration lookups by cache result.",
-            "# TYPE openpcc_relay_keys_cache_total counter",
-        ]
-        for result, n in self.keys_cache.items():
-            lines.append(f'openpcc_relay_keys_cache_total{{result="{result}"}} {n}')
-        return "\n".join(lines) + "\n"
-
-
-@dataclass
-class _Upload:
-    """What went wrong on the client side of an upload, if anything (set by the body pump)."""
-
-    too_large: bool = False
-    timed_out: bool = False
-
-
-_NO_UPLOAD = _Upload()  # what requests whose body is already here pass (never set)
-
-
-class _UploadError(Exception):
-    pass
-
-
-@dataclass
-class _CachedKeys:
-    status: int
-    body: bytes
-    headers: dict[str, str]
-    fetched: float
-    expires: float
-
-
-def _max_age(cache_control: str | None) -> float:
-    """Seconds a shared cache may keep the response; 0 when it must not cache it."""
-    if not cache_control:
-        return 0.0
-    age = 0.0
-    for directive in cache_control.lower().split(","):
-        name, _, value = directive.strip().partition("=")
-        if name in ("no-store", "no-cache", "private"):
-            return 0.0
-        if name in ("max-age", "s-maxage"):
-            try:
-                age = float(int(value.strip().strip('"')))
-            except ValueError:
-                return 0.0
-            if name == "s-maxage":
-                return age
-    return age
-
-
 class Relay:
     """Request handlers plus the state they share (the upstream client, limits, cache)."""
 
     def __init__(self, config: RelayConfig) -> None:
+        self.core = RelayCore(config)
         self.config = config
-        self.metrics = Metrics()
-        self.limiter = RateLimiter(config.rate_limit, config.rate_burst, config.rate_limit_clients)
-        self.client: Client | None = None
-        self._endpoints = {
-            url: Endpoint(url) for g in config.gateways for url in (g.url, g.keys_url)
-        }
-        self._keys: dict[str, _CachedKeys] = {}
-        self._keys_locks = {g.keys_url: asyncio.Lock() for g in config.gateways}
+        self.metrics = self.core.metrics
+        self.trace = self.core.trace
         self.saw_body: Callable[[web.Request, bytes], None] | None = None  # audit (tests)
-        self.trace = StageTrace("relay")
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:
-        # Keep-alive connections to the gateways; it adds no header of its own, keeps no
-        # cookies, follows no redirects, reads no proxy settings (relay/upstream.py).
-        self.client = Client(self.config.connect_timeout, self.config.read_timeout)
+        await self.core.start()
 
     async def stop(self, _app: web.Application) -> None:
-        if self.client is not None:
-            await self.client.close()
+        await self.core.stop()
 
     # -- admission -------------------------------------------------------------------
     def _admit(self, request: web.Request, route: str) -> web.Response | None:
-        wait = self.limiter.check(request.remote)
-        if wait > 0:
-            self.metrics.count(route, "rate_limited")
-            return problem(429, {"Retry-After": RateLimiter.retry_after(wait)})
-        if self.metrics.in_flight >= self.config.max_concurrency:
-            self.metrics.count(route, "overloaded")
-            return problem(503, {"Retry-After": "1"})
-        return None
+        refused = self.core.admit(request.remote, route)
+        return None if refused is None else problem(*refused)
 
     # -- POST: the OHTTP request ------------------------------------------------------
     def ohttp_handler(self, gateway: Gateway) -> Handler:
@@ -246,7 +108,7 @@ class Relay:
         headers = ctype
         if request.headers.get("Incremental", "").strip() == "?1":
             headers += INCREMENTAL
-        upload = _NO_UPLOAD
+        upload = NO_UPLOAD
         if length is None and not request.body_exists:
             length = 0
         data: bytes | AsyncIterator[bytes] = b""
@@ -258,7 +120,7 @@ class Relay:
             if self.saw_body is not None:
                 self.saw_body(request, data)
         elif length != 0:
-            upload = _Upload()
+            upload = Upload()
             data = self._pump(request, upload)
 
         self.metrics.in_flight += 1
@@ -267,7 +129,7 @@ class Relay:
         finally:
             self.metrics.in_flight -= 1
 
-    async def _pump(self, request: web.Request, upload: _Upload) -> AsyncIterator[bytes]:
+    async def _pump(self, request: web.Request, upload: Upload) -> AsyncIterator[bytes]:
         """Client body -> gateway, one chunk at a time: the upstream write paces our reads."""
         total = 0
         while True:
@@ -276,13 +138,13 @@ class Relay:
                     chunk = await request.content.readany()
             except TimeoutError:
                 upload.timed_out = True
-                raise _UploadError("client body timeout") from None
+                raise UploadError("client body timeout") from None
             if not chunk:
                 return
             total += len(chunk)
             if total > self.config.max_body:
                 upload.too_large = True
-                raise _UploadError("body too large")
+                raise UploadError("body too large")
             self.metrics.bytes_in += len(chunk)
             if self.saw_body is not None:
                 self.saw_body(request, chunk)
@@ -295,18 +157,19 @@ class Relay:
         headers: bytes,
         data: bytes | AsyncIterator[bytes],
         length: int | None,
-        upload: _Upload,
+        upload: Upload,
         t0: float,
     ) -> web.StreamResponse:
-        assert self.client is not None
+        client = self.core.client
+        assert client is not None
         response: web.StreamResponse | None = None
         outcome = "ok"
         trace = self.trace if self.trace.enabled else None
         if trace is not None:
             trace.record("upstream_sent", time.perf_counter() - t0)
         try:
-            ep = self._endpoints[gateway.url]
-            async with self.client.request(
+            ep = self.core.endpoints[gateway.url]
+            async with client.request(
                 ep, b"POST", headers, data, length, RESPONSE_HEADERS
             ) as upstream:
                 back = {**upstream.headers, "Server": SERVER}
@@ -346,30 +209,15 @@ class Relay:
                 _abort(request)
                 return response or web.Response(headers={"Server": SERVER})
             # Whatever failed upstream, the client learns a status, never the cause.
-            outcome = self._classify(exc, upload)
+            outcome = classify(exc, upload)
             return self._upstream_failed(response, upload, exc, request)
         finally:
             self.metrics.count("ohttp", outcome)
 
-    @staticmethod
-    def _classify(exc: BaseException, upload: _Upload) -> str:
-        if upload.too_large:
-            return "too_large"
-        if upload.timed_out:
-            return "client_timeout"
-        if isinstance(exc, UpstreamTimeout | TimeoutError):
-            return "upstream_timeout"
-        if isinstance(exc, UpstreamUnreachable):
-            return "upstream_unreachable"
-        if isinstance(exc, UpstreamError):
-            return "upstream_aborted"
-        log.error("unexpected relay failure: %s", type(exc).__name__)
-        return "upstream_aborted"
-
     def _upstream_failed(
         self,
         response: web.StreamResponse | None,
-        upload: _Upload,
+        upload: Upload,
         exc: BaseException,
         request: web.Request,
     ) -> web.StreamResponse:
@@ -377,15 +225,7 @@ class Relay:
             # Headers are out: the only honest signal left is a broken connection.
             _abort(request)
             return response
-        if upload.too_large:
-            return problem(413)
-        if upload.timed_out:
-            return problem(408)
-        if isinstance(exc, UpstreamTimeout | TimeoutError):
-            log.warning("gateway timed out")
-            return problem(504)
-        log.warning("gateway unreachable or failed: %s", type(exc).__name__)
-        return problem(502)
+        return problem(failure_status(exc, upload))
 
     # -- GET: the gateway's key configuration (RFC 9540), cached --------------------
     def keys_handler(self, gateway: Gateway) -> Handler:
@@ -397,57 +237,21 @@ class Relay:
 
         return handle
 
-    def _serve_cached(self, entry: _CachedKeys) -> web.Response:
-        headers = {**entry.headers, "Server": SERVER}
-        if entry.expires > entry.fetched:
-            headers["Age"] = str(int(time.monotonic() - entry.fetched))
-        return web.Response(status=entry.status, body=entry.body, headers=headers)
+    @staticmethod
+    def _serve_cached(entry: CachedKeys) -> web.Response:
+        return web.Response(status=entry.status, body=entry.body, headers=entry.response_headers())
 
     async def relay_keys(self, request: web.Request, gateway: Gateway) -> web.StreamResponse:
         rejected = self._admit(request, "keys")
         if rejected is not None:
             return rejected
-        url = gateway.keys_url
-        async with self._keys_locks[url]:  # concurrent misses share one upstream fetch
-            entry = self._keys.get(url)
-            if entry is not None and entry.expires > time.monotonic():
-                self.metrics.keys_cache["hit"] += 1
-                self.metrics.count("keys", "ok")
-                return self._serve_cached(entry)
-            self.metrics.keys_cache["miss"] += 1
-            self.metrics.in_flight += 1
-            try:
-                entry = await self._fetch_keys(url)
-            except Exception as exc:
-                outcome = self._classify(exc, _Upload())
-                self.metrics.count("keys", outcome)
-                log.warning("key configuration fetch failed: %s", type(exc).__name__)
-                return problem(504 if outcome == "upstream_timeout" else 502)
-            finally:
-                self.metrics.in_flight -= 1
-            if entry.expires > entry.fetched:
-                self._keys[url] = entry
-            else:
-                self._keys.pop(url, None)
-            self.metrics.count("keys", "ok")
-            self.metrics.bytes_out += len(entry.body)
-            return self._serve_cached(entry)
-
-    async def _fetch_keys(self, url: str) -> _CachedKeys:
-        assert self.client is not None
-        ep = self._endpoints[url]
-        async with self.client.request(ep, b"GET", b"", keep=KEYS_RESPONSE_HEADERS) as upstream:
-            body = b""
-            while chunk := await upstream.read():
-                body += chunk
-                if len(body) > self.config.keys_max_bytes:
-                    raise UpstreamError("key configuration too large")
-            headers = dict(upstream.headers)
-            now = time.monotonic()
-            ttl = 0.0
-            if upstream.status == 200:
-                ttl = min(_max_age(headers.get("Cache-Control")), self.config.keys_max_age)
-            return _CachedKeys(upstream.status, body, headers, now, now + ttl)
+        entry = self.core.cached_keys(gateway)
+        if entry is None:
+            got = await self.core.keys(gateway)
+            if isinstance(got, int):
+                return problem(got)
+            entry = got
+        return self._serve_cached(entry)
 
     # -- operations ------------------------------------------------------------------
     async def healthz(self, _request: web.Request) -> web.Response:
@@ -491,7 +295,7 @@ async def _not_found(_request: web.Request) -> web.Response:
 
 async def _preflight(_request: web.Request) -> web.Response:
     """Answered here, never forwarded: the gateway sees no preflight and no Origin."""
-    return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+    return web.Response(status=204, headers=PREFLIGHT)
 
 
 def _cors(

@@ -1,7 +1,8 @@
 """``openpcc relay serve``: run the OHTTP relay.
 
 Every flag has an ``OPENPCC_RELAY_<FLAG>`` environment variable (flags win).
-aiohttp is imported only when the server actually starts.
+aiohttp is imported only by the ``--http-server aiohttp`` fallback; the default lean
+server (relay/server.py) needs the standard library and, where installed, uvloop.
 """
 
 from __future__ import annotations
@@ -91,32 +92,47 @@ def _access_logger_class() -> type:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from openpcc.service.serve import Listener, serve, serve_settings
+    """Serve until SIGTERM: the lean server (relay/server.py) unless ``--http-server
+    aiohttp``; on uvloop unless ``--no-uvloop`` or where it is not installed."""
+    try:
+        config = config_from_args(args)
+        from openpcc.service.limits import serve_settings_from_args
 
-    config, settings = serve_settings(lambda: config_from_args(args), args, "relay")
-    if config.uvloop:
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            print("openpcc relay: --uvloop needs the uvloop package", file=sys.stderr)
-            return 2
+        settings = serve_settings_from_args(args)
+    except ValueError as exc:
+        print(f"openpcc relay: {exc}", file=sys.stderr)
+        return 2
+    from openpcc.service.logs import setup_logging
 
-    from relay.app import build_app
+    setup_logging()
+    from relay.server import event_loop_is_uvloop
 
+    use_uvloop = event_loop_is_uvloop(config.uvloop)
+    relay_log = logging.getLogger("openpcc.relay")
     routes = ", ".join(f"{g.post_path} -> {g.url}" for g in config.gateways)
 
     def bound(ports: dict[str, int]) -> None:
-        logging.getLogger("openpcc.relay").info(
-            "relay on %s:%d; %s", config.host, ports["public"], routes
-        )
+        relay_log.info("relay on %s:%d; %s", config.host, ports["public"], routes)
 
-    return serve(
+    loop_name = "uvloop" if use_uvloop else "asyncio"
+    relay_log.info("%s server on the %s event loop", config.http_server, loop_name)
+    access_log = logging.getLogger("openpcc.relay.access") if config.access_log else None
+    if config.http_server == "lean":
+        from relay.server import serve
+
+        return serve(config, settings, use_uvloop=use_uvloop, access_log=access_log, on_bound=bound)
+
+    from openpcc.service.serve import Listener
+    from openpcc.service.serve import serve as serve_aiohttp
+    from relay.app import build_app
+
+    return serve_aiohttp(
         [Listener(build_app(config), config.host, config.port)],
         settings=settings,
         on_bound=bound,
         shutdown_timeout=config.shutdown_timeout,
-        use_uvloop=config.uvloop,
-        access_log=logging.getLogger("openpcc.relay.access") if config.access_log else None,
+        use_uvloop=use_uvloop,
+        access_log=access_log,
         access_log_class=_access_logger_class(),
         handler_cancellation=True,  # a client that leaves cancels the upstream request
     )

@@ -105,9 +105,16 @@ class RelayConfig:
                         "many seconds", kind="float"),
     )  # fmt: skip
     uvloop: bool = field(
-        default=False,
-        metadata=option("run on uvloop's event loop (optional extra: pip install "
-                        "'openpcc[uvloop]'): less CPU per request", kind="bool"),
+        default=True,
+        metadata=option("run on uvloop's event loop where it is installed (optional extra: "
+                        "pip install 'openpcc[uvloop]'; less CPU per request); --no-uvloop "
+                        "or OPENPCC_EVENT_LOOP=asyncio: asyncio's", kind="bool"),
+    )  # fmt: skip
+    http_server: str = field(
+        default="lean",
+        metadata=option("the HTTP/1.1 server: lean (relay/server.py, about half the CPU per "
+                        "request) or aiohttp (relay/app.py, the previous one)",
+                        metavar="lean|aiohttp"),
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -124,6 +131,8 @@ class RelayConfig:
         for name in ("connect_timeout", "read_timeout", "client_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.http_server not in ("lean", "aiohttp"):
+            raise ValueError("http-server must be lean or aiohttp")
 
 
 def _check_url(url: str) -> str:

@@ -27,7 +27,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, urlsplit
 
 from openpcc.errors import OpenPCCError
@@ -65,6 +65,11 @@ class UpstreamTimeout(UpstreamError):
 # Where the parser is in the current response.
 _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA = 0, 1, 2, 3, 4
 _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = 5, 6, 7, 8
+
+
+# b"\r\nname:" for each kept field name, and each kept name as written back: built once.
+_FIELD_KEYS: dict[bytes, bytes] = {}
+_NAMES: dict[str, bytes] = {}
 
 
 def _values(head: bytes, low: bytes, key: bytes) -> list[bytes]:
@@ -112,7 +117,12 @@ class Endpoint:
 
 
 class Connection(asyncio.Protocol):
-    """One keep-alive connection and the response currently being read on it."""
+    """One keep-alive connection and the response currently being read on it.
+
+    Two ways to follow a response: ``async with client.request(...)`` (awaits the head,
+    then ``read()``), or ``client.send(..., on_event)``, the relay's fast path for a
+    request whose body is all here: ``on_event(conn)`` is called once, without a task,
+    when the head is in (with the whole body if it came along) or the exchange failed."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
         self._loop = loop
@@ -132,12 +142,14 @@ class Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._paused = False
         self._exc: BaseException | None = None
+        self.on_event: Callable[[Connection], None] | None = None
         self._body: list[bytes] = []
         self._buffered = 0
         self._remaining = 0
         self._keep: dict[bytes, str] = {}
         self.status = 0
         self.headers: dict[str, str] = {}
+        self.head_lines = b""  # the kept headers as wire lines ("Name: value\r\n")
         self.length: int | None = None
         self.head_done = False
 
@@ -155,6 +167,8 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(UpstreamError("the gateway closed the connection"))
+        if self.head_done or self._exc is not None:
+            self._notify()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -178,6 +192,8 @@ class Connection(asyncio.Protocol):
         self._buf = buf
         if buf and self._state == _DONE:
             self._reusable = False  # more than the framing announced
+        if self.head_done and self.on_event is not None:
+            self._notify()  # after the whole segment is parsed: the body may have come along
 
     # -- response parsing ----------------------------------------------------------
     def _parse(self, buf: bytes) -> bytes:
@@ -239,19 +255,31 @@ class Connection(asyncio.Protocol):
         status = int(head[9:12])
         low = head.lower()  # fields are found by name here; kept values come from ``head``
         length = _values(low, low, b"\r\ncontent-length:")
-        coding = _values(low, low, b"\r\ntransfer-encoding:")
-        connection = b",".join(_values(low, low, b"\r\nconnection:"))
-        keep_alive = head.startswith(b"HTTP/1.1") and b"close" not in connection
+        coding = _values(low, low, b"\r\ntransfer-encoding:") if b"\r\ntransfer-e" in low else []
+        keep_alive = head.startswith(b"HTTP/1.1")
+        if keep_alive and b"close" in low and b"\r\nconnection:" in low:
+            keep_alive = b"close" not in b",".join(_values(low, low, b"\r\nconnection:"))
         headers: dict[str, str] = {}
+        lines = b""
         for name, as_name in self._keep.items():
-            key = b"\r\n" + name + b":"
-            if key in low:
-                headers[as_name] = _values(head, low, key)[0].decode("utf-8", "surrogateescape")
+            key = _FIELD_KEYS.get(name)
+            if key is None:
+                key = _FIELD_KEYS[name] = b"\r\n" + name + b":"
+            at = low.find(key)
+            if at >= 0:
+                start = at + len(key)
+                end = low.find(b"\r\n", start)
+                value = head[start : end if end >= 0 else len(head)].strip(b" \t")
+                headers[as_name] = value.decode("utf-8", "surrogateescape")
+                wire = _NAMES.get(as_name)
+                if wire is None:
+                    wire = _NAMES[as_name] = as_name.encode("ascii")
+                lines += b"%s: %s\r\n" % (wire, value)
         if status < 200:
             if status == 101:
                 raise UpstreamError("unexpected protocol switch")
             return  # an interim answer (100 Continue): the final one follows
-        self.status, self.headers = status, headers
+        self.status, self.headers, self.head_lines = status, headers, lines
         if not keep_alive:
             self._reusable = False
         if status in (204, 304):
@@ -287,8 +315,7 @@ class Connection(asyncio.Protocol):
             self._wake()
 
     def _finish(self) -> None:
-        self._state = _DONE
-        self._cancel_timer()
+        self._state = _DONE  # (the read timer, if any, finds the exchange over and stops)
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -299,6 +326,19 @@ class Connection(asyncio.Protocol):
         self._wake()
         if self.transport is not None:
             self.transport.close()
+        self._notify()
+
+    def _notify(self) -> None:
+        """The ``send`` fast path's one call: the head is in, or the exchange failed."""
+        callback = self.on_event
+        if callback is not None:
+            self.on_event = None
+            callback(self)
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the exchange failed, if it did."""
+        return self._exc
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -312,7 +352,7 @@ class Connection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    # -- read timeout: one timer per exchange, re-armed only when it fires early ------
+    # -- read timeout: one timer, kept across exchanges, re-armed only when it fires early
     def start_read_timeout(self) -> None:
         if self._state in (_IDLE, _DONE) or self._exc is not None or self._paused:
             return
@@ -324,6 +364,8 @@ class Connection(asyncio.Protocol):
 
     def _check_timeout(self) -> None:
         self._timer = None
+        if self._state in (_IDLE, _DONE) or self._exc is not None or self._paused:
+            return  # no exchange waiting on the gateway: the next one arms it again
         deadline = self._last_read + self._read_timeout
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._check_timeout)
@@ -344,6 +386,7 @@ class Connection(asyncio.Protocol):
         self._body = []
         self._buffered = 0
         self.status, self.headers, self.length, self.head_done = 0, {}, None, False
+        self.head_lines = b""
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
@@ -409,6 +452,7 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._reusable = False
+        self.on_event = None
         self._cancel_timer()
         if self.transport is not None and not self.closed:
             self.transport.close()
@@ -512,6 +556,40 @@ class Client:
         unknown ``length``) are added here. ``keep``: the response headers to return
         (first value of each), as {lower-case name on the wire: name in ``headers``}."""
         return Exchange(self, ep, method, lines, body, length, keep or {})
+
+    def send(
+        self,
+        ep: Endpoint,
+        method: bytes,
+        lines: bytes,
+        body: bytes,
+        keep: dict[bytes, str],
+        on_event: Callable[[Connection], None],
+    ) -> Connection | None:
+        """The fast path for a body that is all here, on an idle pooled connection: one
+        write, no task. ``on_event(conn)`` is called once, when the head is in (the body
+        too if it came with it: ``conn.complete``) or the exchange failed (``conn.error``);
+        then ``read()`` follows the rest, and ``release(conn)`` ends the exchange.
+        None (nothing sent) when no pooled connection is idle: use ``request``."""
+        conn = self.pooled(ep)
+        if conn is None:
+            return None
+        conn.begin(keep)
+        head = b"%s %s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n" % (
+            method, ep.target, ep.host_line, lines, len(body)
+        )  # fmt: skip
+        try:
+            if len(body) <= 16384:  # one segment for a small request
+                conn.write(head + body)
+            else:
+                conn.write(head)
+                conn.write(body)
+        except UpstreamError:
+            conn.close()
+            return None
+        conn.on_event = on_event
+        conn.start_read_timeout()
+        return conn
 
     def pooled(self, ep: Endpoint) -> Connection | None:
         """The most recently used idle connection to ``ep``'s origin, if one is left."""

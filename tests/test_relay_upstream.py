@@ -820,6 +820,125 @@ def test_cancellation_while_waiting_closes_connection_and_upload(runner: asyncio
     runner.run(main())
 
 
+# -- the relay's fast path: send() and one callback, no task ----------------------------------
+
+
+class Events:
+    """``on_event`` for ``send``: records each call (the connection's state at that time)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool, BaseException | None, bytes]] = []
+        self.fired = asyncio.Event()
+
+    def __call__(self, conn: upstream.Connection) -> None:
+        self.calls.append((conn.status, conn.complete, conn.error, conn.head_lines))
+        self.fired.set()
+
+
+def test_send_calls_back_once_with_the_whole_short_answer(runner: asyncio.Runner) -> None:
+    """No idle connection: None, nothing sent. With one: one write, one call once the
+    answer is parsed (complete, kept headers as wire lines), then reuse."""
+
+    async def main() -> None:
+        async with Server(answer(ok(b"fast"))) as s:
+            c = Client(*PATIENT)
+            ep = s.endpoint("/gw")
+            assert c.send(ep, b"POST", REQUEST_LINES, b"abc", KEEP, Events()) is None
+            assert s.requests == []
+            await fetch(c, ep)  # the slow path opens (and pools) the connection
+            for i in range(3):
+                events = Events()
+                conn = c.send(ep, b"POST", REQUEST_LINES, b"x" * i, KEEP, events)
+                assert conn is not None
+                await asyncio.wait_for(events.fired.wait(), 5)
+                assert events.calls == [(200, True, None, b"Content-Type: message/ohttp-res\r\n")]
+                assert conn.read_nowait() == b"fast"
+                c.release(conn)
+            assert s.conns == 1
+            assert s.requests[-1].headers == [
+                b"Host: 127.0.0.1:%d" % s.port,
+                b"Content-Type: message/ohttp-req",
+                b"Content-Length: 2",
+            ]
+            await c.close()
+
+    runner.run(main())
+
+
+def test_send_with_a_streamed_answer_hands_over_to_read(runner: asyncio.Runner) -> None:
+    """The head first, the body later: the call comes at the head (not complete); read()
+    then follows the rest as on the slow path."""
+
+    async def script(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: Request) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"3\r\none\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"3\r\ntwo\r\n0\r\n\r\n")
+        await w.drain()
+        return True
+
+    async def main() -> None:
+        async with Server(script) as s:
+            c = Client(*PATIENT)
+            ep = s.endpoint()
+            await fetch(c, ep)
+            events = Events()
+            conn = c.send(ep, b"POST", REQUEST_LINES, b"abc", KEEP, events)
+            assert conn is not None
+            await asyncio.wait_for(events.fired.wait(), 5)
+            assert events.calls == [(200, False, None, b"Content-Type: a/b\r\n")]
+            out = b""
+            while chunk := await conn.read():
+                out += chunk
+            assert out == b"onetwo" and len(events.calls) == 1
+            c.release(conn)
+            assert c.pooled(ep) is conn  # cleanly framed: reused
+            await c.close()
+
+    runner.run(main())
+
+
+def test_send_reports_silence_and_a_cut_connection(runner: asyncio.Runner) -> None:
+    async def main() -> None:
+        for script, error in ((answer(ok(), delay=3), UpstreamTimeout), (None, UpstreamError)):
+            calls = 0
+
+            async def cut(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _q: Request) -> bool:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    w.write(ok())
+                    await w.drain()
+                    return True
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Le")  # then the gateway hangs up
+                await w.drain()
+                return False
+
+            async with Server(script or cut) as s:
+                c = Client(10.0, 0.3)
+                ep = s.endpoint()
+                if script is not None:
+                    s.script = answer(ok())
+                    await fetch(c, ep)
+                    s.script = script
+                else:
+                    await fetch(c, ep)
+                events = Events()
+                conn = c.send(ep, b"POST", REQUEST_LINES, b"abc", KEEP, events)
+                assert conn is not None
+                await asyncio.wait_for(events.fired.wait(), 5)
+                ((_, _, exc, _),) = events.calls
+                assert isinstance(exc, error), exc
+                c.release(conn)
+                assert c.pooled(ep) is None  # never reused after a failure
+                await c.close()
+
+    runner.run(main())
+
+
 # -- fuzz: arbitrary bytes from the gateway ----------------------------------------------------
 
 
