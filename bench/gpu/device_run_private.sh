@@ -7,7 +7,8 @@
 # redis-server with its libraries (redis-bin.tgz) for the gateway's --workers figure.
 #   stage DIR   copy one part folder to /root/x
 #   launch      unpack, install c5, start vLLM detached (bench_multiturn serve-engine)
-#   bench       wait for it; bench_private_path, 3 passes (median of each figure)
+#   wait        until the engine answers /health (a fresh machine: ~4 min)
+#   bench       bench_private_path against it, 3 passes (median of each figure)
 #   scaling     bench_issuer and the gateway's --workers figure (16 cores: spare cores)
 # Set OPENPCC_COMMIT in the command: git on the device may see another repository.
 set -euo pipefail
@@ -55,6 +56,13 @@ launch)
     sleep 5
     cat $X/engine.out
     ;;
+wait)
+    for _ in $(seq 1 110); do
+        curl -sf http://127.0.0.1:$PORT/health > /dev/null && { echo engine ready; exit 0; }
+        sleep 5
+    done
+    tail -20 $X/vllm.log; exit 1
+    ;;
 bench)
     cp $X/gpu.txt "$OUT/" || true
     export OPENPCC_BENCH_ENGINE_URL=http://127.0.0.1:$PORT
@@ -79,7 +87,7 @@ scaling)
     cp bench/results/gateway*.json "$OUT/" || true
     ;;
 *)
-    echo "usage: $0 stage DIR | launch | bench | scaling" >&2
+    echo "usage: $0 stage DIR | launch | wait | bench | scaling" >&2
     exit 2
     ;;
 esac
