@@ -27,6 +27,14 @@ the node's answer into a chunked OHTTP response (one sealed chunk per BHTTP piec
 
 Both servers run one process / one worker; loopback only; bounded run time.
 ``OPENPCC_BENCH_GATEWAY_PROFILE=FILE`` runs the gateway under cProfile (FILE: pstats).
+
+Where the gateway's CPU goes (``details.split_us``): its sans-IO work per request timed
+in this process with its own code and keys, stage by stage; the rest of its CPU per
+request under load is HTTP and the event loop. ``details.native_prototype_us``: the same
+work compiled against OpenSSL and SQLite (``NATIVE_PROTOTYPE_C``), what a native hot path
+would still spend. ``OPENPCC_BENCH_GATEWAY_BASELINE=DIR`` adds a paired A/B against the
+gateway of the checkout in DIR (SQLite and Redis spent stores); ``python -m
+bench.bench_gateway ab DIR [ROUNDS] [--redis]`` runs one alone.
 """
 
 from __future__ import annotations
@@ -287,6 +295,7 @@ class Stack:
     node_keys: list[Any]  # sealed.NodeKey
     node_body: bytes
     key_config: Any = None
+    baseline: Stack | None = None  # ``stack(baseline=...)``: the other checkout's gateway
 
     def build(self, n: int) -> Prepared:
         """``n`` distinct sealed /v1/infer requests, each with its own fresh token."""
@@ -418,20 +427,35 @@ def start_upstream(workdir: Path, body: bytes) -> Any:
     return proc
 
 
-def start_gateway(workdir: Path, issuer_url: str) -> tuple[Any, int]:
-    """`openpcc gateway serve` with its defaults (SQLite spent store, no audit log)."""
+def start_gateway(
+    workdir: Path,
+    issuer_url: str,
+    source: Path | None = None,
+    name: str = "gateway",
+    extra: Sequence[str] = (),
+) -> tuple[Any, int]:
+    """`openpcc gateway serve` with its defaults (SQLite spent store, no audit log).
+
+    ``source``: run the code of another checkout (``python -P`` with it on PYTHONPATH,
+    ahead of this one's editable install), e.g. a baseline for ``ab``. ``extra``: more
+    flags (``--redis URL``)."""
     from tests.gateway_support.procs import admission
     from tests.harness import spawn, wait_http
 
     profile = os.environ.get("OPENPCC_BENCH_GATEWAY_PROFILE")
     prefix = [sys.executable, "-m", "cProfile", "-o", profile] if profile else [sys.executable]
+    env = None
+    if source is not None:
+        prefix = [sys.executable, "-P"]
+        env = {"PYTHONPATH": str(source)}
     cmd = [
         *prefix, "-m", "openpcc.cli", "gateway", "serve",
         "--host", "127.0.0.1", "--port", "0",
         "--internal-host", "127.0.0.1", "--internal-port", "0",
-        "--issuer", issuer_url, "--state", str(workdir / "gw-state"), *admission(workdir),
+        "--issuer", issuer_url, "--state", str(workdir / f"{name}-state"), *admission(workdir),
+        *extra,
     ]  # fmt: skip
-    proc = spawn("gateway", cmd, workdir)
+    proc = spawn(name, cmd, workdir, env=env)
     wait_http(proc.url + "/healthz", proc)
     wait_http(proc.internal + "/healthz", proc)
     proc.extra["internal"] = proc.internal
@@ -439,14 +463,18 @@ def start_gateway(workdir: Path, issuer_url: str) -> tuple[Any, int]:
 
 
 def _heartbeat(
-    nodes: list[tuple[Any, dict]], cred: str, internal: str, stop: threading.Event, every: float
+    nodes: list[tuple[Any, dict]],
+    cred: str,
+    internals: list[str],
+    stop: threading.Event,
+    every: float,
 ) -> None:
     """Register (and re-register) the nodes as real nodes do: every TTL/3 seconds, each
     registration signed by the node's attested key (tests/admission_support.py)."""
     from openpcc.admission import SIGNATURE_HEADER
 
     while True:
-        for ident, doc in nodes:
+        for (ident, doc), internal in ((n, i) for n in nodes for i in internals):
             body, signature = ident.signed(doc)
             req = urllib.request.Request(
                 internal + "/internal/nodes",
@@ -488,8 +516,12 @@ def _key_config(gateway_url: str) -> Any:
 
 
 @contextmanager
-def stack(workdir: Path) -> Iterator[Stack]:
-    """Upstream node (nginx), real issuer, real gateway, three registered node ids."""
+def stack(workdir: Path, baseline: Path | None = None, redis: bool = False) -> Iterator[Stack]:
+    """Upstream node (nginx), real issuer, real gateway, three registered node ids.
+
+    ``baseline``: a second gateway from that checkout, same node, issuer and node ids,
+    as ``Stack.baseline`` (``ab``). ``redis``: the gateways keep spent tokens (and their
+    node registry) in a Redis of the run's own, each under its own prefix."""
     from openpcc.wire import hpke, sealed
     from tests.admission_support import AttestedIdentity, simulated_tee
     from tests.gateway_support.procs import cli, credential, start_issuer
@@ -508,8 +540,19 @@ def stack(workdir: Path) -> Iterator[Stack]:
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(out.stdout + out.stderr)
-        gateway, port = start_gateway(workdir, issuer.url)
+        extra: list[str] = []
+        if redis:
+            from tests.harness import start_redis
+
+            started.append(redis_proc := start_redis(workdir))
+            extra = ["--redis", redis_proc.url]
+        gateway, port = start_gateway(workdir, issuer.url, extra=extra)
         started.append(gateway)
+        base = None
+        if baseline is not None:
+            prefix = ["--redis-prefix", "bench:base:"] if redis else []
+            base = start_gateway(workdir, issuer.url, baseline, "gateway-base", [*extra, *prefix])
+            started.append(base[0])
         keys, nodes = [], []
         tee = simulated_tee(workdir / "simulated-tee")
         for i in range(K):
@@ -520,13 +563,23 @@ def stack(workdir: Path) -> Iterator[Stack]:
             nodes.append((ident, ident.document(url, [MODEL])))
         beat = threading.Thread(
             target=_heartbeat,
-            args=(nodes, credential(workdir), gateway.extra["internal"], stop, 10.0),
+            args=(
+                nodes,
+                credential(workdir),
+                [g.extra["internal"] for g in (gateway, *(base[:1] if base else ()))],
+                stop,
+                10.0,
+            ),
             daemon=True,
         )
         beat.start()
         _wait_healthy(gateway.url, K)
         st = Stack(workdir, upstream, issuer, gateway, port, keys, node_body)
         st.key_config = _key_config(gateway.url)
+        if base is not None:
+            _wait_healthy(base[0].url, K)
+            st.baseline = Stack(workdir, upstream, issuer, base[0], base[1], keys, node_body)
+            st.baseline.key_config = _key_config(base[0].url)
         yield st
     finally:
         stop.set()
@@ -563,6 +616,368 @@ def start_python_proxy(upstream_port: int, workdir: Path) -> Any:
     settings = _proxy_settings(upstream_port)
     settings.extra_args = ["--rate-limit", "0"]
     return start_python_relay(settings, workdir, access_log=False)
+
+
+# -- where the gateway's CPU goes: its sans-IO work per request, stage by stage --------------------
+
+SPLIT_REQUESTS = 400
+
+
+def split(st: Stack, n: int = SPLIT_REQUESTS) -> dict[str, float]:
+    """The gateway's own per-request work, measured in this process (thread CPU time,
+    µs per request) on ``n`` fresh requests of the run, with the gateway's code and keys:
+    what is left of its CPU per request under load is HTTP (aiohttp's server, the node
+    client), the event loop and the system calls."""
+    import hashlib
+
+    from gateway.keys import OhttpKeyRing
+    from gateway.spent import SQLiteSpentStore
+    from openpcc.forwarding import forward_key, sign_forward
+    from openpcc.privacypass import issuance
+    from openpcc.privacypass.auth import parse_authorization_token
+    from openpcc.privacypass.directory import IssuerDirectory
+    from openpcc.wire import bhttp, sealed
+    from openpcc.wire.bhttp_stream import ResponseStreamEncoder
+    from openpcc.wire.chunked import ChunkedRequestReceiver
+    from tests.gateway_support.client import CHALLENGE
+
+    prepared = st.build(n)
+    keys = OhttpKeyRing.load(st.workdir / "gateway-state").private_keys(time.time())
+    with urllib.request.urlopen(
+        st.issuer.url + "/.well-known/private-token-issuer-directory", timeout=5
+    ) as r:
+        directory = IssuerDirectory.parse(r.read())
+    token_keys = {hashlib.sha256(e.token_key).digest(): e.token_key for e in directory.token_keys}
+    challenge = CHALLENGE.encode()
+    out: dict[str, float] = {}
+    clock = time.thread_time
+
+    def stage(name: str, fn: Any, items: list[Any]) -> list[Any]:
+        t = clock()
+        results = [fn(x) for x in items]
+        out[name] = round((clock() - t) / len(items) * 1e6, 1)
+        return results
+
+    def decapsulate(body: bytes) -> tuple[bytes, Any]:
+        receiver = ChunkedRequestReceiver(keys)
+        inner = b"".join([*receiver.receive_data(body), *receiver.end_of_input()])
+        return inner, receiver
+
+    opened = stage("decapsulate", decapsulate, prepared.bodies)
+    inners = stage("bhttp_decode", bhttp.decode_request, [i for i, _ in opened])
+    headers = [next(v for k, v in r.headers if k == b"authorization") for r in inners]
+    tokens = stage("token_parse", lambda h: parse_authorization_token(h.decode("latin-1")), headers)
+    stage(
+        "token_verify",
+        lambda t: issuance.verify_token(
+            token_keys[t.token_key_id], t, expected_challenge=challenge
+        ),
+        tokens,
+    )
+    spent_dir = Path(tempfile.mkdtemp(prefix="bench-gateway-spent-", dir=st.workdir))
+
+    async def spend() -> None:
+        """As under load: 32 redemptions at a time, one group commit each; less the same
+        rounds awaiting nothing (the tasks and gather are the test's, not the store's)."""
+        store = SQLiteSpentStore(spent_dir / "spent.sqlite3")
+        await store.mark_spent(b"w" * 32, b"w" * 32, 60)  # the committer thread is up
+        rounds = [tokens[i : i + CONCURRENCY] for i in range(0, n, CONCURRENCY)]
+        t = time.process_time()  # the committer thread's CPU counts too
+        for batch in rounds:
+            await asyncio.gather(*(store.mark_spent(t.token_key_id, t.nonce, 3600) for t in batch))
+        used = time.process_time() - t
+        t = time.process_time()
+        for batch in rounds:
+            await asyncio.gather(*(asyncio.sleep(0) for _ in batch))
+        used -= time.process_time() - t
+        out["spent_store"] = round(used / n * 1e6, 1)
+        await store.close()
+
+    try:
+        import uvloop  # the gateway's loop where installed
+    except ImportError:
+        asyncio.run(spend())
+    else:
+        uvloop.run(spend())
+    fkey = forward_key(b"credential", st.node_keys[0].node_id)
+
+    def route(r: Any) -> str:
+        sealed.parse_envelope_header(r.content)
+        return sign_forward(fkey, r.content)
+
+    stage("envelope_and_forward_mac", route, inners)
+
+    def answer(receiver: Any) -> bytes:
+        sender, enc = receiver.response_sender(), ResponseStreamEncoder()
+        ctype = [(b"content-type", sealed.RESPONSE_MEDIA_TYPE.encode())]
+        return b"".join(
+            (
+                sender.seal_chunk(enc.head(200, ctype)),
+                sender.seal_chunk(enc.data(st.node_body)),
+                sender.seal_chunk(enc.end(), final=True),
+            )
+        )
+
+    stage("seal_answer", answer, [rcv for _, rcv in opened])
+    out["total"] = round(sum(out.values()), 1)
+    return out
+
+
+def openssl_floor() -> dict[str, float]:
+    """µs per operation of the two public-key steps every request needs, in OpenSSL itself
+    (``openssl speed``, one core): what they would cost on a native hot path."""
+    out: dict[str, float] = {}
+    try:
+        text = subprocess.run(
+            ["openssl", "speed", "-seconds", "1", "ecdhx25519", "rsa2048"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        if line.startswith("rsa 2048 bits") and len(f) >= 7:
+            out["rsa2048_verify_us"] = round(1e6 / float(f[6]), 1)
+        elif "ecdh (X25519)" in line:
+            out["x25519_us"] = round(1e6 / float(f[-1]), 1)
+    return out
+
+
+# A native prototype of the gateway's own per-request work (not a rewrite, a cost probe): the
+# same operations on the same sizes through OpenSSL and SQLite's C API, compiled with ``cc``
+# when the run starts. The HPKE/OHTTP bytes are not interoperable (random ciphertexts; a
+# failing tag costs the same); the RSA-PSS signature verifies; the SQLite store runs as the
+# gateway's (WAL, synchronous=FULL, one commit per 32 upserts).
+NATIVE_PROTOTYPE_C = r"""
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+#include <openssl/rsa.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const unsigned char INFO[] = "message/bhttp chunked request";
+
+static double cpu(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static void hmac(const unsigned char *k, size_t kl, const unsigned char *d, size_t dl,
+                 unsigned char *out) {
+    unsigned int n = 32;
+    HMAC(EVP_sha256(), k, (int)kl, d, dl, out, &n);
+}
+
+/* RFC 9180 LabeledExtract/LabeledExpand (one HMAC each for <= 32-byte outputs). */
+static void lextract(const unsigned char *salt, size_t sl, const char *label,
+                     const unsigned char *ikm, size_t il, unsigned char *out) {
+    unsigned char buf[256];
+    size_t n = 0;
+    memcpy(buf, "HPKE-v1", 7); n += 7;
+    memcpy(buf + n, "HPKE\x00\x20\x00\x01\x00\x01", 10); n += 10;
+    memcpy(buf + n, label, strlen(label)); n += strlen(label);
+    memcpy(buf + n, ikm, il); n += il;
+    unsigned char zero[32] = {0};
+    hmac(sl ? salt : zero, sl ? sl : 32, buf, n, out);
+}
+
+static void lexpand(const unsigned char *prk, const char *label, const unsigned char *info,
+                    size_t il, size_t len, unsigned char *out) {
+    unsigned char buf[256], t[32];
+    size_t n = 0;
+    buf[n++] = 0; buf[n++] = (unsigned char)len;
+    memcpy(buf + n, "HPKE-v1", 7); n += 7;
+    memcpy(buf + n, "HPKE\x00\x20\x00\x01\x00\x01", 10); n += 10;
+    memcpy(buf + n, label, strlen(label)); n += strlen(label);
+    memcpy(buf + n, info, il); n += il;
+    buf[n++] = 1;
+    hmac(prk, 32, buf, n, t);
+    memcpy(out, t, len);
+}
+
+static void gcm(int enc, const unsigned char *key, const unsigned char *iv,
+                const unsigned char *in, int len, unsigned char *out, unsigned char *tag) {
+    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
+    int n;
+    if (enc) {
+        EVP_EncryptInit_ex(c, EVP_aes_128_gcm(), NULL, key, iv);
+        EVP_EncryptUpdate(c, out, &n, in, len);
+        EVP_EncryptFinal_ex(c, out + n, &n);
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, tag);
+    } else {
+        EVP_DecryptInit_ex(c, EVP_aes_128_gcm(), NULL, key, iv);
+        EVP_DecryptUpdate(c, out, &n, in, len);
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, 16, tag);
+        EVP_DecryptFinal_ex(c, out + n, &n); /* tag fails here: same work */
+    }
+    EVP_CIPHER_CTX_free(c);
+}
+
+int main(int argc, char **argv) {
+    int N = argc > 1 ? atoi(argv[1]) : 2000;
+    const char *db_path = argc > 2 ? argv[2] : "native-spent.sqlite3";
+    /* keys: the gateway's X25519 key, 64 client ephemeral public keys, an RSA-2048 issuer key */
+    EVP_PKEY *skR = NULL, *eph[64];
+    EVP_PKEY_CTX *kc = EVP_PKEY_CTX_new_id(EVP_PKEY_X25519, NULL);
+    EVP_PKEY_keygen_init(kc);
+    EVP_PKEY_keygen(kc, &skR);
+    unsigned char pkE[64][32], pkR[32];
+    size_t l = 32;
+    EVP_PKEY_get_raw_public_key(skR, pkR, &l);
+    for (int i = 0; i < 64; i++) {
+        eph[i] = NULL;
+        EVP_PKEY_keygen(kc, &eph[i]);
+        l = 32;
+        EVP_PKEY_get_raw_public_key(eph[i], pkE[i], &l);
+    }
+    EVP_PKEY *rsa = EVP_RSA_gen(2048);
+    unsigned char msg[98], sig[256];
+    RAND_bytes(msg, sizeof msg);
+    size_t sl = sizeof sig;
+    EVP_MD_CTX *m = EVP_MD_CTX_new();
+    EVP_PKEY_CTX *pc;
+    EVP_DigestSignInit(m, &pc, EVP_sha384(), NULL, rsa);
+    EVP_PKEY_CTX_set_rsa_padding(pc, RSA_PKCS1_PSS_PADDING);
+    EVP_PKEY_CTX_set_rsa_pss_saltlen(pc, 48);
+    EVP_DigestSign(m, sig, &sl, msg, sizeof msg);
+    EVP_MD_CTX_free(m);
+    /* the SQLite spent store as the gateway runs it: WAL, FULL, group commit of 32 */
+    sqlite3 *db;
+    sqlite3_open(db_path, &db);
+    sqlite3_exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+                 "CREATE TABLE IF NOT EXISTS spent (key_id BLOB NOT NULL, nonce BLOB NOT NULL,"
+                 " expires_at REAL NOT NULL, PRIMARY KEY (key_id, nonce)) WITHOUT ROWID",
+                 0, 0, 0);
+    sqlite3_stmt *up;
+    sqlite3_prepare_v2(db,
+        "INSERT INTO spent (key_id, nonce, expires_at) VALUES (?, ?, ?) ON CONFLICT(key_id, nonce)"
+        " DO UPDATE SET expires_at = excluded.expires_at WHERE spent.expires_at <= ?", -1, &up, 0);
+    unsigned char body[1984], plain[1984], tag[16], envelope[1024], answer[1225], sealed[1300];
+    unsigned char key_id[32];
+    RAND_bytes(body, sizeof body);
+    RAND_bytes(envelope, sizeof envelope);
+    RAND_bytes(answer, sizeof answer);
+    RAND_bytes(key_id, sizeof key_id);
+    unsigned char fkey[32];
+    RAND_bytes(fkey, 32);
+    double t_req = 0, t_verify = 0, t_mac = 0, t_store = 0, t_resp = 0, t0;
+    for (int i = 0; i < N; i++) {
+        /* 1. OHTTP request: HPKE base-mode receiver (DHKEM X25519, HKDF-SHA256), open */
+        t0 = cpu();
+        EVP_PKEY *pe = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, pkE[i % 64], 32);
+        EVP_PKEY_CTX *d = EVP_PKEY_CTX_new(skR, NULL);
+        unsigned char dh[32], kemctx[64], eae[32], ss[32], h1[32], h2[32], sec[32], ctx[65];
+        unsigned char key[16], nonce[12], exp[32];
+        size_t dl = 32;
+        EVP_PKEY_derive_init(d);
+        EVP_PKEY_derive_set_peer(d, pe);
+        EVP_PKEY_derive(d, dh, &dl);
+        EVP_PKEY_CTX_free(d);
+        EVP_PKEY_free(pe);
+        memcpy(kemctx, pkE[i % 64], 32);
+        memcpy(kemctx + 32, pkR, 32);
+        lextract(NULL, 0, "eae_prk", dh, 32, eae);
+        lexpand(eae, "shared_secret", kemctx, 64, 32, ss);
+        lextract(NULL, 0, "psk_id_hash", (const unsigned char *)"", 0, h1);
+        lextract(NULL, 0, "info_hash", INFO, sizeof INFO - 1, h2);
+        ctx[0] = 0;
+        memcpy(ctx + 1, h1, 32);
+        memcpy(ctx + 33, h2, 32);
+        lextract(ss, 32, "secret", (const unsigned char *)"", 0, sec);
+        lexpand(sec, "key", ctx, 65, 16, key);
+        lexpand(sec, "base_nonce", ctx, 65, 12, nonce);
+        lexpand(sec, "exp", ctx, 65, 32, exp);
+        gcm(0, key, nonce, body + 64, sizeof body - 64, plain, tag);
+        t_req += cpu() - t0;
+        /* 2. token: RSA-PSS-SHA384 verification (RFC 9578 type 2) */
+        t0 = cpu();
+        m = EVP_MD_CTX_new();
+        EVP_DigestVerifyInit(m, &pc, EVP_sha384(), NULL, rsa);
+        EVP_PKEY_CTX_set_rsa_padding(pc, RSA_PKCS1_PSS_PADDING);
+        EVP_PKEY_CTX_set_rsa_pss_saltlen(pc, 48);
+        if (EVP_DigestVerify(m, sig, sl, msg, sizeof msg) != 1) return 1;
+        EVP_MD_CTX_free(m);
+        t_verify += cpu() - t0;
+        /* 3. spent store: one upsert; commit every 32 (fsync) */
+        t0 = cpu();
+        if (i % 32 == 0) sqlite3_exec(db, "BEGIN IMMEDIATE", 0, 0, 0);
+        unsigned char nonce_t[32];
+        RAND_bytes(nonce_t, 32);
+        sqlite3_bind_blob(up, 1, key_id, 32, SQLITE_STATIC);
+        sqlite3_bind_blob(up, 2, nonce_t, 32, SQLITE_STATIC);
+        sqlite3_bind_double(up, 3, 2e9);
+        sqlite3_bind_double(up, 4, 1e9);
+        if (sqlite3_step(up) != SQLITE_DONE) return 2;
+        sqlite3_reset(up);
+        if (i % 32 == 31 || i == N - 1) sqlite3_exec(db, "COMMIT", 0, 0, 0);
+        t_store += cpu() - t0;
+        /* 4. forward MAC: SHA-256 of the envelope, one HMAC (per-node key cached) */
+        t0 = cpu();
+        unsigned char dg[32], mac[32], mm[64];
+        unsigned int ml = 32;
+        EVP_Digest(envelope, sizeof envelope, dg, &ml, EVP_sha256(), NULL);
+        memcpy(mm, "openpcc forward v1\0001764000000\000", 30);
+        memcpy(mm + 30, dg, 32);
+        hmac(fkey, 32, mm, 62, mac);
+        t_mac += cpu() - t0;
+        /* 5. answer: export, response key (RFC 9458 §4.4), three sealed chunks */
+        t0 = cpu();
+        unsigned char rsec[16], rnonce[16], salt[48], prk[32], rkey[16], rn[12];
+        lexpand(exp, "sec", (const unsigned char *)"message/bhttp chunked response", 30, 16, rsec);
+        RAND_bytes(rnonce, 16);
+        memcpy(salt, pkE[i % 64], 32);
+        memcpy(salt + 32, rnonce, 16);
+        hmac(salt, 48, rsec, 16, prk);
+        {
+            unsigned char b[8] = "key\x01", o[32];
+            hmac(prk, 32, b, 4, o); memcpy(rkey, o, 16);
+            unsigned char b2[8] = "nonce\x01";
+            hmac(prk, 32, b2, 6, o); memcpy(rn, o, 12);
+        }
+        gcm(1, rkey, rn, answer, 60, sealed, tag);
+        gcm(1, rkey, rn, answer, sizeof answer, sealed, tag);
+        gcm(1, rkey, rn, answer, 20, sealed, tag);
+        t_resp += cpu() - t0;
+    }
+    double total = t_req + t_verify + t_mac + t_store + t_resp;
+    printf("{\"requests\": %d, \"hpke_open_us\": %.1f, \"token_verify_us\": %.1f, "
+           "\"spent_store_us\": %.1f, \"forward_mac_us\": %.1f, \"seal_answer_us\": %.1f, "
+           "\"total_us\": %.1f}\n",
+           N, t_req / N * 1e6, t_verify / N * 1e6, t_store / N * 1e6, t_mac / N * 1e6,
+           t_resp / N * 1e6, total / N * 1e6);
+    sqlite3_finalize(up);
+    sqlite3_close(db);
+    return 0;
+}
+"""
+
+
+def native_prototype(workdir: Path, n: int = 2000) -> dict[str, float]:
+    """µs of CPU per request of ``NATIVE_PROTOTYPE_C``; empty without a C compiler or
+    the OpenSSL/SQLite headers."""
+    src, exe = workdir / "native.c", workdir / "native"
+    src.write_text(NATIVE_PROTOTYPE_C)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    try:
+        if cc is None:
+            return {}
+        subprocess.run(
+            [cc, "-O2", "-Wno-deprecated-declarations", "-o", str(exe), str(src),
+             "-lcrypto", "-lsqlite3"],
+            capture_output=True, timeout=120, check=True,
+        )  # fmt: skip
+        out = subprocess.run(
+            [str(exe), str(n), str(workdir / "native-spent.sqlite3")],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {k: v for k, v in json.loads(out).items() if k != "requests"}
 
 
 # -- the benchmark -------------------------------------------------------------------------------
@@ -635,6 +1050,9 @@ def _run(workdir: Path) -> dict[str, Any]:
         # What one load-generator process can drive at all: straight to the node nginx.
         direct = load(st.upstream.port, "/v1/sealed", pool_file, duration=2.0, cycle=True)
         _require_ok("direct", direct)
+        stages = split(st)
+    native = openssl_floor()
+    prototype = native_prototype(workdir)
 
     ratio = gw["rps"] / max(ng["rps"], 1e-9)
     rss = gw["rss_kib"]
@@ -666,7 +1084,21 @@ def _run(workdir: Path) -> dict[str, Any]:
         "python_relay_cpu_us_per_request": py["relay_cpu_us_per_request"],
         "gateway_rss_mib_after_load": round(rss["VmRSS"] / 1024, 1),
         "gateway_rss_mib_peak": round(rss["VmHWM"] / 1024, 1),
+        # The floor: the gateway's own sans-IO work per request (details.split_us, measured
+        # in-process), and the rest of its CPU per request (HTTP, event loop, syscalls).
+        "gateway_sans_io_us_per_request": stages["total"],
+        "gateway_http_and_loop_us_per_request": round(
+            gw["gateway_cpu_us_per_request"] - stages["total"], 1
+        ),
     }
+    if prototype:
+        # A native hot path (C/Rust, as nginx) would still do this work per request: the
+        # prototype's CPU for it on top of nginx's own proxying, against nginx alone.
+        floor = ng["nginx_cpu_us_per_request"] + prototype["total_us"]
+        summary["native_hot_path_us_per_request_estimate"] = round(floor, 1)
+        summary["native_hot_path_vs_nginx_cpu_estimate"] = round(
+            ng["nginx_cpu_us_per_request"] / floor, 3
+        )
     return {
         "summary": summary,
         "details": {
@@ -677,6 +1109,9 @@ def _run(workdir: Path) -> dict[str, Any]:
             "python_relay": py,
             "direct_to_node": direct,
             "warmup_rps": r["rps"],
+            "split_us": stages,
+            "openssl_speed_us": native,
+            "native_prototype_us": prototype,
             "bench_seconds": round(time.monotonic() - t_start, 1),
         },
         "config": {
@@ -686,7 +1121,8 @@ def _run(workdir: Path) -> dict[str, Any]:
             "request": f"{CTYPE}, one final chunk; sealed chat to k={K} candidates, "
             "padded to 1 KiB; fresh Privacy Pass token (type 2) from the real issuer",
             "node_response_bytes": len(st.node_body),
-            "spent_store": "SQLite (gateway default: STATE/spent.sqlite3, WAL, synchronous=NORMAL)",
+            "spent_store": "SQLite (gateway default: STATE/spent.sqlite3, WAL, synchronous=FULL, "
+            "group commit)",
             "gateway": "openpcc gateway serve, defaults, no --audit-log, one process",
             "nginx": "infra/relay/nginx.conf (worker_processes 1) proxying POST / to the node",
             "node": "nginx, worker_processes 1, fixed answer to POST /v1/sealed",
@@ -697,8 +1133,119 @@ def _run(workdir: Path) -> dict[str, Any]:
     }
 
 
+# -- paired A/B against another checkout --------------------------------------------------------
+
+AB_ROUNDS = 6
+AB_REQUESTS = 2000  # per gateway and round: fresh tokens, sent until all are answered
+AB_C1 = 100  # then this many one at a time, for latency
+BASELINE_ENV = "OPENPCC_BENCH_GATEWAY_BASELINE"
+
+
+def ab(
+    baseline: Path, rounds: int = AB_ROUNDS, n: int = AB_REQUESTS, redis: bool = False
+) -> dict[str, Any]:
+    """This checkout's gateway against ``baseline``'s on the same node, issuer and load,
+    loaded in turn (order alternating) for ``rounds`` rounds of ``n`` requests each: on a
+    shared machine only same-minute pairs compare. CPU per request from /proc; every
+    answer is opened and checked as in the main run."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-ab-"))
+    try:
+        result = _ab(workdir, baseline, rounds, n, redis)
+    except Exception as exc:
+        raise RuntimeError(f"bench_gateway ab failed (logs in {workdir}): {exc}") from exc
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _ab(workdir: Path, baseline: Path, rounds: int, n: int, redis: bool) -> dict[str, Any]:
+    import statistics
+
+    with stack(workdir, baseline, redis) as st:
+        assert st.baseline is not None
+        sides = {"base": st.baseline, "new": st}
+        for name, side in sides.items():
+            warm = side.build(WARMUP_REQUESTS)
+            r = load(
+                side.gateway_port, GATEWAY_PATH, warm.write(workdir / f"warm-{name}.bin"),
+                duration=60, responses_file=workdir / f"warm-{name}.out",
+            )  # fmt: skip
+            _require_ok(f"{name} warm-up", r, side.check(warm, workdir / f"warm-{name}.out"))
+        rows: list[dict[str, Any]] = []
+        for i in range(rounds):
+            order = ("base", "new") if i % 2 == 0 else ("new", "base")
+            # Both sides' requests before either load: c=32 (CPU, rps) and c=1 (latency).
+            prepared = {name: (sides[name].build(n), sides[name].build(AB_C1)) for name in order}
+            row: dict[str, Any] = {}
+            for name in order:
+                side, (prep, prep1) = sides[name], prepared[name]
+                out = workdir / f"ab-{name}.out"
+                r = measured(
+                    {"gateway": side.gateway.proc.pid}, load, side.gateway_port, GATEWAY_PATH,
+                    prep.write(workdir / f"ab-{name}.bin"), duration=60, responses_file=out,
+                )  # fmt: skip
+                _require_ok(f"ab {name}", r, side.check(prep, out))
+                r1 = load(
+                    side.gateway_port, GATEWAY_PATH, prep1.write(workdir / f"ab1-{name}.bin"),
+                    concurrency=1, duration=60, responses_file=out,
+                )  # fmt: skip
+                _require_ok(f"ab {name} c=1", r1, side.check(prep1, out))
+                row[name] = {
+                    "cpu_us_per_request": r["gateway_cpu_us_per_request"],
+                    "rps": r["rps"],
+                    "latency_ms_p50": r["latency_ms_p50"],
+                    "latency_ms_p50_c1": r1["latency_ms_p50"],
+                }
+            rows.append(row)
+    med = statistics.median
+    cpu = {k: med(r[k]["cpu_us_per_request"] for r in rows) for k in ("base", "new")}
+    rps = {k: med(r[k]["rps"] for r in rows) for k in ("base", "new")}
+    c1 = {k: med(r[k]["latency_ms_p50_c1"] for r in rows) for k in ("base", "new")}
+    return {
+        "baseline": str(baseline),
+        "spent_store": "redis" if redis else "sqlite",
+        "rounds": rounds,
+        "requests_per_round": n,
+        "cpu_us_per_request_median": cpu,
+        "rps_median": rps,
+        "latency_ms_p50_c1_median": c1,
+        # Per round new/base, then the median: pairs share the machine's mood.
+        "cpu_ratio_new_vs_base": round(
+            med(r["new"]["cpu_us_per_request"] / r["base"]["cpu_us_per_request"] for r in rows), 3
+        ),
+        "rps_ratio_new_vs_base": round(med(r["new"]["rps"] / r["base"]["rps"] for r in rows), 3),
+        "per_round": rows,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bench.bench_gateway``: the run, written to results/gateway.json (and
+    with $OPENPCC_BENCH_GATEWAY_BASELINE=DIR a paired A/B against that checkout in it);
+    ``ab DIR [ROUNDS] [--redis]``: the A/B alone, printed."""
+    if len(argv) > 1 and argv[0] == "load":
+        print(json.dumps(asyncio.run(_load(json.loads(argv[1])))))
+        return 0
+    if argv and argv[0] == "ab":
+        redis = "--redis" in argv
+        args = [a for a in argv[1:] if a != "--redis"]
+        rounds = int(args[1]) if len(args) > 1 else AB_ROUNDS
+        print(json.dumps(ab(Path(args[0]), rounds, redis=redis), indent=2))
+        return 0
+    from bench._harness import write_result
+
+    result = run()
+    if os.environ.get(BASELINE_ENV):
+        baseline = Path(os.environ[BASELINE_ENV])
+        result["details"]["ab"] = paired = ab(baseline)
+        result["details"]["ab_redis"] = paired_redis = ab(baseline, redis=True)
+        summary = result["summary"]
+        summary["gateway_ab_cpu_ratio_vs_baseline"] = paired["cpu_ratio_new_vs_base"]
+        summary["gateway_ab_rps_ratio_vs_baseline"] = paired["rps_ratio_new_vs_base"]
+        summary["gateway_redis_ab_cpu_ratio_vs_baseline"] = paired_redis["cpu_ratio_new_vs_base"]
+    path = write_result("gateway", result)
+    print(f"== bench_gateway -> {path}")
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "load":
-        print(json.dumps(asyncio.run(_load(json.loads(sys.argv[2])))))
-    else:
-        print(json.dumps(run(), indent=2))
+    raise SystemExit(main(sys.argv[1:]))

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from gateway.admission import LOOPBACK, Admission, PolicyFile, parse_networks
@@ -44,6 +43,7 @@ from gateway.forward import Forwarder
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.keys import OhttpKeyRing
 from gateway.limits import DEFAULT_MAX_BODY
+from gateway.nodeclient import NodeClient
 from gateway.nodestore import RedisNodeStore
 from gateway.outer import (
     Exchange,
@@ -55,6 +55,7 @@ from gateway.outer import (
 from gateway.redeem import Redeemer
 from gateway.registry import MAX_REGISTRATION_BYTES, NodeRegistry, Registration
 from gateway.spent import SpentStore
+from gateway.tally import Tally
 from openpcc import audit
 from openpcc.admission import SIGNATURE_HEADER, CredentialStore
 from openpcc.audit import AuditLog
@@ -86,11 +87,16 @@ class Gateway:
     # With --redis: registrations go to Redis and every replica mirrors it (nodestore.py).
     shared_nodes: RedisNodeStore | None = None
     metrics: Metrics = field(default_factory=lambda: Metrics("openpcc_gateway"))
-    session: aiohttp.ClientSession | None = None
+    client: NodeClient | None = None  # to the nodes (gateway/nodeclient.py)
     trace: StageTrace = field(default_factory=lambda: StageTrace("gateway"))
 
     def __post_init__(self) -> None:
-        self.redeemer = Redeemer(self.issuer, self.spent, self.metrics, self.config.spent_ttl)
+        self.metrics.collect(self._node_gauges)
+        self.tally = Tally(self.metrics)  # per-request counts, handed to metrics on render
+        self.metrics.collect(self.tally.flush)
+        self.redeemer = Redeemer(
+            self.issuer, self.spent, self.metrics, self.config.spent_ttl, tally=self.tally
+        )
         self.forwarder = Forwarder(
             self.registry,
             self.redeemer,
@@ -99,13 +105,16 @@ class Gateway:
             self.config.node_first_byte_timeout,
             forward_secret=self._forward_secret,
             affinity_slack=self.config.affinity_slack,
+            tally=self.tally,
         )
         limits = OuterLimits(
             self.config.max_body or DEFAULT_MAX_BODY,
             self.config.client_timeout,
             self.config.max_plain_response,
         )
-        self.outer = OuterLayer(limits, self.keys, self._inner, self.metrics, self.trace)
+        self.outer = OuterLayer(
+            limits, self.keys, self._inner, self.metrics, self.trace, tally=self.tally
+        )
         self._routes = {
             "/v1/nodes": ("GET", self._nodes),
             "/v1/issuer-directory": ("GET", self._issuer_directory),
@@ -126,20 +135,9 @@ class Gateway:
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.config.node_connect_timeout,
-                sock_read=self.config.node_read_timeout,
-            ),
-            # Forward the envelope and nothing else: no agent string, no cookies.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            auto_decompress=False,
-            trust_env=False,
-        )
-        self.forwarder.session = self.session
+        # Forward the envelope and nothing else: no agent string, no cookies, no proxies.
+        self.client = NodeClient(self.config.node_connect_timeout, self.config.node_read_timeout)
+        self.forwarder.client = self.client
         await self.registry.start()
         if self.shared_nodes is not None:
             await self._sync_nodes()  # best effort: a Redis outage must not stop the start
@@ -155,8 +153,8 @@ class Gateway:
         await self.registry.stop()
         if self.shared_nodes is not None:
             await self.shared_nodes.close()
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
         await self.spent.close()
 
     def _forward_secret(self, reg: Registration) -> bytes | None:
@@ -226,11 +224,10 @@ class Gateway:
         body = {"status": "ok" if ok else "unavailable", **checks}
         return web.json_response(body, status=200 if ok else 503)
 
-    async def metrics_handler(self, request: web.Request) -> web.Response:
+    def _node_gauges(self) -> None:
         total, healthy = self.registry.counts()
         self.metrics.set("nodes", healthy, health="healthy")
         self.metrics.set("nodes", total - healthy, health="unhealthy")
-        return await self.metrics.handler(request)
 
     # -- inner routes -------------------------------------------------------------------
     async def _inner(self, ex: Exchange, data: bytes, sink: Sink) -> None:
@@ -365,7 +362,7 @@ def create_public_app(gw: Gateway) -> web.Application:
     app.router.add_post(GATEWAY_PATH, gw.outer.handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", gw.readyz)
-    app.router.add_get("/metrics", gw.metrics_handler)
+    app.router.add_get("/metrics", gw.metrics.handler)
     return app
 
 

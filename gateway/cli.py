@@ -175,8 +175,9 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.app import build_gateway, create_internal_app, create_public_app
+    from gateway.app import Gateway, build_gateway, create_internal_app, create_public_app
     from gateway.config import GatewayConfig
+    from gateway.keys import ensure_keys, kem_ids
     from openpcc.service.config import config_from_args
     from openpcc.service.serve import Listener, serve, serve_settings
 
@@ -184,7 +185,16 @@ def _serve(args: argparse.Namespace) -> int:
         lambda: config_from_args(GatewayConfig, args), args, "gateway"
     )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    gw = build_gateway(config)
+    # In this process, before any worker starts: the OHTTP keys (else each worker would
+    # make its own). Everything else, connections included, each worker builds for itself.
+    ensure_keys(config.state_dir, kem_ids(config.ohttp_kems))
+    built: list[Gateway] = []
+
+    def gateway() -> Gateway:
+        if not built:
+            built.append(build_gateway(config))
+        return built[0]
+
     log = logging.getLogger("openpcc.gateway")
 
     def bound(ports: dict[str, int]) -> None:
@@ -198,28 +208,40 @@ def _serve(args: argparse.Namespace) -> int:
         gc.freeze()
         gc.set_threshold(10_000, 10, 10)
         log.info(
-            "gateway listening on %s:%d (internal %s:%d), issuer_name %r",
+            "gateway listening on %s:%d (internal %s:%d), issuer_name %r, pid %d",
             config.host,
             ports["public"],
             config.internal_host,
             ports["internal"],
             config.token_issuer_name,
+            os.getpid(),
         )
+
+    async def start() -> None:
+        await gateway().start()
+
+    async def stop() -> None:
+        await gateway().stop()
 
     # No access log: the gateway must not keep a per-request record (peer = relay, but
     # timing plus path is still more than an aggregate). handler_cancellation: a client
     # that leaves cancels the node request too. The internal listener gets the same.
+    # The apps are factories: with --workers each worker builds its own gateway.
     return serve(
         [
-            Listener(create_public_app(gw), config.host, config.port),
+            Listener(lambda: create_public_app(gateway()), config.host, config.port),
             Listener(
-                create_internal_app(gw), config.internal_host, config.internal_port, "internal"
+                lambda: create_internal_app(gateway()),
+                config.internal_host,
+                config.internal_port,
+                "internal",
             ),
         ],
         settings=settings,
         shutdown_timeout=config.shutdown_timeout,
-        on_start=gw.start,
-        on_stop=gw.stop,
+        workers=config.workers,
+        on_start=start,
+        on_stop=stop,
         on_bound=bound,
         handler_cancellation=True,
     )

@@ -12,9 +12,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.spent import DEFAULT_TTL
-from openpcc.service.config import option
+from openpcc.service.config import option, workers_field
 
 ENV_PREFIX = "OPENPCC_GATEWAY_"
+MAX_WORKERS = 64
 DEFAULT_SPENT_TTL = 32 * 86400  # longer than the issuer's default key lifetime plus skew
 # OHTTP key config KEMs by name (gateway/keys.py maps them to KEM ids; named here so the
 # parser is built without the crypto libraries).
@@ -175,6 +176,7 @@ class GatewayConfig:
             kind="size",
         ),
     )
+    workers: int = workers_field()
     shutdown_timeout: float = field(
         default=30.0,
         metadata=option(
@@ -207,6 +209,12 @@ class GatewayConfig:
                 f"{ENV_PREFIX}RELEASE_PUBKEY) are required: nodes are listed only once "
                 "their attestation verifies under them"
             )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be 1..{MAX_WORKERS}")
+        if self.workers > 1 and not self.redis:
+            # Nodes register with whichever worker their connection reaches: the registry
+            # (and the spent tokens, atomically) must be shared, which is what Redis is for.
+            raise ValueError("--workers above 1 needs --redis (the workers share the registry)")
         if not self.ohttp_kems:
             raise ValueError("--ohttp-kem: at least one KEM (x25519, x-wing)")
         for kem in self.ohttp_kems:

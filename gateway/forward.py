@@ -15,12 +15,12 @@ import random
 import time
 from collections.abc import Callable
 
-import aiohttp
-
 from gateway.limits import MAX_ENVELOPE
+from gateway.nodeclient import NodeClient, NodeError, NodeUnreachable
 from gateway.outer import Exchange, NodeStreamError, Sink, inner_problem
 from gateway.redeem import Redeemer
 from gateway.registry import NodeRegistry, Registration
+from gateway.tally import Tally, key
 from openpcc.errors import OpenPCCError
 from openpcc.forwarding import FORWARD_HEADER, forward_key, sign_forward
 from openpcc.service.http import Metrics
@@ -30,6 +30,11 @@ from openpcc.wire import bhttp, sealed
 log = logging.getLogger("openpcc.gateway")
 _RANDOM = random.SystemRandom()  # tie breaks: os.urandom, one instance for all
 DEFAULT_AFFINITY_SLACK = 4
+_SEALED_LINE = b"Content-Type: " + sealed.REQUEST_MEDIA_TYPE.encode() + b"\r\n"
+_FORWARD = FORWARD_HEADER.encode()
+_RESPONSE_TYPE = sealed.RESPONSE_MEDIA_TYPE.encode()
+_STREAMING = key("node_attempts_total", outcome="streaming")
+_SENT = key("response_bytes_total")
 
 
 def route(
@@ -58,7 +63,7 @@ def route(
 
 
 class Forwarder:
-    """``/v1/infer``: redeem, route, forward. ``session`` is set by the gateway's start."""
+    """``/v1/infer``: redeem, route, forward. ``client`` is set by the gateway's start."""
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class Forwarder:
         *,
         forward_secret: Callable[[Registration], bytes | None],
         affinity_slack: int = DEFAULT_AFFINITY_SLACK,
+        tally: Tally,
     ) -> None:
         self.registry = registry
         self.affinity_slack = affinity_slack
@@ -80,9 +86,11 @@ class Forwarder:
         self.forward_secret = forward_secret
         self.redeemer = redeemer
         self.metrics = metrics
+        self.tally = tally
         self.trace = trace
         self.first_byte_timeout = first_byte_timeout
-        self.session: aiohttp.ClientSession | None = None
+        self.client: NodeClient | None = None  # set by the gateway's start
+        self._keys: dict[tuple[bytes, bytes], bytes] = {}  # (credential, node id) -> key
 
     async def infer(self, ex: Exchange, inner: bhttp.Request, sink: Sink) -> None:
         ctypes = [v for k, v in inner.headers if k == b"content-type"]
@@ -143,72 +151,78 @@ class Forwarder:
         """Requests this gateway has in flight to the node, plus its reported queue."""
         return self.inflight.get(node_id, 0) + self.registry.waiting(node_id)
 
+    def _forward_lines(self, reg: Registration, envelope: bytes) -> bytes:
+        """The request's own header lines: the media type and the forward MAC."""
+        secret = self.forward_secret(reg) or b""
+        key = self._keys.get((secret, reg.node_id))
+        if key is None:  # two HMACs, once per node and credential
+            if len(self._keys) > 4096:
+                self._keys.clear()
+            key = self._keys[(secret, reg.node_id)] = forward_key(secret, reg.node_id)
+        return _SEALED_LINE + b"%s: %s\r\n" % (_FORWARD, sign_forward(key, envelope).encode())
+
     async def _forward(self, ex: Exchange, reg: Registration, envelope: bytes, sink: Sink) -> bool:
         """Try one node. False if it failed before its first byte (the caller tries the next)."""
-        assert self.session is not None
+        client = self.client
+        assert client is not None
         self.trace.record("upstream_sent", time.perf_counter() - ex.t0)
+        lines = self._forward_lines(reg, envelope)
         try:
             async with asyncio.timeout(self.first_byte_timeout):
-                resp = await self.session.post(
-                    reg.url + "/v1/sealed",
-                    data=envelope,
-                    headers={
-                        "Content-Type": sealed.REQUEST_MEDIA_TYPE,
-                        FORWARD_HEADER: sign_forward(
-                            forward_key(self.forward_secret(reg) or b"", reg.node_id), envelope
-                        ),
-                    },
-                    allow_redirects=False,
-                )
+                conn = await client.post(reg.url, b"/v1/sealed", lines, envelope)
                 try:
-                    ok = resp.status == 200 and resp.content_type == sealed.RESPONSE_MEDIA_TYPE
-                    first = await resp.content.readany() if ok else b""
+                    ok = conn.status == 200 and conn.media_type == sealed.RESPONSE_MEDIA_TYPE
+                    first = await conn.read() if ok else b""
                 except BaseException:
-                    resp.close()
+                    client.release(conn)
                     raise
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+        except NodeUnreachable:  # no connection, or closed before any answer byte
             self.registry.mark_unreachable(reg.node_id)
             self.metrics.inc("node_attempts_total", outcome="unreachable")
             return False
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except (NodeError, TimeoutError, OSError):
             self.metrics.inc("node_attempts_total", outcome="failed_before_first_byte")
             return False
         if not first:
-            resp.close()
-            self.metrics.inc("node_attempts_total", outcome=f"refused_{resp.status // 100}xx")
+            client.release(conn)
+            self.metrics.inc("node_attempts_total", outcome=f"refused_{conn.status // 100}xx")
             return False
         # Committed: from here on every byte goes straight to the client.
-        self.metrics.inc("node_attempts_total", outcome="streaming")
+        self.tally.add(_STREAMING)
         trace, t0 = self.trace, ex.t0
         t, c = time.perf_counter(), trace.cpu()
         trace.record("upstream_wait", t - t0)
         clean = False
+        sent = 0  # counted once per answer, not per chunk
         try:
-            await sink.start(200, [(b"content-type", sealed.RESPONSE_MEDIA_TYPE.encode())])
+            await sink.start(200, [(b"content-type", _RESPONSE_TYPE)])
             chunk = first
             while chunk:
-                self.metrics.inc("response_bytes_total", len(chunk))
+                sent += len(chunk)
                 # The node's answer is complete: its end follows without waiting.
-                await sink.write(chunk, more=resp.content.at_eof())
-                now = time.perf_counter()
-                if t0:
-                    trace.record("first_out", now - t0)
-                else:
-                    cpu = trace.cpu() - c  # read before either line is written
-                    trace.record("chunk", now - t)
-                    trace.record("chunk_cpu", cpu)
-                t0 = 0.0
+                await sink.write(chunk, more=conn.complete)
+                if trace.enabled:
+                    now = time.perf_counter()
+                    if t0:
+                        trace.record("first_out", now - t0)
+                    else:
+                        cpu = trace.cpu() - c  # read before either line is written
+                        trace.record("chunk", now - t)
+                        trace.record("chunk_cpu", cpu)
+                    t0 = 0.0
                 try:
-                    chunk = await resp.content.readany()
-                except (aiohttp.ClientError, TimeoutError, OSError):
+                    chunk = await conn.read()
+                except (NodeError, TimeoutError, OSError):
                     break
-                t, c = time.perf_counter(), trace.cpu()
+                if trace.enabled:
+                    t, c = time.perf_counter(), trace.cpu()
             else:
                 clean = True
         except NodeStreamError:
             pass
         finally:
-            resp.close()
+            client.release(conn)
+            self.tally.add(_SENT, sent)
         if not clean:
             self.metrics.inc("node_attempts_total", outcome="died_mid_stream")
             log.info(

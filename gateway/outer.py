@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.limits import MAX_INNER_REQUEST
+from gateway.tally import Tally, key
 from openpcc import audit
 from openpcc.errors import OpenPCCError, UnsupportedError
 from openpcc.service.http import PROBLEM_JSON, Metrics, problem
@@ -40,6 +41,8 @@ from openpcc.wire.ohttp import MEDIA_TYPE_REQUEST, MEDIA_TYPE_RESPONSE, decapsul
 OHTTP_KEY_PROBLEM = "https://iana.org/assignments/http-problem-types#ohttp-key"
 # Content of one response chunk; leaves room for BHTTP framing inside the OHTTP limit.
 OUT_PIECE = DEFAULT_MAX_CHUNK_SIZE - 64
+_OK = key("requests_total", route="ohttp", outcome="ok")
+_RECEIVED = key("request_bytes_total")
 
 
 @dataclass
@@ -200,11 +203,14 @@ class OuterLayer:
         inner: InnerRouter,
         metrics: Metrics,
         trace: StageTrace,
+        *,
+        tally: Tally,
     ) -> None:
         self.limits = limits
         self.keys = keys
         self.inner = inner
         self.metrics = metrics
+        self.tally = tally
         self.trace = trace
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -237,7 +243,10 @@ class OuterLayer:
             outcome = "client_aborted"  # nobody left to answer; hand back what was started
             return ex.response if ex.response is not None else web.Response()
         finally:
-            self.metrics.inc("requests_total", route="ohttp", outcome=outcome)
+            if outcome == "ok":
+                self.tally.add(_OK)
+            else:
+                self.metrics.inc("requests_total", route="ohttp", outcome=outcome)
 
     def _too_large(self) -> web.Response:
         return problem(413, "Content Too Large", f"at most {self.limits.max_body} bytes")
@@ -276,7 +285,7 @@ class OuterLayer:
             if total > self.limits.max_body:
                 raise Refusal(self._too_large(), "too_large")
             audit.saw_body(request, chunk)
-            self.metrics.inc("request_bytes_total", len(chunk))
+            self.tally.add(_RECEIVED, len(chunk))
             yield chunk
 
     async def _plain(self, ex: Exchange) -> web.StreamResponse:

@@ -10,6 +10,7 @@ import time
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.outer import inner_problem
 from gateway.spent import SpentStore
+from gateway.tally import Tally, key
 from openpcc.errors import OpenPCCError
 from openpcc.privacypass import issuance
 from openpcc.privacypass.auth import parse_authorization_token
@@ -20,15 +21,23 @@ log = logging.getLogger("openpcc.gateway")
 # Seconds before --spent-ttl at which a key is refused (at most a tenth of it): room for
 # the clocks of replicas and of Redis, which expires the spent records, to disagree.
 KEY_AGE_MARGIN = 60
+_OK = key("redemptions_total", outcome="ok")
 
 
 class Redeemer:
     def __init__(
-        self, issuer: IssuerDirectoryCache, spent: SpentStore, metrics: Metrics, spent_ttl: int
+        self,
+        issuer: IssuerDirectoryCache,
+        spent: SpentStore,
+        metrics: Metrics,
+        spent_ttl: int,
+        *,
+        tally: Tally,
     ) -> None:
         self.issuer = issuer
         self.spent = spent
         self.metrics = metrics
+        self.tally = tally  # the counts every accepted token adds (flushed on scrape)
         self.spent_ttl = spent_ttl
         self._warned: set[bytes] = set()
         self._first: dict[bytes, float] = {}  # token key id -> first redeemed (the store's)
@@ -92,5 +101,5 @@ class Redeemer:
         if not fresh:
             self.metrics.inc("redemptions_total", outcome="spent")
             return self._unauthorized("token already spent")
-        self.metrics.inc("redemptions_total", outcome="ok")
+        self.tally.add(_OK)
         return None

@@ -66,6 +66,7 @@ from tests.gateway_support.client import (
 )
 from tests.gateway_support.procs import (
     Proc,
+    admission,
     cli,
     control,
     credential,
@@ -1308,3 +1309,82 @@ async def test_shared_registry_redis_down_then_back(
         assert await register_as(session, g, other, "http://127.0.0.1:9") == 200
         async with session.get(g.url + "/readyz") as r:
             assert r.status == 200
+
+
+# -- --workers N ------------------------------------------------------------------------------
+
+
+def test_workers_need_a_shared_registry(workdir: Path, issuer: Proc) -> None:
+    """Without --redis a node would be known only to the worker its heartbeat reached."""
+    out = cli("gateway", "serve", "--issuer", issuer.url, "--workers", "2",
+              "--state", str(workdir / "w-state"), *admission(workdir))  # fmt: skip
+    assert out.returncode == 2 and "--workers above 1 needs --redis" in out.stderr, out.stderr
+
+
+async def test_two_workers_on_one_port_share_registry_and_spent_tokens(
+    workdir: Path, issuer: Proc, session: aiohttp.ClientSession
+) -> None:
+    """`gateway serve --workers 2 --redis`: both workers answer on one port, a node that
+    registered through either is routed by both, a token spent at one is refused at the
+    other, and the whole party stops on one SIGTERM."""
+    redis = start_redis(workdir)
+    gw2 = start_gateway(
+        workdir,
+        issuer.url,
+        name="workers",
+        extra=["--redis", redis.url, "--workers", "2", *SHARED_FLAGS],
+    )
+    node = start_node(workdir, gw2.extra["internal"], bytes([0xE5]) * 16)
+    try:
+        await asyncio.to_thread(wait_listed, gw2, {node.extra["node_id"].hex()})
+
+        def healthy_in_every_worker() -> bool:
+            """Each worker syncs the registry from Redis and health-checks on its own:
+            wait until both report the node healthy (gauges carry a worker label)."""
+            text = urllib.request.urlopen(gw2.url + "/metrics", timeout=5).read().decode()
+            return all(
+                f'openpcc_gateway_nodes{{worker="{i}",health="healthy"}} 1' in text for i in (0, 1)
+            )
+
+        deadline = time.monotonic() + 10
+        while not healthy_in_every_worker():
+            assert time.monotonic() < deadline, "a worker never saw the node healthy"
+            await asyncio.sleep(0.2)
+        tokens = await mint(session, issuer.url, issuer.extra["api_key"], 24)
+        for token in tokens[:20]:  # fresh connections: the kernel spreads them over both
+            async with aiohttp.ClientSession() as fresh:
+                sr = seal_chat([pq_node_key(node)])
+                call = await infer(fresh, gw2.url, token, sr.envelope)
+                body = b"".join(
+                    [e async for e in sealed_events(call, sr.response_opener())
+                     if isinstance(e, bytes)]
+                )  # fmt: skip
+                assert body.endswith(b"last\n")
+
+        def served() -> dict[str, float]:
+            """Requests per worker; a worker that the scrape did not reach reports what it
+            wrote last (every second), so this settles within about a second."""
+            text = urllib.request.urlopen(gw2.url + "/metrics", timeout=5).read().decode()
+            return {
+                line.split("{")[1].split("}")[0]: float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("openpcc_worker_requests_total{")
+            }
+
+        deadline = time.monotonic() + 5
+        while sum(served().values()) < 40 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        counts = served()
+        assert set(counts) == {'worker="0"', 'worker="1"'} and all(counts.values()), counts
+        # Each spent token is refused whichever worker the replay reaches.
+        for token in tokens[:4]:
+            async with aiohttp.ClientSession() as fresh:
+                await expect_401(
+                    await infer(fresh, gw2.url, token, seal_chat([node_key(node)]).envelope)
+                )
+    finally:
+        node.stop()
+        gw2.stop()
+        redis.stop()
+    assert "Traceback" not in gw2.output(), gw2.output()
+    assert "SIGTERM: stopping 2 worker(s)" in gw2.output()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 
 from aiohttp import web
@@ -59,6 +59,12 @@ class Metrics:
         self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
         self._gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
         self._help: dict[str, str] = {}
+        self._collectors: list[Callable[[], None]] = []
+
+    def collect(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` before each render: gauges read from state when scraped (and when
+        a worker writes its share for the merged /metrics), not kept current per event."""
+        self._collectors.append(fn)
 
     def describe(self, name: str, help_text: str) -> None:
         self._help[name] = help_text
@@ -74,6 +80,8 @@ class Metrics:
             self._gauges[name][tuple(sorted(labels.items()))] = value
 
     def render(self) -> str:
+        for fn in self._collectors:
+            fn()
         lines: list[str] = []
         with self._lock:
             for kind, table in (("counter", self._counters), ("gauge", self._gauges)):
@@ -83,11 +91,16 @@ class Metrics:
                         lines.append(f"# HELP {full} {self._help[name]}")
                     lines.append(f"# TYPE {full} {kind}")
                     for labels, value in sorted(series.items()):
-                        lines.append(f"{full}{_labels(labels)} {value:g}")
+                        lines.append(f"{full}{_labels(labels)} {number(value)}")
         return "\n".join(lines) + "\n"
 
     async def handler(self, _request: web.Request) -> web.Response:
         return web.Response(text=self.render(), content_type="text/plain", charset="utf-8")
+
+
+def number(value: float) -> str:
+    """Exact in the exposition: integers as such (``:g`` would round past 999,999)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _labels(labels: Iterable[tuple[str, str]]) -> str:

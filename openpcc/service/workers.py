@@ -54,7 +54,7 @@ from typing import Any
 from aiohttp import web
 
 from openpcc.lifecycle import PARENT_FD_ENV, die_with_parent
-from openpcc.service.http import Metrics
+from openpcc.service.http import Metrics, number
 
 log = logging.getLogger("openpcc.service")
 
@@ -143,10 +143,6 @@ def _with_worker(labels: str, index: str) -> str:
     return "{" + ",".join(x for x in (f'worker="{index}"', inner) if x) + "}"
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
 def merge_dumps(folder: Path) -> str:
     """One exposition for all workers: live ``<i>.json`` and dead ``gone-*.json``."""
     kinds: dict[str, str] = {}
@@ -178,11 +174,11 @@ def merge_dumps(folder: Path) -> str:
         if name in helps:
             lines.append(f"# HELP {name} {helps[name]}")
         lines.append(f"# TYPE {name} {kinds.get(name, 'untyped')}")
-        lines += [f"{name}{labels} {_number(v)}" for labels, v in sorted(sums[name].items())]
+        lines += [f"{name}{labels} {number(v)}" for labels, v in sorted(sums[name].items())]
     lines.append(f"# HELP {WORKER_REQUESTS} HTTP requests each worker process answered")
     lines.append(f"# TYPE {WORKER_REQUESTS} counter")
     for index, count in sorted(requests.items()):
-        lines.append(f'{WORKER_REQUESTS}{{worker="{index}"}} {_number(count)}')
+        lines.append(f'{WORKER_REQUESTS}{{worker="{index}"}} {number(count)}')
     return "\n".join(lines) + "\n"
 
 
@@ -210,7 +206,7 @@ def _retire_dump(folder: Path, index: int) -> None:
         if name in helps:
             lines.append(f"# HELP {name} {helps[name]}")
         lines.append(f"# TYPE {name} {kinds[name]}")
-        lines += [f"{n}{lab} {_number(v)}" for (n, lab), v in sorted(series.items()) if n == name]
+        lines += [f"{n}{lab} {number(v)}" for (n, lab), v in sorted(series.items()) if n == name]
     by_worker = old.get("requests_by_worker", {})
     by_worker[str(index)] = by_worker.get(str(index), 0) + doc.get("requests", 0)
     tmp = gone.with_suffix(".tmp")
