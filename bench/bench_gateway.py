@@ -43,6 +43,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -492,13 +493,20 @@ def _heartbeat(
             return
 
 
-def _wait_healthy(gateway_url: str, n: int, timeout: float = 20.0) -> None:
+def _wait_healthy(gateway_url: str, n: int, timeout: float = 20.0, workers: int = 1) -> None:
+    """Until every worker (one without --workers) lists ``n`` healthy nodes."""
     deadline = time.monotonic() + timeout
-    want = f'openpcc_gateway_nodes{{health="healthy"}} {n}'
     while time.monotonic() < deadline:
         with urllib.request.urlopen(gateway_url + "/metrics", timeout=5) as r:
             text = r.read().decode()
-        if any(line.startswith(want) for line in text.splitlines()):
+        ready = [
+            line
+            for line in text.splitlines()
+            if line.startswith("openpcc_gateway_nodes{")
+            and 'health="healthy"' in line
+            and line.rsplit(" ", 1)[1] == str(n)
+        ]
+        if len(ready) >= workers:
             return
         time.sleep(0.1)
     raise RuntimeError(f"the gateway did not list {n} healthy nodes within {timeout}s")
@@ -516,7 +524,9 @@ def _key_config(gateway_url: str) -> Any:
 
 
 @contextmanager
-def stack(workdir: Path, baseline: Path | None = None, redis: bool = False) -> Iterator[Stack]:
+def stack(
+    workdir: Path, baseline: Path | None = None, redis: bool = False, workers: int = 1
+) -> Iterator[Stack]:
     """Upstream node (nginx), real issuer, real gateway, three registered node ids.
 
     ``baseline``: a second gateway from that checkout, same node, issuer and node ids,
@@ -546,6 +556,8 @@ def stack(workdir: Path, baseline: Path | None = None, redis: bool = False) -> I
 
             started.append(redis_proc := start_redis(workdir))
             extra = ["--redis", redis_proc.url]
+        if workers > 1:
+            extra += ["--workers", str(workers)]
         gateway, port = start_gateway(workdir, issuer.url, extra=extra)
         started.append(gateway)
         base = None
@@ -573,7 +585,7 @@ def stack(workdir: Path, baseline: Path | None = None, redis: bool = False) -> I
             daemon=True,
         )
         beat.start()
-        _wait_healthy(gateway.url, K)
+        _wait_healthy(gateway.url, K, workers=workers)
         st = Stack(workdir, upstream, issuer, gateway, port, keys, node_body)
         st.key_config = _key_config(gateway.url)
         if base is not None:
@@ -1133,6 +1145,58 @@ def _run(workdir: Path) -> dict[str, Any]:
     }
 
 
+# -- --workers 2 vs 1 ------------------------------------------------------------------------------
+
+
+def workers_scaling(workdir: Path, rounds: int = 2) -> dict[str, Any]:
+    """Requests/s of `gateway serve --redis --workers 2` over `--workers 1` (both need the
+    shared registry with workers, so both run on Redis), the same load (32 connections),
+    alternating rounds. Meaningful on a host with cores to spare for the second worker,
+    the node nginx and the load generator; on a 2-core VM they all share two cores."""
+    rps: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(rounds):
+        for w in (1, 2) if r % 2 == 0 else (2, 1):
+            sub = workdir / f"workers-{w}-{r}"
+            sub.mkdir()
+            with stack(sub, redis=True, workers=w) as st:
+                warm = st.build(WARMUP_REQUESTS)
+                warm_file = warm.write(sub / "warm.bin")
+                first = load(st.gateway_port, GATEWAY_PATH, warm_file, duration=60)
+                _require_ok(f"workers {w} warm-up", first)
+                n = int(min(MAX_POOL, max(500, first["rps"] * w * DURATION * POOL_MARGIN)))
+                pool = st.build(n)
+                pool_file = pool.write(sub / "pool.bin")
+                got = load(st.gateway_port, GATEWAY_PATH, pool_file, responses_file=sub / "r")
+                _require_ok(f"workers {w}", got, st.check(pool, sub / "r"))
+                rps[w].append(got["rps"])
+    one, two = statistics.median(rps[1]), statistics.median(rps[2])
+    return {
+        "gateway_workers_scaling": round(two / max(one, 1e-9), 3),
+        "rps_workers_1": rps[1],
+        "rps_workers_2": rps[2],
+        "cpus": os.cpu_count(),
+        "spent_store": "Redis (required with --workers)",
+    }
+
+
+def scaling_main() -> int:
+    """`python -m bench.bench_gateway scaling`: adds the figure to results/gateway.json."""
+    from bench._harness import environment
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-workers-"))
+    try:
+        result = workers_scaling(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    path = ROOT / "bench" / "results" / "gateway.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"summary": {}, "details": {}}
+    doc["summary"]["gateway_workers_scaling"] = result["gateway_workers_scaling"]
+    doc.setdefault("details", {})["workers_scaling"] = {**result, "env": environment()}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 # -- paired A/B against another checkout --------------------------------------------------------
 
 AB_ROUNDS = 6
@@ -1220,10 +1284,13 @@ def _ab(workdir: Path, baseline: Path, rounds: int, n: int, redis: bool) -> dict
 def main(argv: list[str]) -> int:
     """``python -m bench.bench_gateway``: the run, written to results/gateway.json (and
     with $OPENPCC_BENCH_GATEWAY_BASELINE=DIR a paired A/B against that checkout in it);
-    ``ab DIR [ROUNDS] [--redis]``: the A/B alone, printed."""
+    ``ab DIR [ROUNDS] [--redis]``: the A/B alone, printed; ``scaling``: --workers 2 vs 1,
+    added to results/gateway.json."""
     if len(argv) > 1 and argv[0] == "load":
         print(json.dumps(asyncio.run(_load(json.loads(argv[1])))))
         return 0
+    if argv and argv[0] == "scaling":
+        return scaling_main()
     if argv and argv[0] == "ab":
         redis = "--redis" in argv
         args = [a for a in argv[1:] if a != "--redis"]
