@@ -353,9 +353,13 @@ def _measure(
     try:
         reader.take()  # the warm-up's stages are not part of any load
         passes: list[dict[str, Any]] = []
+        partial = os.environ.get("OPENPCC_BENCH_PARTIAL")  # a cut-off device call keeps it
         for _ in range(RUNS):
-            passes.append({f"concurrency_{conc}": _one_load(gens, reader, cpu, conc, n)
-                           for conc, n in LOADS})  # fmt: skip
+            passes.append({})
+            for conc, n in LOADS:
+                passes[-1][f"concurrency_{conc}"] = _one_load(gens, reader, cpu, conc, n)
+                if partial:
+                    Path(partial).write_text(json.dumps(passes, indent=1) + "\n")
         out = _median_of(passes)
     finally:
         gens.close()

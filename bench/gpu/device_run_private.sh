@@ -73,6 +73,7 @@ bench)
     card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]00' || echo gpu)
     export OPENPCC_BENCH_LABEL=${OPENPCC_BENCH_LABEL:-$(echo "$card" | tr 'A-Z' 'a-z')}
     export OPENPCC_BENCH_CLIENT_PROCS=${OPENPCC_BENCH_CLIENT_PROCS:-4}
+    export OPENPCC_BENCH_PARTIAL=$OUT/private_path_partial.json
     python3 -m bench bench_private_path 2>&1 | tail -60 | tee "$OUT/bench.log" || true
     cp bench/results/private_path_*.json "$OUT/" || true
     tail -c 100000 $X/vllm.log > "$OUT/vllm.log" || true
