@@ -21,23 +21,40 @@ where its framing said, on HTTP/1.1 without ``Connection: close``. Anything else
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import time
 from collections import deque
 from urllib.parse import quote, urlsplit
 
 from openpcc.errors import OpenPCCError
+from openpcc.service.http1 import (
+    CHUNK_SIZE as _CHUNK_SIZE,
+)
+from openpcc.service.http1 import (
+    DONE as _DONE,
+)
+from openpcc.service.http1 import (
+    HEAD as _HEAD,
+)
+from openpcc.service.http1 import (
+    IDLE as _IDLE,
+)
+from openpcc.service.http1 import (
+    LENGTH as _LENGTH,
+)
+from openpcc.service.http1 import (
+    RESPONSE_HEAD as _RESPONSE_HEAD,
+)
+from openpcc.service.http1 import (
+    UNTIL_CLOSE as _UNTIL_CLOSE,
+)
+from openpcc.service.http1 import (
+    ResponseFraming,
+)
+from openpcc.service.http1 import field_values as _values
 
-MAX_HEAD = 16 * 1024  # largest answer head, status line and headers
-MAX_LINE = 4096  # largest chunk-size or trailer line
 HIGH_WATER = 256 * 1024  # answer bytes buffered before the node is no longer read
 IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
-_HEX = b"0123456789abcdefABCDEF"
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_RESPONSE_HEAD = re.compile(
-    rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [^\r\n\0]*)?(?:\r\n" + _TOKEN + rb":[^\r\n\0]*)*"
-)
 
 
 class NodeError(OpenPCCError):
@@ -56,20 +73,6 @@ class NodeTimeout(NodeError):
     the read timeout."""
 
     status_hint = 504
-
-
-def _values(head: bytes, low: bytes, key: bytes) -> list[bytes]:
-    """Values of every field ``key`` (b"\\r\\nname:") finds in ``low`` (``head`` lowered)."""
-    found = []
-    at = low.find(key)
-    while at >= 0:
-        start = at + len(key)
-        end = low.find(b"\r\n", start)
-        if end < 0:
-            end = len(low)
-        found.append(head[start:end].strip(b" \t"))
-        at = low.find(key, end)
-    return found
 
 
 class Origin:
@@ -95,16 +98,16 @@ class Origin:
 
 
 # Where the parser is in the current answer.
-_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA = 0, 1, 2, 3, 4
-_CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = 5, 6, 7, 8
 
 
-class NodeConnection(asyncio.Protocol):
+class NodeConnection(ResponseFraming, asyncio.Protocol):
     """One keep-alive connection and the answer being read on it.
 
     After ``NodeClient.post``: ``status`` and ``media_type`` are set; ``read()`` gives the
     body as it arrives (b"" at its end); ``complete`` says the whole body is in already.
     """
+
+    framing_error = NodeError
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
         self._loop = loop
@@ -163,59 +166,6 @@ class NodeConnection(asyncio.Protocol):
             self._reusable = False  # more than the framing announced
 
     # -- answer parsing --------------------------------------------------------------
-    def _parse(self, buf: bytes) -> bytes:
-        while buf:
-            state = self._state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-                if end < 0:
-                    if len(buf) >= MAX_HEAD + 4:
-                        raise NodeError("head too large")
-                    return buf
-                self._parse_head(buf[:end])
-                buf = buf[end + 4 :]
-            elif state in (_LENGTH, _CHUNK_DATA):
-                take = buf[: self._remaining]
-                buf = buf[len(take) :]
-                self._remaining -= len(take)
-                self._push(take)
-                if self._remaining == 0:
-                    if state == _LENGTH:
-                        self._finish()
-                    else:
-                        self._state = _CHUNK_END
-            elif state in (_CHUNK_SIZE, _TRAILERS):
-                end = buf.find(b"\r\n", 0, MAX_LINE + 2)
-                if end < 0:
-                    if len(buf) >= MAX_LINE + 2:
-                        raise NodeError("chunk line too long")
-                    return buf
-                line, buf = buf[:end], buf[end + 2 :]
-                if b"\n" in line or b"\r" in line or b"\0" in line:
-                    raise NodeError("stray CR, LF or NUL in a chunk or trailer line")
-                if state == _TRAILERS:
-                    if not line:
-                        self._finish()
-                    continue  # trailer fields are dropped
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 15 or size.strip(_HEX):
-                    raise NodeError("bad chunk size")
-                self._remaining = int(size, 16)
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    return buf
-                if buf[:2] != b"\r\n":
-                    raise NodeError("chunk not followed by CRLF")
-                buf = buf[2:]
-                self._state = _CHUNK_SIZE
-            elif state == _UNTIL_CLOSE:
-                self._push(buf)
-                return b""
-            else:  # _DONE: whatever follows is not ours
-                return buf
-        return buf
-
     def _parse_head(self, head: bytes) -> None:
         if _RESPONSE_HEAD.fullmatch(head) is None:
             raise NodeError("malformed head")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import ssl
 import time
@@ -31,19 +30,37 @@ from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, urlsplit
 
 from openpcc.errors import OpenPCCError
+from openpcc.service.http1 import (
+    CHUNK_SIZE as _CHUNK_SIZE,
+)
+from openpcc.service.http1 import (
+    DONE as _DONE,
+)
+from openpcc.service.http1 import (
+    HEAD as _HEAD,
+)
+from openpcc.service.http1 import (
+    IDLE as _IDLE,
+)
+from openpcc.service.http1 import (
+    LENGTH as _LENGTH,
+)
+from openpcc.service.http1 import (
+    RESPONSE_HEAD as _RESPONSE_HEAD,
+)
+from openpcc.service.http1 import (
+    UNTIL_CLOSE as _UNTIL_CLOSE,
+)
+from openpcc.service.http1 import (
+    ResponseFraming,
+)
+from openpcc.service.http1 import field_values as _values
 
-MAX_HEAD = 16 * 1024  # largest response head, status line and headers (nginx: 4-8 KiB)
-MAX_LINE = 4096  # largest chunk-size or trailer line
 HIGH_WATER = 256 * 1024  # response bytes buffered before the gateway is no longer read
 IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
 DNS_TTL = 60.0  # how long a gateway host's resolved addresses are reused
-_HEX = b"0123456789abcdefABCDEF"
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # A response head: status line, then fields named by tokens right before the colon; no
 # line ends but in CRLF, and no NUL anywhere.
-_RESPONSE_HEAD = re.compile(
-    rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [^\r\n\0]*)?(?:\r\n" + _TOKEN + rb":[^\r\n\0]*)*"
-)
 
 
 class UpstreamError(OpenPCCError):
@@ -63,28 +80,11 @@ class UpstreamTimeout(UpstreamError):
 
 
 # Where the parser is in the current response.
-_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA = 0, 1, 2, 3, 4
-_CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = 5, 6, 7, 8
 
 
 # b"\r\nname:" for each kept field name, and each kept name as written back: built once.
 _FIELD_KEYS: dict[bytes, bytes] = {}
 _NAMES: dict[str, bytes] = {}
-
-
-def _values(head: bytes, low: bytes, key: bytes) -> list[bytes]:
-    """The values in ``head`` of every field that ``key`` (b"\\r\\nname:") finds in
-    ``low``, the head in lower case."""
-    found = []
-    at = low.find(key)
-    while at >= 0:
-        start = at + len(key)
-        end = low.find(b"\r\n", start)
-        if end < 0:
-            end = len(low)
-        found.append(head[start:end].strip(b" \t"))
-        at = low.find(key, end)
-    return found
 
 
 class Endpoint:
@@ -116,13 +116,15 @@ class Endpoint:
         self.host_line = b"Host: " + authority.encode("ascii") + b"\r\n"
 
 
-class Connection(asyncio.Protocol):
+class Connection(ResponseFraming, asyncio.Protocol):
     """One keep-alive connection and the response currently being read on it.
 
     Two ways to follow a response: ``async with client.request(...)`` (awaits the head,
     then ``read()``), or ``client.send(..., on_event)``, the relay's fast path for a
     request whose body is all here: ``on_event(conn)`` is called once, without a task,
     when the head is in (with the whole body if it came along) or the exchange failed."""
+
+    framing_error = UpstreamError
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
         self._loop = loop
@@ -196,59 +198,6 @@ class Connection(asyncio.Protocol):
             self._notify()  # after the whole segment is parsed: the body may have come along
 
     # -- response parsing ----------------------------------------------------------
-    def _parse(self, buf: bytes) -> bytes:
-        while buf:
-            state = self._state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-                if end < 0:
-                    if len(buf) >= MAX_HEAD + 4:
-                        raise UpstreamError("head too large")
-                    return buf
-                self._parse_head(buf[:end])
-                buf = buf[end + 4 :]
-            elif state in (_LENGTH, _CHUNK_DATA):
-                take = buf[: self._remaining]
-                buf = buf[len(take) :]
-                self._remaining -= len(take)
-                self._push(take)
-                if self._remaining == 0:
-                    if state == _LENGTH:
-                        self._finish()
-                    else:
-                        self._state = _CHUNK_END
-            elif state in (_CHUNK_SIZE, _TRAILERS):
-                end = buf.find(b"\r\n", 0, MAX_LINE + 2)
-                if end < 0:
-                    if len(buf) >= MAX_LINE + 2:
-                        raise UpstreamError("chunk line too long")
-                    return buf
-                line, buf = buf[:end], buf[end + 2 :]
-                if b"\n" in line or b"\r" in line or b"\0" in line:  # as in the head
-                    raise UpstreamError("stray CR, LF or NUL in a chunk or trailer line")
-                if state == _TRAILERS:
-                    if not line:
-                        self._finish()
-                    continue  # trailer fields are dropped, like every other header
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 15 or size.strip(_HEX):
-                    raise UpstreamError("bad chunk size")
-                self._remaining = int(size, 16)
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    return buf
-                if buf[:2] != b"\r\n":
-                    raise UpstreamError("chunk not followed by CRLF")
-                buf = buf[2:]
-                self._state = _CHUNK_SIZE
-            elif state == _UNTIL_CLOSE:
-                self._push(buf)
-                return b""
-            else:  # _DONE: whatever follows is not ours
-                return buf
-        return buf
-
     def _parse_head(self, head: bytes) -> None:
         if _RESPONSE_HEAD.fullmatch(head) is None:
             raise UpstreamError("malformed head")

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from gateway import nodeclient
 from gateway.nodeclient import NodeClient, NodeConnection, NodeError, NodeTimeout, NodeUnreachable
+from openpcc.service import http1
 from tests.fuzz_profiles import PARSER
 
 LINES = b"Content-Type: application/openpcc-sealed-request\r\nOpenPCC-Forward: t=1, mac=00\r\n"
@@ -167,7 +168,7 @@ async def test_until_close_and_interim_answers(node: Node) -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * nodeclient.MAX_HEAD + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * http1.MAX_HEAD + b"\r\n\r\n",
     ],
     ids=[
         "status",

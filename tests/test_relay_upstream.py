@@ -39,9 +39,9 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
+from openpcc.service.http1 import MAX_HEAD
 from relay import upstream
 from relay.upstream import (
-    MAX_HEAD,
     Client,
     Endpoint,
     UpstreamError,
