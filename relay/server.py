@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from openpcc.service.http1 import field_values
 from openpcc.service.limits import ConnectionLimits, ServeSettings
 from relay.config import Gateway, RelayConfig
 from relay.core import (
@@ -140,19 +141,6 @@ def _first(fields: bytes, low: bytes, key: bytes) -> bytes | None:
     start = at + len(key)
     end = low.find(b"\r\n", start)
     return fields[start : end if end >= 0 else len(fields)].strip(b" \t")
-
-
-def _all(fields: bytes, low: bytes, key: bytes) -> list[bytes]:
-    found = []
-    at = low.find(key)
-    while at >= 0:
-        start = at + len(key)
-        end = low.find(b"\r\n", start)
-        if end < 0:
-            end = len(low)
-        found.append(fields[start:end].strip(b" \t"))
-        at = low.find(key, end)
-    return found
 
 
 class BodyTooSlowError(TimeoutError):
@@ -263,7 +251,7 @@ class Listener:
             if not conn._busy:
                 conn._close()
 
-    def abort_all(self) -> None:
+    def abortfield_values(self) -> None:
         for conn in list(self.connections):
             conn._abort()
 
@@ -466,14 +454,14 @@ class _Conn(asyncio.Protocol):
         te = _first(fields, low, b"\r\ntransfer-encoding:")
         cl = _first(fields, low, b"\r\ncontent-length:")
         if te is not None:
-            codings = _all(fields, low, b"\r\ntransfer-encoding:")
+            codings = field_values(fields, low, b"\r\ntransfer-encoding:")
             if cl is not None or minor != b"1" or [c.lower() for c in codings] != [b"chunked"]:
                 self._bad_framing()
                 return
             chunked = True
         elif cl is not None:
             again = low.count(b"\r\ncontent-length:") > 1  # (rare: then all must agree)
-            values = _all(fields, low, b"\r\ncontent-length:") if again else (cl,)
+            values = field_values(fields, low, b"\r\ncontent-length:") if again else (cl,)
             if not cl.isdigit() or len(cl) > 18 or any(v != cl for v in values):
                 self._bad_framing()
                 return
@@ -1206,6 +1194,6 @@ async def _serve(
         for w in waits:
             w.cancel()
         for lst, _ in listeners:
-            lst.abort_all()
+            lst.abortfield_values()
         await asyncio.sleep(0)  # connection_lost runs: in-flight handlers are cancelled
         await core.stop()
