@@ -482,8 +482,8 @@ class Client:
         return [first, *self._rng.sample(others, k - 1)]
 
     def _sealing_keys(self, nodes: list[VerifiedNode]) -> list[sealed.NodeKey]:
-        """The keys requests to these nodes are sealed to (the pool of ``_candidates``)."""
-        return [sealed.NodeKey(n.node_id, n.sealing_key) for n in _sealing_pool(nodes)]
+        """The keys requests to these nodes are sealed to: X-Wing where attested."""
+        return [sealed.NodeKey(n.node_id, n.sealing_key) for n in nodes]
 
     async def models(self) -> list[str]:
         """Models served by at least one verified node.
@@ -629,8 +629,9 @@ class Client:
             raise GatewayError(status, problem)
         if prepared is not None:
             # The answer has ended: the likeliest idle moment to set up the next request's
-            # encapsulations, for this gateway key and the nodes this model can go to.
-            prepared.refill(config, self._sealing_keys(nodes))
+            # encapsulations, for this gateway key and the verified nodes (every model's:
+            # a refill for one model must not drop what another's requests will use).
+            prepared.refill(config, self._sealing_keys(self._nodes))
         if node_status != 200:
             raise NodeError(node_status or 0, bytes(node_body))
         if not streaming:
