@@ -28,30 +28,16 @@ from urllib.parse import quote, urlsplit
 
 from openpcc.errors import OpenPCCError
 from openpcc.service.http1 import (
-    CHUNK_SIZE as _CHUNK_SIZE,
-)
-from openpcc.service.http1 import (
-    DONE as _DONE,
-)
-from openpcc.service.http1 import (
-    HEAD as _HEAD,
-)
-from openpcc.service.http1 import (
-    IDLE as _IDLE,
-)
-from openpcc.service.http1 import (
-    LENGTH as _LENGTH,
-)
-from openpcc.service.http1 import (
-    RESPONSE_HEAD as _RESPONSE_HEAD,
-)
-from openpcc.service.http1 import (
-    UNTIL_CLOSE as _UNTIL_CLOSE,
-)
-from openpcc.service.http1 import (
+    CHUNK_SIZE,
+    DONE,
+    HEAD,
+    IDLE,
+    LENGTH,
+    RESPONSE_HEAD,
+    UNTIL_CLOSE,
     ResponseFraming,
+    field_values,
 )
-from openpcc.service.http1 import field_values as _values
 
 HIGH_WATER = 256 * 1024  # answer bytes buffered before the node is no longer read
 IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
@@ -117,7 +103,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of this exchange's answer
-        self._state = _IDLE
+        self._state = IDLE
         self._reusable = True
         self._buf = b""
         self._waiter: asyncio.Future[None] | None = None
@@ -139,9 +125,9 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._reusable = False
-        if self._state == _UNTIL_CLOSE and exc is None:
+        if self._state == UNTIL_CLOSE and exc is None:
             self._finish()
-        elif self._state not in (_IDLE, _DONE):
+        elif self._state not in (IDLE, DONE):
             self._fail(
                 NodeError("the node closed the connection")
                 if self.got_bytes
@@ -150,7 +136,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
         self._cancel_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._state in (_IDLE, _DONE):
+        if self._state in (IDLE, DONE):
             self._reusable = False  # bytes nobody asked for: never reuse this connection
             return
         self.got_bytes = True
@@ -162,19 +148,19 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
             self._fail(NodeError(f"malformed answer: {exc}"))
             return
         self._buf = buf
-        if buf and self._state == _DONE:
+        if buf and self._state == DONE:
             self._reusable = False  # more than the framing announced
 
     # -- answer parsing --------------------------------------------------------------
     def _parse_head(self, head: bytes) -> None:
-        if _RESPONSE_HEAD.fullmatch(head) is None:
+        if RESPONSE_HEAD.fullmatch(head) is None:
             raise NodeError("malformed head")
         status = int(head[9:12])
         low = head.lower()
-        length = _values(low, low, b"\r\ncontent-length:")
-        coding = _values(low, low, b"\r\ntransfer-encoding:")
-        connection = b",".join(_values(low, low, b"\r\nconnection:"))
-        ctype = _values(low, low, b"\r\ncontent-type:")
+        length = field_values(low, low, b"\r\ncontent-length:")
+        coding = field_values(low, low, b"\r\ntransfer-encoding:")
+        connection = b",".join(field_values(low, low, b"\r\nconnection:"))
+        ctype = field_values(low, low, b"\r\ncontent-type:")
         if status < 200:
             if status == 101:
                 raise NodeError("unexpected protocol switch")
@@ -194,17 +180,17 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
                 raise NodeError("unsupported transfer coding")
             if length:
                 self._reusable = False  # both framings sent: use chunked, then close
-            self._state = _CHUNK_SIZE
+            self._state = CHUNK_SIZE
         elif length:
             if len(length) > 1 or not length[0].isdigit() or len(length[0]) > 18:
                 raise NodeError("bad content-length")
             self._remaining = int(length[0])
-            self._state = _LENGTH
+            self._state = LENGTH
             if self._remaining == 0:
                 self._finish()
         else:
             self._reusable = False  # the body ends when the connection does
-            self._state = _UNTIL_CLOSE
+            self._state = UNTIL_CLOSE
         self._wake()
 
     def _push(self, data: bytes) -> None:
@@ -218,7 +204,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
             self._wake()
 
     def _finish(self) -> None:
-        self._state = _DONE
+        self._state = DONE
         self._cancel_timer()
         self._wake()
 
@@ -245,7 +231,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
 
     # -- read timeout: one timer per exchange, re-armed only when it fires early ------
     def _start_read_timeout(self) -> None:
-        if self._state in (_IDLE, _DONE) or self._exc is not None or self._paused:
+        if self._state in (IDLE, DONE) or self._exc is not None or self._paused:
             return
         self._last_read = self._loop.time()
         if self._timer is None:
@@ -271,7 +257,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
         """Start an exchange: the whole request in one write."""
         if self.closed or self.transport is None or self.transport.is_closing():
             raise NodeUnreachable("the node closed the connection")
-        self._state = _HEAD
+        self._state = HEAD
         self._buf = b""
         self._exc = None
         self._body = []
@@ -290,7 +276,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
     @property
     def complete(self) -> bool:
         """The whole body is here already: the next ``read`` after this one is b""."""
-        return self._state == _DONE
+        return self._state == DONE
 
     async def read(self) -> bytes:
         """The body bytes that arrived since the last call, waiting for some; b"" at the
@@ -298,7 +284,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
         while not self._body:
             if self._exc is not None:
                 raise self._exc
-            if self._state == _DONE:
+            if self._state == DONE:
                 return b""
             await self._wait()
         body = self._body
@@ -316,7 +302,7 @@ class NodeConnection(ResponseFraming, asyncio.Protocol):
         return (
             self._reusable
             and not self.closed
-            and self._state == _DONE
+            and self._state == DONE
             and self._exc is None
             and not self._buf
             and not self._paused

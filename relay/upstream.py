@@ -31,30 +31,16 @@ from urllib.parse import quote, urlsplit
 
 from openpcc.errors import OpenPCCError
 from openpcc.service.http1 import (
-    CHUNK_SIZE as _CHUNK_SIZE,
-)
-from openpcc.service.http1 import (
-    DONE as _DONE,
-)
-from openpcc.service.http1 import (
-    HEAD as _HEAD,
-)
-from openpcc.service.http1 import (
-    IDLE as _IDLE,
-)
-from openpcc.service.http1 import (
-    LENGTH as _LENGTH,
-)
-from openpcc.service.http1 import (
-    RESPONSE_HEAD as _RESPONSE_HEAD,
-)
-from openpcc.service.http1 import (
-    UNTIL_CLOSE as _UNTIL_CLOSE,
-)
-from openpcc.service.http1 import (
+    CHUNK_SIZE,
+    DONE,
+    HEAD,
+    IDLE,
+    LENGTH,
+    RESPONSE_HEAD,
+    UNTIL_CLOSE,
     ResponseFraming,
+    field_values,
 )
-from openpcc.service.http1 import field_values as _values
 
 HIGH_WATER = 256 * 1024  # response bytes buffered before the gateway is no longer read
 IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
@@ -136,7 +122,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
         self.upload: asyncio.Future[None] | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._state = _IDLE
+        self._state = IDLE
         self._reusable = True
         self._buf = b""
         self._waiter: asyncio.Future[None] | None = None
@@ -162,9 +148,9 @@ class Connection(ResponseFraming, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._reusable = False
-        if self._state == _UNTIL_CLOSE and exc is None:
+        if self._state == UNTIL_CLOSE and exc is None:
             self._finish()
-        elif self._state not in (_IDLE, _DONE):
+        elif self._state not in (IDLE, DONE):
             self._fail(UpstreamError("the gateway closed the connection"))
         self._cancel_timer()
         if self._drain is not None and not self._drain.done():
@@ -181,7 +167,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
             self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self._state in (_IDLE, _DONE):
+        if self._state in (IDLE, DONE):
             self._reusable = False  # bytes nobody asked for: never reuse this connection
             return
         self._last_read = self._loop.time()
@@ -192,22 +178,24 @@ class Connection(ResponseFraming, asyncio.Protocol):
             self._fail(UpstreamError(f"malformed response: {exc}"))
             return
         self._buf = buf
-        if buf and self._state == _DONE:
+        if buf and self._state == DONE:
             self._reusable = False  # more than the framing announced
         if self.head_done and self.on_event is not None:
             self._notify()  # after the whole segment is parsed: the body may have come along
 
     # -- response parsing ----------------------------------------------------------
     def _parse_head(self, head: bytes) -> None:
-        if _RESPONSE_HEAD.fullmatch(head) is None:
+        if RESPONSE_HEAD.fullmatch(head) is None:
             raise UpstreamError("malformed head")
         status = int(head[9:12])
         low = head.lower()  # fields are found by name here; kept values come from ``head``
-        length = _values(low, low, b"\r\ncontent-length:")
-        coding = _values(low, low, b"\r\ntransfer-encoding:") if b"\r\ntransfer-e" in low else []
+        length = field_values(low, low, b"\r\ncontent-length:")
+        coding = (
+            field_values(low, low, b"\r\ntransfer-encoding:") if b"\r\ntransfer-e" in low else []
+        )
         keep_alive = head.startswith(b"HTTP/1.1")
         if keep_alive and b"close" in low and b"\r\nconnection:" in low:
-            keep_alive = b"close" not in b",".join(_values(low, low, b"\r\nconnection:"))
+            keep_alive = b"close" not in b",".join(field_values(low, low, b"\r\nconnection:"))
         headers: dict[str, str] = {}
         lines = b""
         for name, as_name in self._keep.items():
@@ -238,17 +226,17 @@ class Connection(ResponseFraming, asyncio.Protocol):
                 raise UpstreamError("unsupported transfer coding")
             if length:
                 self._reusable = False  # both framings sent: use chunked, then close
-            self._state = _CHUNK_SIZE
+            self._state = CHUNK_SIZE
         elif length:
             if len(length) > 1 or not length[0].isdigit() or len(length[0]) > 18:
                 raise UpstreamError("bad content-length")
             self.length = self._remaining = int(length[0])
-            self._state = _LENGTH
+            self._state = LENGTH
             if self._remaining == 0:
                 self._finish()
         else:
             self._reusable = False  # the body ends when the connection does
-            self._state = _UNTIL_CLOSE
+            self._state = UNTIL_CLOSE
         self.head_done = True
         self._wake()
         self.start_read_timeout()  # (already running unless the body is still going up)
@@ -264,7 +252,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
             self._wake()
 
     def _finish(self) -> None:
-        self._state = _DONE  # (the read timer, if any, finds the exchange over and stops)
+        self._state = DONE  # (the read timer, if any, finds the exchange over and stops)
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -303,7 +291,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
 
     # -- read timeout: one timer, kept across exchanges, re-armed only when it fires early
     def start_read_timeout(self) -> None:
-        if self._state in (_IDLE, _DONE) or self._exc is not None or self._paused:
+        if self._state in (IDLE, DONE) or self._exc is not None or self._paused:
             return
         self._last_read = self._loop.time()
         if self._timer is None:
@@ -313,7 +301,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
 
     def _check_timeout(self) -> None:
         self._timer = None
-        if self._state in (_IDLE, _DONE) or self._exc is not None or self._paused:
+        if self._state in (IDLE, DONE) or self._exc is not None or self._paused:
             return  # no exchange waiting on the gateway: the next one arms it again
         deadline = self._last_read + self._read_timeout
         if self._loop.time() < deadline:
@@ -328,7 +316,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
 
     # -- the exchange, as seen by the caller -----------------------------------------
     def begin(self, keep: dict[bytes, str]) -> None:
-        self._state = _HEAD
+        self._state = HEAD
         self._keep = keep
         self._buf = b""
         self._exc = None
@@ -361,7 +349,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
     @property
     def complete(self) -> bool:
         """The whole body is here already (a short fixed-length answer)."""
-        return self._state == _DONE
+        return self._state == DONE
 
     def read_nowait(self) -> bytes:
         body = self._body
@@ -380,7 +368,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
         while not self._body:
             if self._exc is not None:
                 raise self._exc
-            if self._state == _DONE:
+            if self._state == DONE:
                 return b""
             await self._wait()
         return self.read_nowait()
@@ -393,7 +381,7 @@ class Connection(ResponseFraming, asyncio.Protocol):
         return (
             self._reusable
             and not self.closed
-            and self._state == _DONE
+            and self._state == DONE
             and self._exc is None
             and not self._buf
             and not self._paused  # (an abandoned body left reading paused)

@@ -38,7 +38,6 @@ from openpcc.wire.varint import decode_varint, encode_varint
 
 VERSION_1: Final = 0x01  # X25519; nodes still open it (deprecation: docs/PROTOCOL.md)
 VERSION_2: Final = 0x02  # X-Wing
-VERSION: Final = VERSION_2  # what clients send to nodes that have an X-Wing key
 REQUEST_MEDIA_TYPE: Final = "application/openpcc-sealed-request"
 RESPONSE_MEDIA_TYPE: Final = "application/openpcc-sealed-response"
 SUITE_V1: Final = hpke.DEFAULT_SUITE  # X25519 / HKDF-SHA256 / AES-128-GCM
@@ -96,7 +95,6 @@ V2: Final = Version(
 VERSIONS: Final = {VERSION_1: V1, VERSION_2: V2}
 _BY_KEM: Final = {v.suite.kem_id: v for v in VERSIONS.values()}
 _KEM_BY_PK_LEN: Final = {v.suite.npk: v.suite.kem_id for v in VERSIONS.values()}
-SUITE: Final = SUITE_V1  # kept for callers that size X25519 fields
 # Largest header of any version: what a gateway or node must accept before the chunks.
 MAX_HEADER_LEN: Final = (
     7
@@ -110,8 +108,6 @@ MAX_HEADER_LEN: Final = (
 MAX_ENVELOPE_LEN: Final = (
     MAX_REQUEST_BYTES + (MAX_REQUEST_BYTES // CHUNK_SIZE + 1) * (1 + 4 + 16) + MAX_HEADER_LEN
 )
-WRAP_INFO_LABEL: Final = V1.wrap_info_label
-CONTEXT_LABEL: Final = V1.context_label
 
 
 def version_for_kem(kem_id: int) -> Version:
