@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from openpcc.client.prepared import PreparedSenders
+from openpcc.client.prepared import FirstBytePending, PreparedSenders
 from openpcc.errors import EncodeError
 from openpcc.wire import bhttp, hpke, ohttp, sealed
 from openpcc.wire.chunked import ChunkedRequestReceiver
@@ -91,3 +91,41 @@ def test_a_prepared_setup_of_the_other_kem_is_refused() -> None:
     w, _ = _nodes(hpke.KEM_XWING, 1)
     with pytest.raises(EncodeError, match="suite"):
         sealed.seal_request(x, "m", REQUEST, senders=[sealed.wrap_sender(w[0])])
+
+
+def test_no_setup_is_made_while_a_request_awaits_its_first_byte_and_steps_yield() -> None:
+    """Issue 19: refills run on the loop one setup per step, none while a request is
+    between its start and its first byte (its sealing and wait never share the
+    interpreter with a refill)."""
+    nodes, _ = _nodes(hpke.KEM_DHKEM_X25519_HKDF_SHA256, 3)
+    gw = hpke.generate_key_pair()
+    config = ohttp.KeyConfig(1, 0x0020, gw.public_key, (ohttp.SymmetricSuite(1, 1),))
+
+    async def go() -> None:
+        pool = PreparedSenders(depth=2)
+        with FirstBytePending(pool) as pending, FirstBytePending(pool):
+            pool.refill(config, nodes)
+            await asyncio.sleep(0.05)
+            assert not pool._outer and not pool._wraps  # two requests wait: nothing made
+            pending.release()
+            pending.release()  # idempotent: the other request still holds it
+            await asyncio.sleep(0.05)
+            assert not pool._outer and not pool._wraps
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            assert pool._task is not None
+            while not pool._task.done():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        assert pool._task is not None
+        await asyncio.gather(pool._task, ticker())
+        made = len(pool._outer[pool._outer_key(config)]) + sum(map(len, pool._wraps.values()))
+        assert made == 2 + 2 * 3
+        assert ticks >= made  # the loop ran other work between every two setups
+        assert FirstBytePending(None).__enter__().release() is None  # no pool: holds nothing
+        await pool.aclose()
+
+    asyncio.run(go())

@@ -45,7 +45,7 @@ from openpcc.client.errors import (
     TruncatedResponseError,
     client_errors,
 )
-from openpcc.client.prepared import PreparedSenders
+from openpcc.client.prepared import FirstBytePending, PreparedSenders
 from openpcc.client.sse import DONE, SSEParser
 from openpcc.client.unwrap import (
     Event,
@@ -498,148 +498,151 @@ class Client:
     async def _request(
         self, model: str, path: str, body: dict[str, Any], salt: bytes | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        nodes = [n for n in await self.verified_nodes() if model in n.models]
-        if not nodes:
-            nodes = [n for n in await self.verified_nodes(refresh=True) if model in n.models]
-        if not nodes:
-            raise NoVerifiedNodeError(model, self.rejected_nodes())
-        chosen = self._candidates(nodes, salt)
-        trace = self._trace
-        t0 = time.perf_counter()
-        inner = bhttp.encode_request(
-            bhttp.Request(
-                b"POST",
-                b"https",
-                b"node",
-                path.encode(),
-                [
-                    (b"content-type", b"application/json"),
-                    # Inside the encryption: the node refuses an old envelope, whoever
-                    # replays it (openpcc/forwarding.py).
-                    (SENT_AT_HEADER, str(int(time.time())).encode()),
-                    # Inside the encryption too: only the node sees the cache scope.
-                    *([(SALT_HEADER, salt.hex().encode())] if salt else []),
-                ],
-                json.dumps(body).encode(),
-            )
-        )
-        keys = [sealed.NodeKey(n.node_id, n.sealing_key) for n in chosen]
         prepared = self._prepared
-        sreq = sealed.seal_request(
-            keys, model, inner, senders=prepared.wraps(keys) if prepared else None
-        )
-        t1 = time.perf_counter()
-        token = await self._tokens.take()
-        t2 = time.perf_counter()
-        trace.record("token", t2 - t1)
-        if self._trust is not None and not self._trust.accepts_token_key(token.token_key_id):
-            raise VerificationError(
-                "the token key is not the one the release manifest pins (possible per-user key)"
+        # From here to the first byte no prepared setup is made (prepared.py says why).
+        with FirstBytePending(prepared) as pending:
+            nodes = [n for n in await self.verified_nodes() if model in n.models]
+            if not nodes:
+                nodes = [n for n in await self.verified_nodes(refresh=True) if model in n.models]
+            if not nodes:
+                raise NoVerifiedNodeError(model, self.rejected_nodes())
+            chosen = self._candidates(nodes, salt)
+            trace = self._trace
+            t0 = time.perf_counter()
+            inner = bhttp.encode_request(
+                bhttp.Request(
+                    b"POST",
+                    b"https",
+                    b"node",
+                    path.encode(),
+                    [
+                        (b"content-type", b"application/json"),
+                        # Inside the encryption: the node refuses an old envelope, whoever
+                        # replays it (openpcc/forwarding.py).
+                        (SENT_AT_HEADER, str(int(time.time())).encode()),
+                        # Inside the encryption too: only the node sees the cache scope.
+                        *([(SALT_HEADER, salt.hex().encode())] if salt else []),
+                    ],
+                    json.dumps(body).encode(),
+                )
             )
-        outer = bhttp.encode_request(
-            bhttp.Request(
-                b"POST",
-                b"https",
-                GATEWAY_AUTHORITY,
-                b"/v1/infer",
-                [
-                    (b"authorization", auth.format_authorization(token).encode()),
-                    (b"content-type", sealed.REQUEST_MEDIA_TYPE.encode()),
-                ],
-                sreq.envelope,
+            keys = [sealed.NodeKey(n.node_id, n.sealing_key) for n in chosen]
+            sreq = sealed.seal_request(
+                keys, model, inner, senders=prepared.wraps(keys) if prepared else None
             )
-        )
-        config = await self.key_config()
-        sender = prepared.outer(config) if prepared else ChunkedRequestSender(config)
-        wire = sender.seal_chunk(outer, final=True)
-        trace.record("seal", (t1 - t0) + (time.perf_counter() - t2))
-        unwrap = ResponseUnwrapper(sender.response_receiver(), sreq.response_opener())
-        sse = SSEParser()
-        streaming = bool(body.get("stream"))
-        error_body = bytearray()
-        node_status: int | None = None
-        node_body = bytearray()
+            t1 = time.perf_counter()
+            token = await self._tokens.take()
+            t2 = time.perf_counter()
+            trace.record("token", t2 - t1)
+            if self._trust is not None and not self._trust.accepts_token_key(token.token_key_id):
+                raise VerificationError(
+                    "the token key is not the one the release manifest pins (possible per-user key)"
+                )
+            outer = bhttp.encode_request(
+                bhttp.Request(
+                    b"POST",
+                    b"https",
+                    GATEWAY_AUTHORITY,
+                    b"/v1/infer",
+                    [
+                        (b"authorization", auth.format_authorization(token).encode()),
+                        (b"content-type", sealed.REQUEST_MEDIA_TYPE.encode()),
+                    ],
+                    sreq.envelope,
+                )
+            )
+            config = await self.key_config()
+            sender = prepared.outer(config) if prepared else ChunkedRequestSender(config)
+            wire = sender.seal_chunk(outer, final=True)
+            trace.record("seal", (t1 - t0) + (time.perf_counter() - t2))
+            unwrap = ResponseUnwrapper(sender.response_receiver(), sreq.response_opener())
+            sse = SSEParser()
+            streaming = bool(body.get("stream"))
+            error_body = bytearray()
+            node_status: int | None = None
+            node_body = bytearray()
 
-        def take(events: list[Event]) -> list[bytes]:
-            """Sort one batch of events; return the node's streamed bytes to parse."""
-            nonlocal node_status
-            out: list[bytes] = []
-            for ev in events:
-                if isinstance(ev, NodeData):
-                    if node_status != 200 or not streaming:
-                        node_body.extend(ev.data)
-                    else:
-                        out.append(ev.data)
-                elif isinstance(ev, NodeHead):
-                    node_status = ev.status
-                    self._answered_by(ev.headers, salt)
-                    self.last_node = next(
-                        (n for n in chosen if n.node_id == self.last_node_id), None
-                    )
-                elif isinstance(ev, GatewayBody):
-                    error_body.extend(ev.data)
-            return out
+            def take(events: list[Event]) -> list[bytes]:
+                """Sort one batch of events; return the node's streamed bytes to parse."""
+                nonlocal node_status
+                out: list[bytes] = []
+                for ev in events:
+                    if isinstance(ev, NodeData):
+                        if node_status != 200 or not streaming:
+                            node_body.extend(ev.data)
+                        else:
+                            out.append(ev.data)
+                    elif isinstance(ev, NodeHead):
+                        node_status = ev.status
+                        self._answered_by(ev.headers, salt)
+                        self.last_node = next(
+                            (n for n in chosen if n.node_id == self.last_node_id), None
+                        )
+                    elif isinstance(ev, GatewayBody):
+                        error_body.extend(ev.data)
+                return out
 
-        t_send = time.perf_counter()
-        try:
-            async with self._http().post(
-                self._relay + "/",
-                data=wire,
-                headers={"Content-Type": MEDIA_TYPE_CHUNKED_REQUEST, "Incremental": "?1"},
-            ) as resp:
-                if resp.status != 200:
-                    raise RelayError(f"relay answered {resp.status}")
-                first = True
-                async for piece in resp.content.iter_any():
-                    if first:
-                        trace.record("upstream_wait", time.perf_counter() - t_send)
-                    t, c = time.perf_counter(), trace.cpu()
-                    events = take(unwrap.receive_data(piece))  # opened, parsed after timing
-                    # OpenPCC's own work per piece (both layers opened); SSE and JSON
-                    # parsing, which any OpenAI client does, and the consumer's time
-                    # between yields are not counted.
-                    wall, cpu = time.perf_counter() - t, trace.cpu() - c
-                    trace.record("chunk", wall)  # both read before either line is written
-                    trace.record("chunk_cpu", cpu)
-                    first = False
-                    for item in events:
+            t_send = time.perf_counter()
+            try:
+                async with self._http().post(
+                    self._relay + "/",
+                    data=wire,
+                    headers={"Content-Type": MEDIA_TYPE_CHUNKED_REQUEST, "Incremental": "?1"},
+                ) as resp:
+                    if resp.status != 200:
+                        raise RelayError(f"relay answered {resp.status}")
+                    first = True
+                    async for piece in resp.content.iter_any():
+                        if first:
+                            trace.record("upstream_wait", time.perf_counter() - t_send)
+                            pending.release()
+                        t, c = time.perf_counter(), trace.cpu()
+                        events = take(unwrap.receive_data(piece))  # opened, parsed after timing
+                        # OpenPCC's own work per piece (both layers opened); SSE and JSON
+                        # parsing, which any OpenAI client does, and the consumer's time
+                        # between yields are not counted.
+                        wall, cpu = time.perf_counter() - t, trace.cpu() - c
+                        trace.record("chunk", wall)  # both read before either line is written
+                        trace.record("chunk_cpu", cpu)
+                        first = False
+                        for item in events:
+                            for obj in sse.receive_data(item):
+                                if obj is not DONE:
+                                    yield obj
+                    # The end may still carry content (a final chunk with data): same path.
+                    for item in take(unwrap.end_of_input()):
                         for obj in sse.receive_data(item):
                             if obj is not DONE:
                                 yield obj
-                # The end may still carry content (a final chunk with data): same path.
-                for item in take(unwrap.end_of_input()):
-                    for obj in sse.receive_data(item):
-                        if obj is not DONE:
-                            yield obj
-                sse.end_of_input()
-        except aiohttp.ClientError as exc:
-            if unwrap.gateway_status == 200 and node_status is not None:
-                raise TruncatedResponseError(f"connection lost mid-answer: {exc}") from exc
-            raise RelayError(f"transport failed: {exc}") from exc
-        except NodeTruncatedError as exc:
-            raise TruncatedResponseError(str(exc)) from exc
-        # Any other cut is mapped by @_typed_stream (client_errors), like every core error.
-        if unwrap.gateway_status != 200:
-            problem = _problem(bytes(error_body))
-            status = unwrap.gateway_status or 502
-            if status == 401:
-                raise TokenRejectedError(status, problem)
-            if status == 503:
-                raise NoCapacityError(status, problem)
-            raise GatewayError(status, problem)
-        if prepared is not None:
-            # The answer has ended: the likeliest idle moment to set up the next request's
-            # encapsulations, for this gateway key and the verified nodes (every model's:
-            # a refill for one model must not drop what another's requests will use).
-            prepared.refill(config, self._sealing_keys(self._nodes))
-        if node_status != 200:
-            raise NodeError(node_status or 0, bytes(node_body))
-        if not streaming:
-            try:
-                answer = json.loads(node_body)
-            except ValueError as exc:
-                raise MalformedResponseError("the node's answer is not JSON") from exc
-            yield answer
+                    sse.end_of_input()
+            except aiohttp.ClientError as exc:
+                if unwrap.gateway_status == 200 and node_status is not None:
+                    raise TruncatedResponseError(f"connection lost mid-answer: {exc}") from exc
+                raise RelayError(f"transport failed: {exc}") from exc
+            except NodeTruncatedError as exc:
+                raise TruncatedResponseError(str(exc)) from exc
+            # Any other cut is mapped by @_typed_stream (client_errors), like every core error.
+            if unwrap.gateway_status != 200:
+                problem = _problem(bytes(error_body))
+                status = unwrap.gateway_status or 502
+                if status == 401:
+                    raise TokenRejectedError(status, problem)
+                if status == 503:
+                    raise NoCapacityError(status, problem)
+                raise GatewayError(status, problem)
+            if prepared is not None:
+                # The answer has ended: the likeliest idle moment to set up the next request's
+                # encapsulations, for this gateway key and the verified nodes (every model's:
+                # a refill for one model must not drop what another's requests will use).
+                prepared.refill(config, self._sealing_keys(self._nodes))
+            if node_status != 200:
+                raise NodeError(node_status or 0, bytes(node_body))
+            if not streaming:
+                try:
+                    answer = json.loads(node_body)
+                except ValueError as exc:
+                    raise MalformedResponseError("the node's answer is not JSON") from exc
+                yield answer
 
 
 def _sealing_pool(nodes: list[VerifiedNode]) -> list[VerifiedNode]:
