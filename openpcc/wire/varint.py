@@ -26,17 +26,19 @@ def decode_varint(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple
     Raises TruncatedError if the buffer ends inside the integer, so streaming
     callers can tell "need more bytes" from "malformed".
     """
-    if offset >= len(buf):
+    n = len(buf)
+    if offset >= n:
         raise TruncatedError("varint: no bytes left")
     first = buf[offset]
+    if first < 0x40:  # the common case on every chunk: lengths under 64
+        return first, offset + 1
     length = 1 << (first >> 6)
     end = offset + length
-    if end > len(buf):
-        raise TruncatedError(f"varint: need {length} bytes, have {len(buf) - offset}")
-    value = first & 0x3F
-    for b in bytes(buf[offset + 1 : end]):
-        value = (value << 8) | b
-    return value, end
+    if end > n:
+        raise TruncatedError(f"varint: need {length} bytes, have {n - offset}")
+    if length == 2:
+        return ((first & 0x3F) << 8) | buf[offset + 1], end
+    return int.from_bytes(buf[offset:end], "big") & ((1 << (8 * length - 2)) - 1), end
 
 
 def varint_size(first_byte: int) -> int:
