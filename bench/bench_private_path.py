@@ -267,10 +267,13 @@ class _Generators:
             assert pipe.recv() == "ready"
 
     def run(self, kind: str, conc: int, n: int) -> list[Any]:
-        k = len(self.pipes)
-        for i, pipe in enumerate(self.pipes):
+        """``conc`` requests at once over at most ``conc`` processes (c=1 is one process:
+        each busy process adds at least one request in flight)."""
+        busy = self.pipes[: max(1, min(len(self.pipes), conc))]
+        k = len(busy)
+        for i, pipe in enumerate(busy):
             pipe.send((kind, max(1, _share(conc, k, i)), max(1, _share(n, k, i))))
-        return [pipe.recv() for pipe in self.pipes]
+        return [pipe.recv() for pipe in busy]
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -282,7 +285,7 @@ class _Generators:
 def _one_load(gens: Any, reader: TraceReader, cpu: Any, conc: int, n: int) -> dict[str, Any]:
     shared = _stats(gens.run("direct_shared_cache", conc, n))
     direct = _stats(gens.run("direct", conc, n))
-    gens.run("refill", 0, n // CLIENT_PROCS + 2)  # issuance is not measured
+    gens.run("refill", conc, n + 2 * CLIENT_PROCS)  # the same processes; not measured
     reader.take()
     cpu0 = cpu()
     private = _stats(gens.run("private", conc, n))
