@@ -18,7 +18,7 @@ from collections.abc import Callable
 from gateway.limits import MAX_ENVELOPE
 from gateway.nodeclient import NodeClient, NodeError, NodeUnreachable
 from gateway.outer import Exchange, NodeStreamError, Sink, inner_problem
-from gateway.redeem import Redeemer
+from gateway.redeem import Accepted, Redeemer
 from gateway.registry import NodeRegistry, Registration
 from gateway.tally import Tally, key
 from openpcc.errors import OpenPCCError
@@ -108,10 +108,10 @@ class Forwarder:
             )
             return
         t = time.perf_counter()
-        refused = await self.redeemer.redeem(inner)
+        accepted = await self.redeemer.redeem(inner)
         self.trace.record("redeem", time.perf_counter() - t)
-        if refused is not None:
-            await sink.respond(*refused)
+        if not isinstance(accepted, Accepted):
+            await sink.respond(*accepted)
             return
         try:
             header = sealed.parse_envelope_header(envelope)
@@ -131,7 +131,7 @@ class Forwarder:
             nid = reg.node_id
             self.inflight[nid] = self.inflight.get(nid, 0) + 1
             try:
-                done = await self._forward(ex, reg, envelope, sink)
+                done = await self._forward(ex, reg, envelope, sink, accepted)
             finally:
                 left = self.inflight[nid] - 1
                 if left:
@@ -143,6 +143,7 @@ class Forwarder:
                     note["served_by"] = reg.node_id.hex()
                 return
         self.metrics.inc("node_attempts_total", outcome="none_left")
+        await accepted.settle()  # counted as redeemed, or as the store's failure
         await sink.respond(
             *inner_problem(503, "Service Unavailable", "no usable candidate node for this request")
         )
@@ -161,8 +162,12 @@ class Forwarder:
             key = self._keys[(secret, reg.node_id)] = forward_key(secret, reg.node_id)
         return _SEALED_LINE + b"%s: %s\r\n" % (_FORWARD, sign_forward(key, envelope).encode())
 
-    async def _forward(self, ex: Exchange, reg: Registration, envelope: bytes, sink: Sink) -> bool:
-        """Try one node. False if it failed before its first byte (the caller tries the next)."""
+    async def _forward(
+        self, ex: Exchange, reg: Registration, envelope: bytes, sink: Sink, accepted: Accepted
+    ) -> bool:
+        """Try one node. False if it failed before its first byte (the caller tries the next).
+        The node's first byte goes to the client only once the token's spent record is
+        durable (``accepted.settle``): the store's fsync overlaps the node's work."""
         client = self.client
         assert client is not None
         self.trace.record("upstream_sent", time.perf_counter() - ex.t0)
@@ -187,6 +192,11 @@ class Forwarder:
             client.release(conn)
             self.metrics.inc("node_attempts_total", outcome=f"refused_{conn.status // 100}xx")
             return False
+        if not await accepted.settle():  # not durable: no answer for this token
+            conn.close()
+            assert accepted.refusal is not None
+            await sink.respond(*accepted.refusal)
+            return True
         # Committed: from here on every byte goes straight to the client.
         self.tally.add(_STREAMING)
         trace, t0 = self.trace, ex.t0

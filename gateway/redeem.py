@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 
 from gateway.issuerdir import IssuerDirectoryCache
 from gateway.outer import inner_problem
@@ -63,8 +64,8 @@ class Redeemer:
         extra = [(b"www-authenticate", challenge.encode())] if challenge else []
         return inner_problem(401, "Unauthorized", detail, extra)
 
-    async def redeem(self, inner: bhttp.Request) -> tuple[int, list[bhttp.Field], bytes] | None:
-        """Check and spend the token; None when accepted, else the inner error response."""
+    async def redeem(self, inner: bhttp.Request) -> Accepted | tuple[int, list[bhttp.Field], bytes]:
+        """Check and spend the token: Accepted, else the inner error response."""
         auth = [v for k, v in inner.headers if k == b"authorization"]
         if len(auth) != 1:
             self.metrics.inc("redemptions_total", outcome="missing")
@@ -93,13 +94,39 @@ class Redeemer:
                 self._first[token.token_key_id] = first
             if time.time() - first >= self._max_key_age:
                 return self._key_too_old(token.token_key_id)
-            fresh = await self.spent.mark_spent(token.token_key_id, token.nonce, self.spent_ttl)
+            spend = await self.spent.spend(token.token_key_id, token.nonce, self.spent_ttl)
         except Exception as exc:  # the store is down: refuse rather than risk double spend
-            log.error("spent-token store failed: %s", type(exc).__name__)
-            self.metrics.inc("redemptions_total", outcome="store_error")
-            return inner_problem(503, "Service Unavailable", "token store unavailable")
-        if not fresh:
+            return self.store_failed(exc)
+        if not spend.fresh:
             self.metrics.inc("redemptions_total", outcome="spent")
             return self._unauthorized("token already spent")
-        self.tally.add(_OK)
-        return None
+        return Accepted(self, spend.durable)
+
+    def store_failed(self, exc: BaseException) -> tuple[int, list[bhttp.Field], bytes]:
+        log.error("spent-token store failed: %s", type(exc).__name__)
+        self.metrics.inc("redemptions_total", outcome="store_error")
+        return inner_problem(503, "Service Unavailable", "token store unavailable")
+
+
+class Accepted:
+    """A fresh token whose spent record may not be durable yet: ``settle`` before the
+    client is sent anything of the answer (gateway/spent.py, Spend)."""
+
+    __slots__ = ("_durable", "_redeemer", "refusal")
+
+    def __init__(self, redeemer: Redeemer, durable: Awaitable[object]) -> None:
+        self._redeemer = redeemer
+        self._durable: Awaitable[object] | None = durable
+        self.refusal: tuple[int, list[bhttp.Field], bytes] | None = None
+
+    async def settle(self) -> bool:
+        """True once the record is durable; else False, with ``refusal`` the 503 to send."""
+        if self._durable is not None:
+            durable, self._durable = self._durable, None
+            try:
+                await durable
+            except Exception as exc:
+                self.refusal = self._redeemer.store_failed(exc)
+            else:
+                self._redeemer.tally.add(_OK)
+        return self.refusal is None

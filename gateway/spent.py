@@ -12,13 +12,16 @@ gateway refuses a key after ``ttl`` (gateway/redeem.py). A token spent at t was 
 no earlier than its key's first redemption s, so any replay while the key is still
 accepted (before s + ttl) comes before t + ttl, while the record is still there.
 
-Across a crash: ``mark_spent`` answers True only once the record is durable, and the
-gateway forwards nothing before that answer. SQLite: the commit that holds the record
-has returned with ``synchronous=FULL``, so the WAL is fsynced, and a killed process or a
+Across a crash: ``mark_spent`` answers True only once the record is durable. The gateway
+uses ``spend``, the same in two steps: it forwards once the store has decided the token
+is fresh, and sends the client nothing of the answer before the record is durable
+(``Spend.durable``), so the fsync overlaps the node's work instead of preceding it; if it
+fails, the client gets 503 and no answer. SQLite: the commit that holds the record has
+returned with ``synchronous=FULL``, so the WAL is fsynced, and a killed process or a
 lost power leaves the record in place (``SQLiteSpentStore``). Redis: Redis has answered
 the SET, so the record is as durable as Redis's persistence makes it (AOF; docs/THREATS.md).
-A crash before that answer accepted nothing; the record may or may not be there after
-the restart, so such a token is accepted at most once, or refused as spent.
+A crash before the record was durable delivered no answer; the record may or may not be
+there after the restart, so such a token is answered at most once, or refused as spent.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import contextlib
 import sqlite3
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.resp import Resp
 
@@ -39,10 +44,27 @@ DEFAULT_TTL = 32 * 24 * 3600
 PURGE_EVERY = 3600.0
 
 
+@dataclass(frozen=True)
+class Spend:
+    """A token's redemption in two steps. ``fresh``: it was not spent before (known as soon
+    as the store has decided, before its record is durable). ``durable``: resolves once the
+    record is durable, raises if it could not be made so; nothing may reach the client
+    before it resolves (gateway/forward.py), so the gateway's work overlaps the fsync."""
+
+    fresh: bool
+    durable: Awaitable[object]
+
+
 class SpentStore(ABC):
     @abstractmethod
     async def mark_spent(self, key_id: bytes, nonce: bytes, ttl: int) -> bool:
-        """Atomically record (key_id, nonce); True if it was not spent before."""
+        """Atomically record (key_id, nonce); True if it was not spent before. Returns only
+        once the record is as durable as the store makes it."""
+
+    async def spend(self, key_id: bytes, nonce: bytes, ttl: int) -> Spend:
+        """``mark_spent`` in two steps (see Spend); stores whose answer is already durable
+        (Redis's reply) keep this default."""
+        return Spend(await self.mark_spent(key_id, nonce, ttl), _DURABLE)
 
     @abstractmethod
     async def key_first_redeemed(self, key_id: bytes, now: float) -> float:
@@ -76,8 +98,9 @@ class SQLiteSpentStore(SpentStore):
 
     Group commit. Operations wait in a queue; one transaction takes all that queued
     (``BEGIN IMMEDIATE``, one upsert each, on the event loop: a few µs apiece, results
-    known at once), then ``COMMIT`` runs in a worker thread while the next ones queue.
-    A caller learns its answer only after that commit returned, so with ``durable``
+    known at once: ``spend``'s ``fresh``), then ``COMMIT`` runs in a worker thread while
+    the next ones queue. ``mark_spent`` and ``Spend.durable`` resolve only after that
+    commit returned, so with ``durable``
     (the default, ``synchronous=FULL``: SQLite fsyncs the WAL in every commit) a token
     is accepted only once its record is on stable storage: a gateway process that is
     killed, or a host that loses power, restarts with every accepted token still spent.
@@ -119,6 +142,14 @@ class SQLiteSpentStore(SpentStore):
 
     async def mark_spent(self, key_id: bytes, nonce: bytes, ttl: int) -> bool:
         return bool(await self._submit(_Op(bytes(key_id), nonce=bytes(nonce), ttl=ttl)))
+
+    async def spend(self, key_id: bytes, nonce: bytes, ttl: int) -> Spend:
+        """Fresh once the upsert ran in the open transaction; durable after its COMMIT."""
+        op = _Op(bytes(key_id), nonce=bytes(nonce), ttl=ttl)
+        op.fresh = asyncio.get_running_loop().create_future()
+        durable = self._submit(op)
+        durable.add_done_callback(_retrieve)  # a refused token's caller never awaits it
+        return Spend(bool(await op.fresh), durable)
 
     async def key_first_redeemed(self, key_id: bytes, now: float) -> float:
         return float(await self._submit(_Op(bytes(key_id), now=now)))
@@ -169,6 +200,9 @@ class SQLiteSpentStore(SpentStore):
             self._rollback()
             self._settle(loop, ops, None, exc)
             return
+        for op, result in zip(ops, results, strict=True):
+            if op.fresh is not None and not op.fresh.done():
+                op.fresh.set_result(result)  # decided; durable only after the commit
         purge = now >= self._next_purge
         if purge:
             self._next_purge = now + PURGE_EVERY
@@ -239,8 +273,9 @@ class SQLiteSpentStore(SpentStore):
     @staticmethod
     def _fail(ops: list[_Op], exc: BaseException) -> None:
         for op in ops:
-            if op.future is not None and not op.future.done():
-                op.future.set_exception(exc)
+            for fut in (op.fresh, op.future):
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
 
     def _lock_wait(self, loop: asyncio.AbstractEventLoop, exc: sqlite3.OperationalError) -> bool:
         """Another process writes: try again shortly, backing off, for up to LOCK_WAIT s."""
@@ -276,7 +311,8 @@ class _Op:
     nonce: bytes | None = None
     ttl: int = 0
     now: float = 0.0
-    future: asyncio.Future[bool | float] | None = None
+    future: asyncio.Future[bool | float] | None = None  # the answer, once durable
+    fresh: asyncio.Future[bool | float] | None = None  # spend(): the answer, once decided
 
 
 class RedisSpentStore(SpentStore):
@@ -354,6 +390,22 @@ class RedisSpentStore(SpentStore):
             with contextlib.suppress(Exception):
                 await self._sender
         await self._r.aclose()
+
+
+class _Durable:
+    """Already durable: awaiting it returns at once."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_DURABLE = _Durable()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # marks it retrieved: no "never retrieved" warning
 
 
 def _fail(futures: list[asyncio.Future[bool]], exc: BaseException) -> None:

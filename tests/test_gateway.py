@@ -966,6 +966,21 @@ async def test_spent_store_accepts_each_token_once(store: SpentStore):
     assert not await store.mark_spent(k2, n1, 60)
 
 
+async def test_spent_store_spend_decides_then_makes_durable(store: SpentStore):
+    """``spend`` (what the gateway calls): fresh first, the record durable after; the same
+    token again is not fresh, whichever of mark_spent and spend spent it."""
+    first = await store.spend(b"d" * 32, b"n" * 32, 60)
+    assert first.fresh
+    await first.durable
+    again = await store.spend(b"d" * 32, b"n" * 32, 60)
+    assert not again.fresh
+    assert not await store.mark_spent(b"d" * 32, b"n" * 32, 60)
+    assert await store.mark_spent(b"d" * 32, b"m" * 32, 60)
+    assert not (await store.spend(b"d" * 32, b"m" * 32, 60)).fresh
+    racers = await asyncio.gather(*(store.spend(b"r" * 32, b"s" * 32, 60) for _ in range(20)))
+    assert sum(r.fresh for r in racers) == 1
+
+
 async def test_spent_store_racers_get_exactly_one_success(store: SpentStore):
     results = await asyncio.gather(*(store.mark_spent(b"r" * 32, b"x" * 32, 60) for _ in range(40)))
     assert sum(results) == 1

@@ -5,7 +5,8 @@ together share one transaction (fewer commits than tokens, each answered correct
 answer comes only after its commit, with the WAL fsynced (``synchronous=FULL``), so a
 process killed right after its answers restarts with every token spent; a failed commit
 accepts nothing; another process's write lock makes the store wait without blocking
-its event loop.
+its event loop; ``spend`` says "fresh" before the commit and "durable" after it, and the
+gateway sends no answer byte before "durable" (tests/test_gateway_forward_durable.py).
 """
 
 from __future__ import annotations
@@ -140,4 +141,52 @@ async def test_another_process_holding_the_lock_does_not_block_the_loop(
     other.execute("ROLLBACK")
     other.close()
     assert await store.mark_spent(b"k" * 32, b"m" * 32, 60)
+    await store.close()
+
+
+async def test_spend_is_decided_before_its_commit_and_durable_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: the gateway forwards once a token is known fresh and overlaps the fsync
+    with the node's work; ``durable`` resolves only once COMMIT returned."""
+    import threading
+
+    store = SQLiteSpentStore(tmp_path / "s.sqlite3")
+    real, gate = store._commit, threading.Event()
+
+    def slow(purge: bool, now: float) -> None:
+        assert gate.wait(10)
+        real(purge, now)
+
+    monkeypatch.setattr(store, "_commit", slow)
+    got = await asyncio.wait_for(store.spend(b"k" * 32, b"n" * 32, 60), 5)
+    assert got.fresh
+    durable = asyncio.ensure_future(got.durable)
+    await asyncio.sleep(0.05)
+    assert not durable.done()  # decided, not yet on disk
+    gate.set()
+    await asyncio.wait_for(durable, 5)
+    assert not (await store.spend(b"k" * 32, b"n" * 32, 60)).fresh
+    await store.close()
+
+
+async def test_a_failed_commit_after_fresh_leaves_the_token_unspent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteSpentStore(tmp_path / "s.sqlite3")
+    real = store._commit
+
+    def failing(purge: bool, now: float) -> None:
+        store._rollback()
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_commit", failing)
+    got = await store.spend(b"k" * 32, b"n" * 32, 60)
+    assert got.fresh  # decided in the open transaction...
+    with pytest.raises(sqlite3.OperationalError):
+        await got.durable  # ...which never became durable: the gateway answers 503
+    monkeypatch.setattr(store, "_commit", real)
+    again = await store.spend(b"k" * 32, b"n" * 32, 60)
+    assert again.fresh  # rolled back: the token was never spent
+    await again.durable
     await store.close()
