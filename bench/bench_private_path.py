@@ -220,7 +220,10 @@ def _worker(conn: Any, engine_url: str, model: str, config: str, index: int) -> 
             cfg["wallet"] = str(cfg_path.parent / f"bench-wallet-{index}.json")
             cfg_path = cfg_path.parent / f"bench-client-{index}.json"
             cfg_path.write_text(json.dumps(cfg))
-        client, wallet, _, _ = client_from_config(cfg_path)
+        # Each load generator is its own client address, as real clients are: the relay
+        # caps open connections per address (--max-per-client, 64), which 4 processes at
+        # c=64 from one address exceeded (the 2026-12-07 H100 run: "Server disconnected").
+        client, wallet, _, shared = client_from_config(cfg_path, local_addr=f"127.0.0.{2 + index}")
         try:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
                 # Warm both paths (attestation verdicts, connections, vLLM caches).
@@ -246,6 +249,8 @@ def _worker(conn: Any, engine_url: str, model: str, config: str, index: int) -> 
         finally:
             await client.aclose()
             await wallet.aclose()
+            if shared is not None:
+                await shared.close()
 
     asyncio.run(main())
 
