@@ -31,6 +31,18 @@ def _commits(store: SQLiteSpentStore) -> list[str]:
     return seen
 
 
+def _fail_commits(store: SQLiteSpentStore, monkeypatch: pytest.MonkeyPatch) -> object:
+    """Every COMMIT fails (as a full or broken disk would); returns the real one."""
+    real = store._commit
+
+    def failing(purge: bool, now: float) -> None:
+        store._rollback()
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_commit", failing)
+    return real
+
+
 async def test_tokens_redeemed_together_share_a_commit(tmp_path: Path) -> None:
     store = SQLiteSpentStore(tmp_path / "s.sqlite3")
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -86,13 +98,7 @@ async def test_a_failed_commit_accepts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = SQLiteSpentStore(tmp_path / "s.sqlite3")
-    real = store._commit
-
-    def failing(purge: bool, now: float) -> None:
-        store._rollback()
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(store, "_commit", failing)
+    real = _fail_commits(store, monkeypatch)
     got = await asyncio.gather(
         *(store.mark_spent(b"k" * 32, bytes([i]) * 32, 60) for i in range(5)),
         return_exceptions=True,
@@ -174,13 +180,7 @@ async def test_a_failed_commit_after_fresh_leaves_the_token_unspent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = SQLiteSpentStore(tmp_path / "s.sqlite3")
-    real = store._commit
-
-    def failing(purge: bool, now: float) -> None:
-        store._rollback()
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(store, "_commit", failing)
+    real = _fail_commits(store, monkeypatch)
     got = await store.spend(b"k" * 32, b"n" * 32, 60)
     assert got.fresh  # decided in the open transaction...
     with pytest.raises(sqlite3.OperationalError):
