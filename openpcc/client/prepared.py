@@ -39,7 +39,7 @@ _Key = tuple[bytes, ...]
 
 
 class PreparedSenders:
-    """Per key, up to ``depth`` ready setups; ``refill`` tops them up off the loop."""
+    """Per key, up to ``depth`` ready setups; ``refill`` tops them up in steps on the loop."""
 
     def __init__(self, depth: int = 2, max_nodes: int = 32) -> None:
         self.depth = depth
