@@ -188,10 +188,11 @@ async def test_a_dead_worker_is_started_again_and_counters_never_drop(tmp_path: 
         before = workers_of(parent)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(workers_of(parent)) == 2 and victim not in workers_of(parent))
-        # Logged before the new worker starts; read from the log file, so wait for it
-        # rather than assume it is there (seen missing once in CI, 2026-12-07).
-        wait_for(lambda: "starting it again" in iss.proc.output(), 5)
+        # One scan per check: two scans could see the victim's zombie (len 2) and then its
+        # reaping (gone) before the new worker exists or the restart is logged (the CI
+        # failure of 2026-12-07).
+        wait_for(lambda: len(w := workers_of(parent)) == 2 and victim not in w)
+        assert "starting it again" in iss.proc.output()
         again = await fresh_connections(10, lambda s, i: send(s, i + 10))
         assert {status for status, _, _ in again} == {200}
         wait_for(lambda: metric(scrape(iss.url), "openpcc_issuer_tokens_issued_total") == 20, 5)
