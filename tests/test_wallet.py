@@ -776,6 +776,37 @@ def test_store_file_created_0600_even_with_permissive_umask(tmp_path: Path) -> N
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
 
 
+def test_store_count_reads_the_file_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`openpcc chat` counts every turn on its loop: one stat while the file is as last
+    counted; any write (this store's or another process's) is seen at once."""
+    from openpcc.client.wallet import _TokenStore
+
+    path = tmp_path / "t.json"
+    store, other = _TokenStore(path), _TokenStore(path)
+    assert store.count() == 0  # no file yet
+    items = [{"key_id": "ab" * 32, "token": f"t{i:04d}"} for i in range(6)]
+    store._write(items)
+    assert store.count() == 6
+    reads = 0
+    real = store._read
+
+    def counting() -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        return real()
+
+    monkeypatch.setattr(store, "_read", counting)
+    assert [store.count() for _ in range(5)] == [6] * 5 and reads == 0
+    other._write(items[:4])  # another process takes two (same file, a new inode)
+    assert store.count() == 4 and reads == 1
+    store._write(items[:4] + items[:1])
+    assert store.count() == 5 and reads == 2
+    path.unlink()
+    assert store.count() == 0
+
+
 async def test_aclose_does_not_wait_out_the_refill_jitter(issuer: Issuer, tmp_path: Path) -> None:
     key = issuer.add_account("jitter")
     w = wallet(issuer.url, key, tmp_path / "t.json", batch_size=4, low_water=3, refill_jitter=30)

@@ -138,6 +138,7 @@ class _TokenStore:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
         self.tmp_path = path.with_name(f".{path.name}.tmp")
+        self._counted: tuple[tuple[int, int, int], int] | None = None  # (file stamp, count)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -234,7 +235,21 @@ class _TokenStore:
             os.close(dfd)
 
     def count(self) -> int:
-        return len(self._read())
+        """Tokens in the file. One stat while the file is unchanged since the last count
+        (`openpcc chat` asks every turn, on its event loop): every write replaces the file
+        (a new inode and size), and another process's write does too."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise WalletStoreError(f"cannot read token store {self.path}: {exc}") from exc
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._counted is not None and self._counted[0] == stamp:
+            return self._counted[1]
+        n = len(self._read())
+        self._counted = (stamp, n)  # a write between the stat and the read: next call rereads
+        return n
 
     def pop(self, usable: Callable[[_Entry], bool], n: int = 1) -> tuple[list[_Entry], int, int]:
         """Remove and return up to ``n`` of the oldest usable tokens in one transaction
