@@ -86,8 +86,11 @@ def test_every_party_records_its_stages_and_nothing_else(
     split = stage_split(samples)
     rows = split["first_byte_split_ms"]
     # Each party's own share and each hop are durations: never (meaningfully) negative.
+    # A hop less so: a party records first_out after its write returns, so a writer
+    # descheduled right after writing (2 loaded CI cores) inflates it past the moment the
+    # reader got the byte; seen once at -2.6 ms over these 3 requests.
     for name, ms in rows.items():
-        assert ms > -1.0, (name, ms)
+        assert ms > (-5.0 if name.startswith("hop ") else -1.0), (name, ms)
     assert rows["gateway: own"] >= rows["  of which token redemption"] > 0
     assert rows["node: own"] >= rows["  of which unsealing"] > 0
     assert set(split["chunk_p50_us_by_party"]) == {"client", "relay", "gateway", "node"}
