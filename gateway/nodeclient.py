@@ -31,16 +31,15 @@ from openpcc.service.http1 import (
     CHUNK_SIZE,
     DONE,
     HEAD,
+    HIGH_WATER,
     IDLE,
+    IDLE_TIMEOUT,
     LENGTH,
     RESPONSE_HEAD,
     UNTIL_CLOSE,
     ResponseFraming,
     field_values,
 )
-
-HIGH_WATER = 256 * 1024  # answer bytes buffered before the node is no longer read
-IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
 
 
 class NodeError(OpenPCCError):
@@ -81,9 +80,6 @@ class Origin:
             authority += f":{parts.port}"
         self.prefix = quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=-._~").encode("ascii")
         self.host_line = b"Host: " + authority.encode("ascii") + b"\r\n"
-
-
-# Where the parser is in the current answer.
 
 
 class NodeConnection(ResponseFraming, asyncio.Protocol):

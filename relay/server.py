@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from openpcc.service.http1 import field_values
+from openpcc.service.http1 import chunk_size, field_values
 from openpcc.service.limits import ConnectionLimits, ServeSettings
 from relay.config import Gateway, RelayConfig
 from relay.core import (
@@ -82,7 +82,6 @@ _REQUEST_HEAD = re.compile(
     rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])"
     rb"((?:\r\n" + _TOKEN + rb":[^\x00-\x08\x0a-\x1f\x7f]*)*)"
 )
-_HEX = b"0123456789abcdefABCDEF"
 _OHTTP_TYPES = {k.encode(): v for k, v in OHTTP_REQUEST_TYPES.items()}
 _METHODS = {b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"}
 _PROBLEM = b"Content-Type: application/problem+json\r\n"
@@ -251,7 +250,7 @@ class Listener:
             if not conn._busy:
                 conn._close()
 
-    def abortfield_values(self) -> None:
+    def abort_all(self) -> None:
         for conn in list(self.connections):
             conn._abort()
 
@@ -842,10 +841,10 @@ class _Conn(asyncio.Protocol):
                     if not line:
                         self._body = _DONE
                     continue  # trailer fields are dropped, like every other header
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 15 or size.strip(_HEX):
+                size = chunk_size(line)
+                if size is None:
                     raise _Malformed("bad chunk size")
-                self._remaining = int(size, 16)
+                self._remaining = size
                 self._body = _DATA if self._remaining else _TRAILERS
             elif state == _DATA_END:
                 if len(buf) < 2:
@@ -1194,6 +1193,6 @@ async def _serve(
         for w in waits:
             w.cancel()
         for lst, _ in listeners:
-            lst.abortfield_values()
+            lst.abort_all()
         await asyncio.sleep(0)  # connection_lost runs: in-flight handlers are cancelled
         await core.stop()

@@ -34,7 +34,9 @@ from openpcc.service.http1 import (
     CHUNK_SIZE,
     DONE,
     HEAD,
+    HIGH_WATER,
     IDLE,
+    IDLE_TIMEOUT,
     LENGTH,
     RESPONSE_HEAD,
     UNTIL_CLOSE,
@@ -42,11 +44,7 @@ from openpcc.service.http1 import (
     field_values,
 )
 
-HIGH_WATER = 256 * 1024  # response bytes buffered before the gateway is no longer read
-IDLE_TIMEOUT = 15.0  # a pooled connection idle this long is closed (aiohttp's default)
 DNS_TTL = 60.0  # how long a gateway host's resolved addresses are reused
-# A response head: status line, then fields named by tokens right before the colon; no
-# line ends but in CRLF, and no NUL anywhere.
 
 
 class UpstreamError(OpenPCCError):
@@ -63,9 +61,6 @@ class UpstreamTimeout(UpstreamError):
     """The gateway did not connect, or stayed silent, for longer than allowed (504)."""
 
     status_hint = 504
-
-
-# Where the parser is in the current response.
 
 
 # b"\r\nname:" for each kept field name, and each kept name as written back: built once.

@@ -15,6 +15,8 @@ from typing import Final
 
 MAX_HEAD: Final = 16 * 1024  # largest response head, status line and headers
 MAX_LINE: Final = 4096  # largest chunk-size or trailer line
+HIGH_WATER: Final = 256 * 1024  # answer bytes buffered before the upstream is not read
+IDLE_TIMEOUT: Final = 15.0  # a pooled connection idle this long is closed (aiohttp's)
 HEX: Final = b"0123456789abcdefABCDEF"
 TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 RESPONSE_HEAD: Final = re.compile(
@@ -39,6 +41,15 @@ def field_values(head: bytes, low: bytes, key: bytes) -> list[bytes]:
         found.append(head[start:end].strip(b" \t"))
         at = low.find(key, end)
     return found
+
+
+def chunk_size(line: bytes) -> int | None:
+    """The size a chunk-size line (extensions ignored) announces; None if malformed.
+    Shared with the relay's request-body parser (relay/server.py)."""
+    size = line.split(b";", 1)[0].strip(b" \t")
+    if not size or len(size) > 15 or size.strip(HEX):
+        return None
+    return int(size, 16)
 
 
 class ResponseFraming:
@@ -95,11 +106,11 @@ class ResponseFraming:
                     if not line:
                         self._finish()
                     continue  # trailer fields are dropped, like every other header
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 15 or size.strip(HEX):
+                size = chunk_size(line)
+                if size is None:
                     raise error("bad chunk size")
-                self._remaining = int(size, 16)
-                self._state = CHUNK_DATA if self._remaining else TRAILERS
+                self._remaining = size
+                self._state = CHUNK_DATA if size else TRAILERS
             elif state == CHUNK_END:
                 if len(buf) < 2:
                     return buf
